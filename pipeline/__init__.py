@@ -1,0 +1,1 @@
+"""Orchestration and I/O for the data engine: Hydra stages run on Ray."""
