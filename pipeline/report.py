@@ -1,0 +1,194 @@
+"""The statistics report: matplotlib figures mirroring the SA-1B paper's dataset
+figures and one self-contained HTML page (figures inlined as base64 PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # the report is rendered on headless workers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from pipeline.stats import (CONCAVITY_EDGES, MASKS_PER_IMAGE_LABELS, REL_SIZE_EDGES,  # noqa: E402
+                            SCORE_EDGES, SIZE_BIN_EDGES)
+
+# Published figures of SA-1B (paper, arXiv 2304.02643); "-" where the paper gives none.
+SA1B = {
+    "images": "11M",
+    "masks": "1.1B",
+    "masks_per_image_mean": "~100",
+    "masks_per_image_median": "-",
+    "shards": "1,000",
+    "bytes": "-",
+    "covered_fraction_mean": "-",
+}
+
+
+def _bar_percent(ax: plt.Axes, labels: list[str], values: np.ndarray, xlabel: str) -> None:
+    ax.bar(labels, values, color="#4c72b0")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("percent")
+
+
+def fig_masks_per_image(summary: dict[str, Any]) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    _bar_percent(ax, MASKS_PER_IMAGE_LABELS, summary["masks_per_image_hist"], "masks per image")
+    ax.set_ylabel("percent of images")
+    ax.set_title("Masks per image")
+    return fig
+
+
+def fig_rel_size(summary: dict[str, Any]) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    # The first bin starts at 0; draw it at the next edge's scale so log x works.
+    left = REL_SIZE_EDGES[:-1].copy()
+    left[0] = REL_SIZE_EDGES[1] / 10 ** 0.1
+    ax.bar(left, summary["rel_size_hist"], width=np.diff(np.r_[left, 1.0]), align="edge",
+           color="#4c72b0")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative mask size  sqrt(mask area / image area)")
+    ax.set_ylabel("percent of masks")
+    ax.set_title("Relative mask size")
+    return fig
+
+
+def fig_concavity(summary: dict[str, Any]) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    centres = (CONCAVITY_EDGES[:-1] + CONCAVITY_EDGES[1:]) / 2
+    ax.plot(centres, summary["concavity_hist"], "k-", lw=2, label="all (weighted)")
+    for b, row in enumerate(summary["concavity_by_size"]):
+        if summary["concavity_sample_counts"][b]:
+            ax.plot(centres, row, lw=1, alpha=0.7,
+                    label=f"size {SIZE_BIN_EDGES[b]:.3g}-{min(SIZE_BIN_EDGES[b + 1], 1):.3g}")
+    ax.set_xlabel("concavity  1 - area / convex hull area")
+    ax.set_ylabel("percent of masks")
+    ax.set_title(f"Concavity (sample of {summary['concavity_sampled']:,} masks)")
+    ax.legend(fontsize=6)
+    return fig
+
+
+def fig_centres(summary: dict[str, Any]) -> Figure:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    hist = summary["centre_hist"].astype(float)
+    ax.imshow(hist / max(hist.max(), 1), extent=(0, 1, 1, 0), cmap="magma")
+    ax.set_xlabel("x / width")
+    ax.set_ylabel("y / height")
+    ax.set_title("Mask centres (bbox centre)")
+    return fig
+
+
+def fig_resolution(summary: dict[str, Any]) -> Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    res = np.asarray(summary["resolutions"], dtype=float).reshape(-1, 3)
+    if len(res):
+        ax.scatter(res[:, 0], res[:, 1], s=20 + 200 * res[:, 2] / res[:, 2].max(), alpha=0.5)
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title("Image resolution (marker size: images)")
+    return fig
+
+
+def fig_scores(summary: dict[str, Any]) -> Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    for ax, name in zip(axes, ("predicted_iou", "stability_score")):
+        ax.bar(SCORE_EDGES[:-1], summary[f"{name}_hist"], width=np.diff(SCORE_EDGES),
+               align="edge", color="#4c72b0")
+        used = np.nonzero(summary[f"{name}_hist"])[0]
+        if len(used):  # zoom on the occupied range: automatic masks sit above the thresholds
+            ax.set_xlim(SCORE_EDGES[max(used[0] - 2, 0)], SCORE_EDGES[min(used[-1] + 3, len(SCORE_EDGES) - 1)])
+        ax.set_xlabel(name.replace("_", " "))
+        ax.set_title(name.replace("_", " ").capitalize())
+    axes[0].set_ylabel("percent of masks")
+    return fig
+
+
+FIGURES = {
+    "Masks per image": fig_masks_per_image,
+    "Relative mask size": fig_rel_size,
+    "Concavity": fig_concavity,
+    "Mask centres": fig_centres,
+    "Image resolution": fig_resolution,
+    "Predicted IoU and stability": fig_scores,
+}
+
+
+def _png_base64(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if value < 1000 else f"{value:,.0f}"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    return str(value)
+
+
+SUMMARY_ROWS = [
+    ("images", "Images"),
+    ("masks", "Masks"),
+    ("masks_per_image_mean", "Masks per image (mean)"),
+    ("masks_per_image_median", "Masks per image (median)"),
+    ("shards", "Shards"),
+    ("bytes", "Bytes (tar files)"),
+    ("covered_fraction_mean", "Image area covered by masks (mean)"),
+]
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(label, this dataset, SA-1B) rows of the summary table."""
+    return [(label, _fmt(summary[key]), SA1B[key]) for key, label in SUMMARY_ROWS]
+
+
+def render(summary: dict[str, Any], title: str) -> str:
+    """One self-contained HTML page: summary table, figures, definitions."""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+        for a, b, c in summary_rows(summary))
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_png_base64(make(summary))}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, make in FIGURES.items())
+    per_bin = summary.get("concavity_per_bin", "?")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Statistics: {html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; }}
+td:nth-child(n+2) {{ text-align: right; }}
+figure {{ display: inline-block; margin: 8px; vertical-align: top; }}
+figcaption {{ text-align: center; font-size: 90%; }}
+</style></head><body>
+<h1>Dataset statistics: {html.escape(title)}</h1>
+<h2>Summary</h2>
+<table><tr><th></th><th>This dataset</th><th>SA-1B (published)</th></tr>
+{rows}
+</table>
+<h2>Figures</h2>
+{figures}
+<h2>How these were computed</h2>
+<ul>
+<li>Area, bounding box, relative size sqrt(area / image area), centre and covered
+fraction are computed from the compressed RLE with pycocotools, without decoding masks,
+for all {summary['masks']:,} masks; {summary['masks_per_s_per_core']:,.0f} masks/s per CPU core
+for the per-mask table ({summary['table_cpu_s']:.2f} CPU s).</li>
+<li>Mask centre is the centre of the mask's bounding box (the exact centroid needs a decode).</li>
+<li>Concavity = 1 - mask area / convex hull area (mask as a union of pixel squares) is
+computed on a stratified sample: up to {per_bin} masks per relative-size bin per shard
+(bins {", ".join(f"{e:.3g}" for e in SIZE_BIN_EDGES[1:-1])}), {summary['concavity_sampled']:,}
+masks in all; the "all" curve weights each sampled mask by its size bin's population.</li>
+<li>Masks-per-image bins follow the SA-1B paper: the first bin holds images with at most 10 masks.</li>
+<li>Records that could not be read: {summary['skipped']:,} (run +stage=validate for details).</li>
+</ul>
+</body></html>
+"""
