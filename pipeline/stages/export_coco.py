@@ -1,0 +1,121 @@
+"""``+stage=export_coco``: a class-agnostic COCO instances JSON of an SA-1B-format dataset.
+
+One category ("object", id 1), ``iscrowd`` 0, segmentations kept as compressed RLE
+(what pycocotools' COCO and COCOeval read), bbox and area recomputed from the RLE in
+COCO's convention. The JSON is streamed: images and annotations are serialised per
+shard and written in shard order, so the export never holds the dataset in memory.
+Ids are the dataset's own; run +stage=validate first to be sure they are unique.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pycocotools.mask as mask_utils
+from omegaconf import DictConfig
+from webdataset.tariterators import tar_file_iterator
+
+from pipeline.stages.stats import dataset_paths
+from pipeline.stats import list_shards, map_shards
+
+log = logging.getLogger(__name__)
+
+CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+
+
+@dataclass
+class ShardCoco:
+    """One shard as COCO: ``images`` and ``annotations`` are JSON texts of the array
+    elements, comma-separated without brackets, ready to be concatenated."""
+
+    images: str
+    annotations: str
+    num_images: int
+    num_annotations: int
+
+
+def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
+    """COCO image entry and annotation entries of one SA-1B record."""
+    image = record["image"]
+    annotations = record["annotations"]
+    entry = {"id": int(image["image_id"]), "width": int(image["width"]),
+             "height": int(image["height"]), "file_name": f"{key}.jpg"}
+    rles = [a["segmentation"] for a in annotations]
+    areas = mask_utils.area(rles) if rles else []
+    boxes = mask_utils.toBbox(rles) if rles else []
+    anns = [{
+        "id": int(a["id"]),
+        "image_id": entry["id"],
+        "category_id": CATEGORY["id"],
+        "segmentation": {"size": list(a["segmentation"]["size"]),
+                         "counts": a["segmentation"]["counts"]},
+        "area": int(area),
+        "bbox": [float(v) for v in box],
+        "iscrowd": 0,
+        "predicted_iou": a.get("predicted_iou"),
+        "stability_score": a.get("stability_score"),
+    } for a, area, box in zip(annotations, areas, boxes)]
+    return entry, anns
+
+
+def shard_coco(path: str, images_dir: str | None = None) -> ShardCoco:
+    """Converts one shard; with ``images_dir`` also writes its JPEGs there."""
+    images, annotations = [], []
+    n_ann = 0
+    with fsspec.open(path, "rb") as stream:
+        for item in tar_file_iterator(stream):
+            key, _, ext = item["fname"].rsplit("/", 1)[-1].partition(".")
+            if ext == "jpg" and images_dir:
+                Path(images_dir, f"{key}.jpg").write_bytes(item["data"])
+            if ext != "json":
+                continue
+            entry, anns = coco_entries(json.loads(item["data"]), key)
+            images.append(json.dumps(entry))
+            annotations.extend(json.dumps(a) for a in anns)
+            n_ann += len(anns)
+    return ShardCoco(",\n".join(images), ",\n".join(annotations), len(images), n_ann)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Returns {"path", "images", "annotations"}."""
+    dataset, output = dataset_paths(cfg)
+    stage = cfg.stage
+    shards = list_shards(dataset)
+    if not shards:
+        raise FileNotFoundError(f"no shards under {dataset} (looked for shards/*.tar and *.tar)")
+    path = output / stage.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images_dir = None
+    if stage.extract_images:
+        images_dir = path.parent / "images"
+        images_dir.mkdir(exist_ok=True)
+    n_images = n_annotations = 0
+    # Images and annotations are two arrays of one object: annotations go to a side file
+    # while images stream into the output, then are appended after it.
+    with tempfile.TemporaryFile("w+", dir=path.parent) as side, open(path.with_suffix(".part"), "w") as out:
+        out.write('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
+                  % json.dumps(Path(dataset).name)[1:-1])
+        out.write('"licenses": [],\n"categories": [%s],\n"images": [\n' % json.dumps(CATEGORY))
+        for part in map_shards(shard_coco, shards, parallel=stage.parallel,
+                               min_shards_for_ray=stage.min_shards_for_ray,
+                               num_cpus=stage.num_cpus, desc="export_coco",
+                               images_dir=str(images_dir) if images_dir else None):
+            if part.num_images:
+                out.write((",\n" if n_images else "") + part.images)
+            if part.num_annotations:
+                side.write((",\n" if n_annotations else "") + part.annotations)
+            n_images += part.num_images
+            n_annotations += part.num_annotations
+        out.write('\n],\n"annotations": [\n')
+        side.seek(0)
+        shutil.copyfileobj(side, out)
+        out.write("\n]}\n")
+    # Renamed only when complete, so a reader never sees a truncated JSON.
+    path.with_suffix(".part").replace(path)
+    print(f"export_coco: {n_images} images, {n_annotations} annotations -> {path}")
+    return {"path": str(path), "images": n_images, "annotations": n_annotations}

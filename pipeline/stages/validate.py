@@ -1,0 +1,365 @@
+"""``+stage=validate``: checks every shard of an SA-1B-format dataset.
+
+Checks: tar integrity (readable members, end-of-archive marker, a .jpg and a .json per
+key, no duplicate members), the JSON schema, the image decodes to the record's size,
+each RLE decodes to the image size, area and bbox agree with the decoded mask, keys,
+image ids and annotation ids are unique across the dataset, and, when the dataset has a
+manifest, manifest and shards agree. Each problem is printed with its shard and key;
+the stage exits with status 1 when there is any.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+import jsonschema
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pycocotools.mask as mask_utils
+from omegaconf import DictConfig
+from PIL import Image
+
+from pipeline.stages.stats import dataset_paths
+from pipeline.stats import list_shards, map_shards, shard_name
+
+log = logging.getLogger(__name__)
+
+_NUMBER = {"type": "number"}
+_BOX = {"type": "array", "items": _NUMBER, "minItems": 4, "maxItems": 4}
+SA1B_JSON_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["image", "annotations"],
+    "properties": {
+        "image": {
+            "type": "object",
+            "required": ["image_id", "width", "height", "file_name"],
+            "properties": {
+                "image_id": {"type": "integer"},
+                "width": {"type": "integer", "minimum": 1},
+                "height": {"type": "integer", "minimum": 1},
+                "file_name": {"type": "string"},
+            },
+        },
+        "annotations": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "segmentation", "bbox", "area", "predicted_iou",
+                             "stability_score", "crop_box", "point_coords"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "segmentation": {
+                        "type": "object",
+                        "required": ["size", "counts"],
+                        "properties": {
+                            "size": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                     "minItems": 2, "maxItems": 2},
+                            "counts": {"type": "string"},
+                        },
+                    },
+                    "bbox": _BOX,
+                    "area": {"type": "integer", "minimum": 0},
+                    "predicted_iou": _NUMBER,
+                    "stability_score": _NUMBER,
+                    "crop_box": _BOX,
+                    "point_coords": {"type": "array", "items": {
+                        "type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2}},
+                },
+            },
+        },
+    },
+}
+
+
+@dataclass
+class Problem:
+    shard: str
+    key: str
+    check: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"PROBLEM shard={self.shard} key={self.key or '-'} [{self.check}] {self.message}"
+
+
+@dataclass
+class ShardCheck:
+    """Result of one shard: its problems, one (key, image_id, width, height, num_masks)
+    row per readable record, and every annotation id with the index of its record."""
+
+    shard: str
+    problems: list[Problem] = field(default_factory=list)
+    records: list[tuple[str, int, int, int, int]] = field(default_factory=list)
+    ann_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ann_record: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def rle_counts(counts: str) -> list[int]:
+    """Run lengths of a COCO compressed RLE string.
+
+    pycocotools decodes a malformed string without complaint, writing past the mask
+    (we saw garbage sums), and exposes no way to read the counts, so we parse them
+    here to check they tile the image before handing the string to pycocotools.
+    """
+    runs: list[int] = []
+    data = counts.encode() if isinstance(counts, str) else counts
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                raise ValueError("string ends inside a run length")
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"byte {data[p]!r} outside the RLE alphabet")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), inclusive, of a decoded mask; None if empty."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if not len(cols):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def check_annotation(ann: dict, height: int, width: int, tol: float) -> list[tuple[str, str]]:
+    """(check, message) problems of one schema-valid annotation."""
+    seg = ann["segmentation"]
+    prefix = f"annotation {ann['id']}:"
+    if list(seg["size"]) != [height, width]:
+        return [("rle", f"{prefix} RLE size {seg['size']} but the image is {[height, width]}")]
+    try:
+        runs = rle_counts(seg["counts"])
+    except ValueError as exc:
+        return [("rle", f"{prefix} RLE does not parse: {exc}")]
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        return [("rle", f"{prefix} RLE covers {sum(runs)} pixels with runs >= {min(runs, default=0)}, "
+                        f"the image has {height * width}")]
+    mask = mask_utils.decode(seg)
+    problems = []
+    area = int(mask.sum())
+    if ann["area"] != area:
+        problems.append(("area", f"{prefix} area {ann['area']} but the decoded mask has {area} pixels"))
+    box = _mask_bbox(mask)
+    x, y, w, h = ann["bbox"]
+    if box is None:
+        if any(v != 0 for v in ann["bbox"]):
+            problems.append(("bbox", f"{prefix} bbox {ann['bbox']} but the mask is empty"))
+        return problems
+    x0, y0, x1, y1 = box
+    # Tolerance on w and h: SAM writes x1 - x0 (inclusive x1), COCO x1 - x0 + 1.
+    if abs(x - x0) > tol or abs(y - y0) > tol or abs(w - (x1 - x0 + 1)) > tol \
+            or abs(h - (y1 - y0 + 1)) > tol:
+        problems.append(("bbox", f"{prefix} bbox {ann['bbox']} but the decoded mask spans "
+                                 f"x {x0}..{x1}, y {y0}..{y1}"))
+    return problems
+
+
+def _read_members(path: str, name: str, problems: list[Problem]) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes}; tar-level problems appended to ``problems``."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with fsspec.open(path, "rb") as f:
+        data = f.read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                # webdataset's rule: the key is the name up to the first dot of the basename
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if ext in samples[key]:
+                    problems.append(Problem(name, key, "tar", f"duplicate member {member.name}"))
+                samples[key][ext] = tar.extractfile(member).read()
+            end = tar.offset
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        problems.append(Problem(name, "", "tar", f"unreadable after {len(samples)} keys: {exc}"))
+        return samples
+    # tarfile stops quietly at a missing end-of-archive marker; a shard cut at a member
+    # boundary is only caught here.
+    tail = data[end:]
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        problems.append(Problem(name, "", "tar", "no end-of-archive marker: the tar is truncated"))
+    return samples
+
+
+def check_shard(path: str, decode_images: bool = True, bbox_tolerance_px: float = 1) -> ShardCheck:
+    """Checks one shard on its own (cross-shard checks come later, from the result)."""
+    name = shard_name(path)
+    result = ShardCheck(shard=name)
+    samples = _read_members(path, name, result.problems)
+    validator = jsonschema.Draft202012Validator(SA1B_JSON_SCHEMA)
+    ann_ids: list[int] = []
+    ann_record: list[int] = []
+    for key, files in samples.items():
+        def report(check: str, message: str, key: str = key) -> None:
+            result.problems.append(Problem(name, key, check, message))
+
+        if set(files) != {"jpg", "json"}:
+            report("tar", f"files {sorted(files)}; expected jpg and json")
+        if "json" not in files:
+            continue
+        try:
+            record = json.loads(files["json"])
+        except ValueError as exc:
+            report("json", f"not JSON: {exc}")
+            continue
+        errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
+        for error in errors[:5]:
+            report("schema", f"{'/'.join(map(str, error.path)) or '<root>'}: {error.message}")
+        if errors:
+            continue
+        image = record["image"]
+        height, width = image["height"], image["width"]
+        if "jpg" in files:
+            try:
+                with Image.open(io.BytesIO(files["jpg"])) as im:
+                    if decode_images:
+                        im.load()
+                    if im.size != (width, height):
+                        report("image", f"JPEG is {im.size[0]}x{im.size[1]}, record says {width}x{height}")
+            except Exception as exc:  # PIL raises many types for corrupt files
+                report("image", f"JPEG does not decode: {exc}")
+        index = len(result.records)
+        result.records.append((key, int(image["image_id"]), width, height, len(record["annotations"])))
+        for ann in record["annotations"]:
+            ann_ids.append(int(ann["id"]))
+            ann_record.append(index)
+            for check, message in check_annotation(ann, height, width, bbox_tolerance_px):
+                report(check, message)
+    result.ann_ids = np.asarray(ann_ids, dtype=np.int64)
+    result.ann_record = np.asarray(ann_record, dtype=np.int64)
+    return result
+
+
+def _duplicates(values: np.ndarray) -> np.ndarray:
+    uniq, counts = np.unique(values, return_counts=True)
+    return uniq[counts > 1]
+
+
+def check_unique(checks: list[ShardCheck]) -> list[Problem]:
+    """Keys, image ids and annotation ids that occur more than once in the dataset,
+    one problem per occurrence so that every shard and key involved is named."""
+    problems = []
+    records = [(c.shard, *r) for c in checks for r in c.records]
+    for column, label in ((1, "key"), (2, "image id")):
+        seen: dict = defaultdict(list)
+        for r in records:
+            seen[r[column]].append(r)
+        for value, where in seen.items():
+            if len(where) > 1:
+                problems += [Problem(r[0], r[1], "unique", f"{label} {value} occurs {len(where)} times")
+                             for r in where]
+    # Sorting arrays scales to 10^9 ids where a Python set would not.
+    all_ids = np.concatenate([c.ann_ids for c in checks]) if checks else np.zeros(0, np.int64)
+    dup = _duplicates(all_ids)
+    for c in checks:
+        for i in np.flatnonzero(np.isin(c.ann_ids, dup)):
+            key = c.records[c.ann_record[i]][0]
+            problems.append(Problem(c.shard, key, "unique", f"annotation id {c.ann_ids[i]} "
+                                    "occurs more than once in the dataset"))
+    return problems
+
+
+def _shard_label(value: object) -> str:
+    """Manifest ``shard`` as a file name, whether stored as a name, a path or an index."""
+    if isinstance(value, (int, np.integer)):
+        return f"sa_{int(value):06d}.tar"
+    return Path(str(value)).name
+
+
+def check_manifest(dataset: str, checks: list[ShardCheck], ok_status: str) -> list[Problem]:
+    """Manifest parts against shards: one part per shard, same keys, same fields."""
+    fs, root = fsspec.core.url_to_fs(dataset)
+    parts = sorted(fs.glob(f"{root}/manifest/part_*.parquet"))
+    if not parts:
+        return []
+    problems = []
+    shard_records = {c.shard: {r[0]: r for r in c.records} for c in checks}
+    part_shards = set()
+    for part in parts:
+        index = int(Path(part).stem.split("_")[1])
+        expected = f"sa_{index:06d}.tar"
+        part_shards.add(expected)
+        rows = pq.read_table(part, filesystem=fs).to_pylist()
+        if expected not in shard_records:
+            problems.append(Problem(expected, "", "manifest", f"{Path(part).name} has no shard"))
+            continue
+        in_shard = shard_records[expected]
+        listed = set()
+        for row in rows:
+            key, shard = row["key"], _shard_label(row["shard"])
+            listed.add(key)
+            if shard != expected:
+                problems.append(Problem(expected, key, "manifest",
+                                        f"{Path(part).name} names shard {shard}"))
+            if row.get("status", ok_status) != ok_status:
+                continue
+            if key not in in_shard:
+                problems.append(Problem(expected, key, "manifest", "in the manifest, not in the shard"))
+                continue
+            _, image_id, width, height, num_masks = in_shard[key]
+            for column, actual in (("image_id", image_id), ("width", width), ("height", height),
+                                   ("num_masks", num_masks)):
+                if column in row and row[column] != actual:
+                    problems.append(Problem(expected, key, "manifest",
+                                            f"manifest {column} {row[column]}, shard {actual}"))
+        problems += [Problem(expected, key, "manifest", "in the shard, not in the manifest")
+                     for key in in_shard if key not in listed]
+    problems += [Problem(c.shard, "", "manifest", "no manifest part: shard not committed")
+                 for c in checks if c.shard not in part_shards]
+    return problems
+
+
+def run(cfg: DictConfig) -> dict:
+    """Returns {"shards", "images", "annotations", "problems", "by_check"}; raises
+    SystemExit(1) after printing the problems when there is any."""
+    dataset, _ = dataset_paths(cfg)
+    stage = cfg.stage
+    shards = list_shards(dataset)
+    if not shards:
+        raise FileNotFoundError(f"no shards under {dataset} (looked for shards/*.tar and *.tar)")
+    checks = list(map_shards(check_shard, shards, parallel=stage.parallel,
+                             min_shards_for_ray=stage.min_shards_for_ray, num_cpus=stage.num_cpus,
+                             desc="validate", decode_images=stage.decode_images,
+                             bbox_tolerance_px=stage.bbox_tolerance_px))
+    problems = [p for c in checks for p in c.problems]
+    problems += check_unique(checks)
+    problems += check_manifest(dataset, checks, stage.manifest_ok_status)
+    by_check: dict[str, int] = defaultdict(int)
+    for i, problem in enumerate(problems):
+        by_check[problem.check] += 1
+        if i < stage.max_printed:
+            print(problem)
+    summary = {"shards": len(shards), "images": sum(len(c.records) for c in checks),
+               "annotations": int(sum(len(c.ann_ids) for c in checks)),
+               "problems": len(problems), "by_check": dict(by_check)}
+    if cfg.get("output"):
+        out = Path(cfg.output) / "validate"
+        out.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema([(n, pa.string()) for n in ("shard", "key", "check", "message")])
+        pq.write_table(pa.Table.from_pylist([asdict(p) for p in problems], schema=schema),
+                       out / "problems.parquet")
+    print(f"validate: {summary['shards']} shards, {summary['images']} images, "
+          f"{summary['annotations']} annotations, {len(problems)} problems {dict(by_check)}")
+    if problems:
+        raise SystemExit(1)
+    return summary
