@@ -7,15 +7,15 @@ import html
 import io
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # the report is rendered on headless workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from pipeline.stats import (CONCAVITY_EDGES, MASKS_PER_IMAGE_LABELS, REL_SIZE_EDGES,  # noqa: E402
+from pipeline.stats import (CONCAVITY_EDGES, MASKS_PER_IMAGE_LABELS, REL_SIZE_EDGES,
                             SCORE_EDGES, SIZE_BIN_EDGES)
+
+# Figures are built with matplotlib.figure.Figure, not pyplot: no global backend or
+# figure registry, so the same code renders on headless workers and inline in Jupyter.
 
 # Published figures of SA-1B (paper, arXiv 2304.02643); "-" where the paper gives none.
 SA1B = {
@@ -29,14 +29,15 @@ SA1B = {
 }
 
 
-def _bar_percent(ax: plt.Axes, labels: list[str], values: np.ndarray, xlabel: str) -> None:
+def _bar_percent(ax: Axes, labels: list[str], values: np.ndarray, xlabel: str) -> None:
     ax.bar(labels, values, color="#4c72b0")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("percent")
 
 
 def fig_masks_per_image(summary: dict[str, Any]) -> Figure:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     _bar_percent(ax, MASKS_PER_IMAGE_LABELS, summary["masks_per_image_hist"], "masks per image")
     ax.set_ylabel("percent of images")
     ax.set_title("Masks per image")
@@ -44,14 +45,14 @@ def fig_masks_per_image(summary: dict[str, Any]) -> Figure:
 
 
 def fig_rel_size(summary: dict[str, Any]) -> Figure:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     # The first bin starts at 0; draw it at the next edge's scale so log x works.
     left = REL_SIZE_EDGES[:-1].copy()
     left[0] = REL_SIZE_EDGES[1] / 10 ** 0.1
     ax.bar(left, summary["rel_size_hist"], width=np.diff(np.r_[left, 1.0]), align="edge",
            color="#4c72b0")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("relative mask size  sqrt(mask area / image area)")
     ax.set_ylabel("percent of masks")
     ax.set_title("Relative mask size")
@@ -59,7 +60,8 @@ def fig_rel_size(summary: dict[str, Any]) -> Figure:
 
 
 def fig_concavity(summary: dict[str, Any]) -> Figure:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     centres = (CONCAVITY_EDGES[:-1] + CONCAVITY_EDGES[1:]) / 2
     ax.plot(centres, summary["concavity_hist"], "k-", lw=2, label="all (weighted)")
     for b, row in enumerate(summary["concavity_by_size"]):
@@ -74,7 +76,8 @@ def fig_concavity(summary: dict[str, Any]) -> Figure:
 
 
 def fig_centres(summary: dict[str, Any]) -> Figure:
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     hist = summary["centre_hist"].astype(float)
     ax.imshow(hist / max(hist.max(), 1), extent=(0, 1, 1, 0), cmap="magma")
     ax.set_xlabel("x / width")
@@ -84,7 +87,8 @@ def fig_centres(summary: dict[str, Any]) -> Figure:
 
 
 def fig_resolution(summary: dict[str, Any]) -> Figure:
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    fig = Figure(figsize=(4.5, 3.6))
+    ax = fig.subplots()
     res = np.asarray(summary["resolutions"], dtype=float).reshape(-1, 3)
     if len(res):
         ax.scatter(res[:, 0], res[:, 1], s=20 + 200 * res[:, 2] / res[:, 2].max(), alpha=0.5)
@@ -95,7 +99,8 @@ def fig_resolution(summary: dict[str, Any]) -> Figure:
 
 
 def fig_scores(summary: dict[str, Any]) -> Figure:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    fig = Figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, name in zip(axes, ("predicted_iou", "stability_score")):
         ax.bar(SCORE_EDGES[:-1], summary[f"{name}_hist"], width=np.diff(SCORE_EDGES),
                align="edge", color="#4c72b0")
@@ -122,7 +127,6 @@ def _png_base64(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
