@@ -350,7 +350,7 @@ def _visible_instances(
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Visible masks after occlusion; drops tiny instances and parts equal to their whole."""
     h, w = label.shape
-    n_leaves = int(label.max())
+    n_leaves = max((max(ids) for _, ids, _ in instances), default=0)
     counts = np.bincount(label.ravel(), minlength=n_leaves + 1)
     keep: list[int] = []
     new_index: dict[int, int] = {}

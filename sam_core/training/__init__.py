@@ -1,0 +1,15 @@
+"""Training of SAM models: losses, interactive prompt simulation, train step.
+
+Knows nothing of Ray, Hydra or dataset formats; ``pipeline.stages.retrain`` drives it.
+"""
+from .batch import Batch, collate, prepare_sample, select_masks
+from .losses import MaskLosses, binary_mask_iou, dice_loss, multimask_losses, sigmoid_focal_loss
+from .prompts import noisy_boxes, round_schedule, sample_error_points, sample_points_in_masks
+from .step import InteractiveConfig, InteractiveSam, train_step
+
+__all__ = [
+    "Batch", "collate", "prepare_sample", "select_masks",
+    "MaskLosses", "binary_mask_iou", "dice_loss", "multimask_losses", "sigmoid_focal_loss",
+    "noisy_boxes", "round_schedule", "sample_error_points", "sample_points_in_masks",
+    "InteractiveConfig", "InteractiveSam", "train_step",
+]
