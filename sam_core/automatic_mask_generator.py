@@ -1,0 +1,289 @@
+"""SamAutomaticMaskGenerator: masks for a whole image from a grid of point prompts.
+
+Drop-in compatible with the official class (same parameters, defaults and record keys).
+Deliberate differences, none of which change the returned masks:
+  * predicted-IoU filtering happens on the low-res logits, before upsampling;
+  * masks are kept as COCO compressed RLE (encoded by pycocotools) instead of the
+    official uncompressed form, and converted to the requested output_mode at the end;
+  * extra option ``max_mask_area_fraction`` drops masks covering at least that fraction
+    of the image (SA-1B used 0.95); None (the default) keeps the official behaviour;
+  * the input image is validated and converted (see sam_core.inputs.as_rgb_uint8).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torchvision.ops.boxes import batched_nms, box_area
+
+from .amg_utils import (
+    MaskData,
+    area_from_rle,
+    batch_iterator,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    coco_rle_to_json,
+    decode_rle,
+    encode_rle,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncompressed_rle,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+from .inputs import as_rgb_uint8
+from .modeling import Sam
+from .predictor import SamPredictor
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+# Named generator settings. "sa1b" reproduces the settings of the released SA-1B
+# annotations (crop boxes and grid points match; paper appendix).
+AMG_PRESETS: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "sa1b": dict(
+        points_per_side=32,
+        crop_n_layers=2,
+        crop_n_points_downscale_factor=2,
+        crop_overlap_ratio=512 / 1500,
+        pred_iou_thresh=0.88,
+        stability_score_thresh=0.95,
+        box_nms_thresh=0.7,
+        crop_nms_thresh=0.7,
+        min_mask_region_area=100,
+        max_mask_area_fraction=0.95,
+    ),
+}
+
+
+class SamAutomaticMaskGenerator:
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        max_mask_area_fraction: Optional[float] = None,
+    ) -> None:
+        """See the official documentation for every parameter but the last.
+
+        max_mask_area_fraction: drop masks whose area is at least this fraction of the
+            image area (None keeps all). Applied before NMS, so that a mask covering
+            the whole image cannot suppress a large but legitimate one.
+        """
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"Unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
+        if points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
+        if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
+            raise ValueError(f"max_mask_area_fraction must be in (0, 1], got {max_mask_area_fraction}")
+        if points_per_side is not None:
+            self.point_grids = build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
+        else:
+            if len(point_grids) != crop_n_layers + 1:
+                raise ValueError(f"point_grids needs crop_n_layers + 1 = {crop_n_layers + 1} grids, got {len(point_grids)}")
+            self.point_grids = [np.asarray(g, dtype=float) for g in point_grids]
+        self.predictor = SamPredictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.max_mask_area_fraction = max_mask_area_fraction
+
+    @classmethod
+    def from_preset(cls, model: Sam, preset: str = "sa1b", **overrides: Any) -> "SamAutomaticMaskGenerator":
+        """A generator with the named settings of AMG_PRESETS, plus overrides."""
+        if preset not in AMG_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
+        return cls(model, **{**AMG_PRESETS[preset], **overrides})
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+        """Generates masks for an HxWx3 uint8 RGB image.
+
+        Returns one dict per mask:
+          segmentation: HxW bool array (binary_mask), or an RLE dict {'size': [h, w],
+            'counts': ...} with a list of run lengths (uncompressed_rle) or the COCO
+            compressed string (coco_rle);
+          area (int): pixels in the mask;
+          bbox (list): box around the mask, XYWH;
+          predicted_iou (float): the model's own quality estimate;
+          point_coords (list[list[float]]): the prompt point, image pixels;
+          stability_score (float): IoU of the mask thresholded at +/- offset;
+          crop_box (list): the crop that produced the mask, XYWH.
+        """
+        image = as_rgb_uint8(image)
+        data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(
+                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+            data = self._drop_large(data, image.shape[0] * image.shape[1])
+        return [self._record(data, i) for i in range(len(data))]
+
+    def _record(self, data: MaskData, i: int) -> Dict[str, Any]:
+        rle = data["rles"][i]
+        if self.output_mode == "coco_rle":
+            segmentation: Any = coco_rle_to_json(rle)
+        elif self.output_mode == "binary_mask":
+            segmentation = decode_rle(rle)
+        else:
+            segmentation = uncompressed_rle(decode_rle(rle))
+        return {
+            "segmentation": segmentation,
+            "area": area_from_rle(rle),
+            "bbox": box_xyxy_to_xywh(data["boxes"][i].tolist()),
+            "predicted_iou": float(data["iou_preds"][i]),
+            "point_coords": [data["points"][i].tolist()],
+            "stability_score": float(data["stability_score"][i]),
+            "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
+        }
+
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        data = MaskData()
+        for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+        if len(crop_boxes) > 1 and len(data):
+            # Between crops, prefer the mask from the smaller crop (finer detail).
+            scores = 1 / box_area(data["crop_boxes"].float())
+            keep = batched_nms(
+                data["boxes"].float(),
+                scores.to(data["boxes"].device),
+                torch.zeros(len(data), device=data["boxes"].device),
+                iou_threshold=self.crop_nms_thresh,
+            )
+            data.filter(keep)
+        return data
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int]
+    ) -> MaskData:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        self.predictor.set_image(crop)
+        points_for_crop = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+        data = MaskData()
+        for (points,) in batch_iterator(self.points_per_batch, points_for_crop):
+            data.cat(self._process_batch(points, crop_size, crop_box, orig_size))
+        self.predictor.reset_image()
+        if not len(data):
+            return _empty(crop_box)
+        keep = batched_nms(
+            data["boxes"].float(),
+            data["iou_preds"],
+            torch.zeros(len(data), device=data["boxes"].device),
+            iou_threshold=self.box_nms_thresh,
+        )
+        data.filter(keep)
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box] * len(data), dtype=torch.long)
+        return data
+
+    def _process_batch(
+        self, points: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int]
+    ) -> MaskData:
+        orig_h, orig_w = orig_size
+        predictor = self.predictor
+        in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=predictor.device)
+        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=predictor.device)
+        low_res, iou_preds = predictor.predict_low_res(in_points[:, None, :], in_labels[:, None], multimask_output=True)
+        n_out = low_res.shape[1]
+        data = MaskData(
+            low_res=low_res.flatten(0, 1),
+            iou_preds=iou_preds.flatten(0, 1),
+            points=torch.as_tensor(points.repeat(n_out, axis=0), device=predictor.device),
+        )
+        if self.pred_iou_thresh > 0.0:
+            data.filter(data["iou_preds"] > self.pred_iou_thresh)
+        logits = predictor.model.postprocess_masks(data["low_res"][:, None], predictor.input_size, crop_size)[:, 0]
+        del data["low_res"]
+        threshold = predictor.model.mask_threshold
+        data["stability_score"] = calculate_stability_score(logits, threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            keep = data["stability_score"] >= self.stability_score_thresh
+            data.filter(keep)
+            logits = logits[keep]
+        masks = logits > threshold
+        del logits
+        data["boxes"] = batched_mask_to_box(masks)
+        keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+        if self.max_mask_area_fraction is not None:
+            areas = masks.sum((-1, -2))
+            keep &= areas < self.max_mask_area_fraction * orig_h * orig_w
+        if not torch.all(keep):
+            data.filter(keep)
+            masks = masks[keep]
+        data["rles"] = encode_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
+        return data
+
+    def _drop_large(self, data: MaskData, image_area: int) -> MaskData:
+        if self.max_mask_area_fraction is None or not len(data):
+            return data
+        areas = torch.tensor([area_from_rle(r) for r in data["rles"]])
+        data.filter(areas < self.max_mask_area_fraction * image_area)
+        return data
+
+    @staticmethod
+    def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Fills holes and removes islands smaller than min_area, then reruns box NMS
+        preferring masks that needed no change. Edits mask_data in place."""
+        if not len(mask_data):
+            return mask_data
+        masks, unchanged = [], []
+        for rle in mask_data["rles"]:
+            mask, changed_holes = remove_small_regions(decode_rle(rle), min_area, mode="holes")
+            mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+            masks.append(torch.as_tensor(mask))
+            unchanged.append(not (changed_holes or changed_islands))
+        masks_t = torch.stack(masks)
+        boxes = batched_mask_to_box(masks_t)
+        scores = torch.tensor(unchanged, dtype=torch.float)
+        keep = batched_nms(boxes.float(), scores, torch.zeros(len(boxes)), iou_threshold=nms_thresh)
+        mask_data["boxes"] = mask_data["boxes"].cpu()
+        for i in keep.tolist():
+            if not unchanged[i]:
+                mask_data["rles"][i] = encode_rle(masks_t[i : i + 1])[0]
+                mask_data["boxes"][i] = boxes[i]
+        mask_data.filter(keep)
+        return mask_data
+
+
+def _empty(crop_box: List[int]) -> MaskData:
+    return MaskData(
+        iou_preds=torch.zeros(0),
+        points=torch.zeros(0, 2, dtype=torch.float64),
+        stability_score=torch.zeros(0),
+        boxes=torch.zeros(0, 4, dtype=torch.long),
+        rles=[],
+        crop_boxes=torch.zeros(0, 4, dtype=torch.long),
+    )

@@ -1,0 +1,92 @@
+"""Safe, strict loading of SAM state dicts (the official released format)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+OFFICIAL_CHECKPOINTS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded into the requested model."""
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Reads a state dict with ``weights_only=True``: a pickle that would construct
+    arbitrary objects (and so could run code) is refused, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        published = "\n".join(f"  {name}: {url}" for name, url in OFFICIAL_CHECKPOINTS.items())
+        raise FileNotFoundError(
+            f"checkpoint not found: {path}\nThe official SAM checkpoints are published at:\n{published}"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load; its pickle contains objects other than tensors "
+            f"(weights_only=True), which could execute code: {err}"
+        ) from err
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def describe_architecture(state: Dict[str, torch.Tensor]) -> str:
+    """A short guess of the encoder a state dict belongs to, for error messages."""
+    pos = state.get("image_encoder.pos_embed")
+    if pos is None:
+        return "no SAM image encoder (image_encoder.pos_embed is absent)"
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    embed_dim, grid = pos.shape[-1], pos.shape[1]
+    from .build import ENCODER_SIZES  # local import: build imports this module
+
+    for name, sizes in ENCODER_SIZES.items():
+        if sizes["encoder_embed_dim"] == embed_dim and sizes["encoder_depth"] == depth:
+            return f"{name} (embed_dim {embed_dim}, depth {depth}, {grid}x{grid} patches)"
+    return f"an unregistered size (embed_dim {embed_dim}, depth {depth}, {grid}x{grid} patches)"
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], arch: str = "the model") -> nn.Module:
+    """Loads ``path`` into ``model`` strictly: missing keys, unexpected keys and shape
+    mismatches raise CheckpointError naming them and the architecture the file fits."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = [f"{path} does not fit {arch}"]
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        parts.append(f"the file looks like {describe_architecture(state)}")
+        raise CheckpointError("; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def checkpoint_sha256(path: Union[str, os.PathLike]) -> str:
+    """Hex sha256 of a file: the identity of a model in dataset manifests."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
