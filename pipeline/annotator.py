@@ -1,0 +1,174 @@
+"""The worker: loads the model once, then turns whole units into committed shards.
+
+``Annotator`` is a plain class (usable and testable without Ray); the stage wraps it
+with ``ray.remote`` and explicit resources, like a Ray Data predictor. Within a unit,
+decoding runs ahead in threads and shard writing runs behind in a thread, so the model
+waits on neither; both queues are bounded, so memory is flat whatever the unit size.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import signal
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
+
+import torch
+
+from pipeline import manifest, model, shards, storage
+from pipeline.images import ImageError, PreparedImage, prepare_image
+from pipeline.sources import Item, Unit, read_item
+
+Failure = tuple[str, str]  # (stage, reason) as written to the errors table
+
+
+class Annotator:
+    """Annotates units with the automatic mask generator and commits them.
+
+    model_cfg, amg_cfg: as ``pipeline.model.build_generator`` takes them.
+    image_cfg: keyword arguments of ``pipeline.images.prepare_image``.
+    output: dataset root URL; model_sha256: identity written to the manifest.
+    prefetch: images decoded ahead of the model. threads: torch CPU threads (None: keep).
+    kill_on: fnmatch patterns of sources on which the process kills itself, to test
+        crash isolation for real (a hard kill, as a segfaulting decoder would die).
+    """
+
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        amg_cfg: dict[str, Any],
+        image_cfg: dict[str, Any],
+        output: str,
+        model_sha256: str,
+        prefetch: int = 2,
+        threads: int | None = None,
+        kill_on: tuple[str, ...] = (),
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.generator = model.build_generator(model_cfg, amg_cfg)
+        self.image_cfg = dict(image_cfg)
+        self.output = output
+        self.model_sha256 = model_sha256
+        self.prefetch = prefetch
+        self.kill_on = tuple(kill_on)
+
+    def ready(self) -> int:
+        """Returns the worker's pid once the model is loaded."""
+        return os.getpid()
+
+    def process_unit(
+        self, unit: Unit, careful: bool = False, poisoned: dict[str, str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Annotates and commits ``unit``; yields one progress dict per image, in order.
+
+        Per image: ``{"key": str, "masks": int, "ok": bool}``. Last: ``{"unit": index,
+        "images": n, "masks": m, "errors": e, "seconds": busy time}``.
+        ``careful`` decodes one image at a time so that a crash can be blamed on exactly
+        the next image; ``poisoned`` maps keys to skip to the reason recorded for them.
+        """
+        start = time.perf_counter()
+        poisoned = poisoned or {}
+        shard = shards.shard_name(unit.index)
+        shard_url = storage.join(self.output, shards.SHARDS_DIR, shard)
+        rows: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        with shards.ShardWriter(shard_url) as writer, ThreadPoolExecutor(1) as write_pool:
+            pending_writes: deque[Future] = deque()
+            loaded = self._loaded(unit.items, 0 if careful else self.prefetch, poisoned)
+            for item, prepared, failure in loaded:
+                masks = None
+                if failure is None:
+                    self._maybe_kill(item)
+                    masks, failure = self._annotate(prepared)
+                if failure is not None:
+                    stage, reason = failure
+                    errors.append({"key": item.key, "source": item.source, "stage": stage, "reason": reason})
+                    rows.append(self._row(item, "", 0, 0, 0, manifest.STATUS_ERROR))
+                    yield {"key": item.key, "masks": 0, "ok": False}
+                    continue
+                record = shards.sa1b_record(item.key, item.image_id, prepared.width, prepared.height, masks)
+                pending_writes.append(write_pool.submit(writer.write, item.key, prepared.jpeg, record))
+                while len(pending_writes) > 2:
+                    pending_writes.popleft().result()
+                rows.append(
+                    self._row(item, shard, prepared.width, prepared.height, len(masks), manifest.STATUS_OK)
+                )
+                yield {"key": item.key, "masks": len(masks), "ok": True}
+            for write in pending_writes:
+                write.result()
+        # Commit order matters: shard, then errors, then the manifest part that marks the
+        # unit done. A crash in between only leaves files that the rerun rewrites.
+        manifest.write_part(self.output, manifest.ERRORS_DIR, unit.index, errors)
+        manifest.write_part(self.output, manifest.MANIFEST_DIR, unit.index, rows)
+        yield {
+            "unit": unit.index,
+            "images": len(rows),
+            "masks": sum(r["num_masks"] for r in rows),
+            "errors": len(errors),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _loaded(
+        self, items: tuple[Item, ...], window: int, poisoned: dict[str, str]
+    ) -> Iterator[tuple[Item, PreparedImage | None, Failure | None]]:
+        """Yields ``(item, image, failure)`` in input order, decoding ``window`` ahead."""
+        if window == 0:
+            for item in items:
+                yield (item, *self._load(item, poisoned))
+            return
+        with ThreadPoolExecutor(window) as pool:
+            queue: deque[tuple[Item, Future]] = deque()
+            for item in items:
+                queue.append((item, pool.submit(self._load, item, poisoned)))
+                if len(queue) > window:
+                    head, future = queue.popleft()
+                    yield (head, *future.result())
+            while queue:
+                head, future = queue.popleft()
+                yield (head, *future.result())
+
+    def _load(self, item: Item, poisoned: dict[str, str]) -> tuple[PreparedImage | None, Failure | None]:
+        if item.key in poisoned:
+            return None, ("isolated", poisoned[item.key])
+        try:
+            data = read_item(item)
+        except FileNotFoundError:
+            return None, ("read", "file not found: it was listed or enumerated but does not exist (deleted, moved, or a broken link)")
+        except IsADirectoryError:
+            return None, ("read", "is a directory, not an image file")
+        except PermissionError:
+            return None, ("read", "permission denied: make the file readable by the workers' user")
+        except OSError as e:
+            return None, ("read", f"cannot read the file: {e}")
+        try:
+            return prepare_image(data, **self.image_cfg), None
+        except ImageError as e:
+            return None, ("decode", str(e))
+
+    def _annotate(self, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
+        try:
+            return self.generator.generate(prepared.rgb), None
+        except torch.cuda.OutOfMemoryError:
+            raise  # a property of the worker, not of the image: let the unit be retried
+        except Exception as e:  # an image the model cannot handle must not sink the unit
+            return None, ("annotate", f"mask generation failed: {type(e).__name__}: {e}")
+
+    def _row(self, item: Item, shard: str, width: int, height: int, num_masks: int, status: str) -> dict[str, Any]:
+        return {
+            "key": item.key,
+            "image_id": item.image_id,
+            "shard": shard,
+            "source": item.source,
+            "width": width,
+            "height": height,
+            "num_masks": num_masks,
+            "model_sha256": self.model_sha256,
+            "status": status,
+        }
+
+    def _maybe_kill(self, item: Item) -> None:
+        if any(fnmatch.fnmatch(item.source, pattern) for pattern in self.kill_on):
+            os.kill(os.getpid(), signal.SIGKILL)
