@@ -170,6 +170,8 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskData()
         for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+            if crop_box[2] <= crop_box[0] or crop_box[3] <= crop_box[1]:
+                continue  # images a few pixels wide give empty crops in deep layers
             data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
         if len(crop_boxes) > 1 and len(data):
             # Between crops, prefer the mask from the smaller crop (finer detail).

@@ -1,0 +1,187 @@
+"""sam_core behaviour beyond parity: checkpoints, input handling, RLE, options."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from sam_core import (
+    AMG_PRESETS,
+    CheckpointError,
+    SamAutomaticMaskGenerator,
+    as_rgb_uint8,
+    sam_model_registry,
+)
+from sam_core.amg_utils import area_from_rle, decode_rle, encode_rle, uncompressed_rle
+
+from .sam_reference import model_pair, reference_sam, scene_image
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    ref, _ = model_pair("vit_tiny", seed=5)
+    path = tmp_path_factory.mktemp("ckpt") / "official_tiny.pth"
+    torch.save(ref.state_dict(), path)
+    return path, ref
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+def test_official_state_dict_loads_unchanged(official_checkpoint):
+    path, ref = official_checkpoint
+    ours = sam_model_registry["vit_tiny"](checkpoint=str(path))
+    for key, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_our_state_dict_loads_into_the_official_classes():
+    ours = sam_model_registry["vit_tiny"]()
+    ref = reference_sam("vit_tiny")
+    ref.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_renamed_key_is_named_in_the_error(official_checkpoint, tmp_path):
+    path, _ = official_checkpoint
+    state = torch.load(path, weights_only=True)
+    state["mask_decoder.iou_token.weight_renamed"] = state.pop("mask_decoder.iou_token.weight")
+    bad = tmp_path / "renamed.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError) as err:
+        sam_model_registry["vit_tiny"](checkpoint=str(bad))
+    message = str(err.value)
+    assert "mask_decoder.iou_token.weight_renamed" in message and "missing keys: mask_decoder.iou_token.weight" in message
+    assert str(bad) in message
+
+
+def test_wrong_architecture_is_recognised(official_checkpoint):
+    path, _ = official_checkpoint
+    with pytest.raises(CheckpointError) as err:
+        sam_model_registry["vit_b"](checkpoint=str(path))
+    assert "does not fit vit_b" in str(err.value) and "looks like vit_tiny" in str(err.value)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code-was-executed"
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"image_encoder.pos_embed": _Exploit(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        sam_model_registry["vit_tiny"](checkpoint=str(bad))
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_files(official_checkpoint, tmp_path):
+    path, _ = official_checkpoint
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated.pth"):
+        sam_model_registry["vit_tiny"](checkpoint=str(truncated))
+    with pytest.raises(FileNotFoundError, match="sam_vit_h_4b8939.pth"):
+        sam_model_registry["vit_h"](checkpoint=str(tmp_path / "nope.pth"))
+
+
+# --- input images ----------------------------------------------------------------------
+
+def test_image_conversions():
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    assert as_rgb_uint8(rgb[:, :, 0]).shape == (7, 9, 3)
+    assert np.array_equal(as_rgb_uint8(rgb[:, :, :1])[:, :, 2], rgb[:, :, 0])
+    rgba = np.concatenate([rgb, np.full((7, 9, 1), 255, np.uint8)], axis=2)
+    assert np.array_equal(as_rgb_uint8(rgba), rgb)
+    assert np.array_equal(as_rgb_uint8(rgb.astype(np.uint16) * 257), rgb)
+    view = rgb[:, ::-1]
+    out = as_rgb_uint8(view)
+    assert out.flags.c_contiguous and np.array_equal(out, view)
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (np.zeros((4, 4, 3), np.float32), "float32"),
+        (np.zeros((4, 4, 3), bool), "bool"),
+        (np.zeros((4, 4, 5), np.uint8), "channels"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "shape"),
+        ([[1, 2], [3, 4]], "numpy array"),
+    ],
+)
+def test_bad_images_are_refused_with_a_reason(bad, reason):
+    with pytest.raises(ValueError, match=reason):
+        as_rgb_uint8(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return model_pair("vit_tiny", seed=0)[1]
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 3), (1, 1, 3), (24, 900, 3), (600, 16)])
+def test_generator_accepts_tiny_and_wide_images(tiny_model, shape):
+    image = scene_image(shape[0], shape[1], seed=2)
+    if len(shape) == 2:
+        image = image[:, :, 0]
+    gen = SamAutomaticMaskGenerator(tiny_model, points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0,
+                                    output_mode="coco_rle", crop_n_layers=1)
+    records = gen.generate(image)
+    for r in records:
+        assert r["segmentation"]["size"] == [shape[0], shape[1]]
+        x, y, w, h = r["bbox"]
+        assert 0 <= x <= x + w < shape[1] and 0 <= y <= y + h < shape[0]
+
+
+def test_generator_refuses_float_images(tiny_model):
+    with pytest.raises(ValueError, match="float64"):
+        SamAutomaticMaskGenerator(tiny_model).generate(np.zeros((8, 8, 3)))
+
+
+def test_max_mask_area_fraction_drops_large_masks(tiny_model):
+    image = scene_image(120, 160, seed=3)
+    settings = dict(points_per_side=6, pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0,
+                    output_mode="coco_rle")
+    everything = SamAutomaticMaskGenerator(tiny_model, **settings).generate(image)
+    fraction = float(np.median([r["area"] for r in everything])) / image[..., 0].size
+    kept = SamAutomaticMaskGenerator(tiny_model, max_mask_area_fraction=fraction, **settings).generate(image)
+    limit = fraction * image[..., 0].size
+    assert 0 < len(kept) < len(everything)
+    assert all(r["area"] < limit for r in kept)
+    assert len(kept) == sum(r["area"] < limit for r in everything)
+
+
+def test_sa1b_preset():
+    gen = SamAutomaticMaskGenerator.from_preset(sam_model_registry["vit_tiny"](), "sa1b", points_per_batch=16)
+    assert (gen.crop_n_layers, gen.min_mask_region_area, gen.max_mask_area_fraction) == (2, 100, 0.95)
+    assert [len(g) for g in gen.point_grids] == [32 * 32, 16 * 16, 8 * 8]
+    assert gen.points_per_batch == 16 and AMG_PRESETS["sa1b"]["crop_overlap_ratio"] == 512 / 1500
+    with pytest.raises(ValueError, match="unknown preset"):
+        SamAutomaticMaskGenerator.from_preset(sam_model_registry["vit_tiny"](), "nope")
+
+
+# --- run-length encoding ---------------------------------------------------------------
+
+def test_rle_is_byte_identical_to_pycocotools_and_round_trips():
+    rng = np.random.default_rng(0)
+    masks = rng.random((5, 37, 53)) > 0.6
+    masks[1] = True  # starts with a foreground run
+    masks[2] = False
+    ours = encode_rle(torch.as_tensor(masks))
+    theirs = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for a, b, m in zip(ours, theirs, masks):
+        assert a["counts"] == b["counts"] and list(a["size"]) == [37, 53]
+        assert np.array_equal(decode_rle(a), m)
+        assert area_from_rle(a) == m.sum()
+        un = uncompressed_rle(m)
+        assert sum(un["counts"]) == m.size and area_from_rle(un) == m.sum()
+        assert mask_utils.frPyObjects(un, 37, 53)["counts"] == b["counts"]
