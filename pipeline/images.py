@@ -71,6 +71,8 @@ def prepare_image(
                 f"not a readable image (unrecognised format, first bytes {data[:8]!r}); "
                 "remove it or fix its contents"
             ) from None
+        except Exception as e:  # a header cut short or damaged
+            raise ImageError(f"corrupt or truncated image header: {e}") from None
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(
@@ -81,8 +83,7 @@ def prepare_image(
             raise ImageError(
                 f"{width}x{height} is too small: a side is under stage.image.min_side={min_side}"
             )
-        fmt = image.format
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        fmt, mode = image.format, image.mode
         scale = 1.0 if not short_side else min(1.0, short_side / min(width, height))
         if scale < 1.0 and fmt == "JPEG":
             # Lets libjpeg decode at 1/2, 1/4 or 1/8 scale: large photos decode much faster.
@@ -91,6 +92,8 @@ def prepare_image(
             image.load()
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad data
             raise ImageError(f"corrupt or truncated {fmt or 'image'} data: {e}") from None
+        # Read after load(): for PNG, reading EXIF means reading (and checking) the data.
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
 
     converted = _to_rgb(ImageOps.exif_transpose(image))
     if scale < 1.0:
@@ -100,7 +103,7 @@ def prepare_image(
         converted = converted.resize(size, Image.Resampling.LANCZOS)
 
     keep_bytes = (
-        fmt == "JPEG" and orientation == 1 and scale == 1.0 and image.mode in ("RGB", "L")
+        fmt == "JPEG" and orientation == 1 and scale == 1.0 and mode in ("RGB", "L")
     )
     if keep_bytes:
         stored = data

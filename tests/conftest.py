@@ -1,0 +1,153 @@
+"""Shared fixtures: a local Ray cluster, a random-weights model, Hydra configs, image corpora."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+
+# --- Ray -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray cluster (2 CPUs) for the session; stages reuse it."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        job_config=ray.job_config.JobConfig(code_search_path=[str(REPO)]),
+    )
+    yield ray
+    ray.shutdown()
+
+
+# --- model ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A state dict of a randomly initialised vit_tiny, as a checkpoint file."""
+    import torch
+    from sam_core import sam_model_registry
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "sam_vit_tiny_random.pth"
+    torch.save(sam_model_registry["vit_tiny"]().state_dict(), path)
+    return path
+
+
+# --- Hydra ---------------------------------------------------------------------------
+@pytest.fixture
+def compose_config() -> Callable[..., "DictConfig"]:  # noqa: F821
+    """compose_config("+stage=fully_auto", "input=...", ...) -> the app's resolved config."""
+    from hydra import compose, initialize_config_dir
+
+    import pipeline.run  # noqa: F401  registers the ${project_root:} resolver
+
+    def compose_with(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return compose_with
+
+
+# --- images --------------------------------------------------------------------------
+def scene(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A small RGB picture with a few flat shapes on a gradient: something to segment."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.full_like(x, 96)], -1)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        x1, y1 = x0 + rng.integers(width // 8, width // 2), y0 + rng.integers(height // 8, height // 2)
+        image[y0:y1, x0:x1] = rng.integers(0, 255, 3)
+    return image.astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels but carries one compressed row.
+
+    Enough to look like a decompression bomb: its header promises far more pixels than
+    any decoder should allocate, at the cost of a few bytes.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b"")
+
+
+def good_corpus() -> dict[str, bytes]:
+    """Images that must be annotated, each exercising one conversion, by file name."""
+    rgb = Image.fromarray(scene(64, 48, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    alpha = Image.fromarray(scene(40, 40, 2)).convert("RGBA")
+    alpha.putalpha(Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (40, 1))))
+    sixteen = Image.fromarray((np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16))
+    return {
+        "plain.jpg": encode(rgb, "JPEG", quality=90),
+        "rotated.jpg": encode(rgb, "JPEG", exif=exif),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "grey16.png": encode(sixteen, "PNG"),
+        "palette.png": encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "alpha.png": encode(alpha, "PNG"),
+        "photo.webp": encode(rgb, "WEBP"),
+        "photo.bmp": encode(rgb, "BMP"),
+        "photo.tif": encode(rgb, "TIFF"),
+        "large.jpg": encode(Image.fromarray(scene(200, 150, 3)), "JPEG"),
+    }
+
+
+def bad_corpus() -> dict[str, tuple[bytes, str]]:
+    """Files that must be refused, by file name, with a substring of the expected reason."""
+    jpeg = encode(Image.fromarray(scene(64, 48, 4)), "JPEG")
+    png = bytearray(encode(Image.fromarray(scene(64, 48, 5)), "PNG"))
+    png[60:80] = b"\xff" * 20  # damages the compressed data and its checksum
+    return {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "corrupt.png": (bytes(png), "corrupt"),
+        "notes.jpg": (b"this is a text file, not a photo\n" * 4, "not a readable image"),
+        "bomb.png": (png_header_only(30000, 30000), "decompression bomb"),
+        "sliver.png": (encode(Image.fromarray(scene(3, 40, 6)), "PNG"), "too small"),
+    }
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Callable[..., Path]:
+    """Writes the good (and optionally bad) corpus into a folder tree and returns it.
+
+    Two sub-folders hold a file of the same name, and a broken link stands for an
+    unreadable path.
+    """
+
+    def make(with_bad: bool = True, root: Path | None = None) -> Path:
+        root = root or tmp_path / "images"
+        (root / "a").mkdir(parents=True)
+        (root / "b" / "deeper").mkdir(parents=True)
+        for name, data in good_corpus().items():
+            (root / "a" / name).write_bytes(data)
+        (root / "b" / "deeper" / "plain.jpg").write_bytes(good_corpus()["plain.jpg"])
+        (root / "b" / "readme.txt").write_text("not an input: wrong extension")
+        if with_bad:
+            for name, (data, _) in bad_corpus().items():
+                (root / "b" / name).write_bytes(data)
+            (root / "b" / "gone.jpg").symlink_to(root / "nowhere.jpg")
+        return root
+
+    return make
