@@ -192,24 +192,26 @@ def make_dataset(
     return dataset
 
 
+def config_dir() -> Path:
+    """conf/, or until conf/config.yaml exists (another engineer writes it) a temporary
+    directory with a minimal config.yaml next to copies of this repository's stage configs."""
+    if (CONF_DIR / "config.yaml").exists():
+        return CONF_DIR
+    conf_dir = Path(tempfile.mkdtemp(prefix="conf_"))
+    (conf_dir / "stage").mkdir()
+    for f in (CONF_DIR / "stage").glob("*.yaml"):
+        (conf_dir / "stage" / f.name).write_text(f.read_text())
+    (conf_dir / "config.yaml").write_text("input: null\noutput: null\n")
+    return conf_dir
+
+
 def compose(stage: str, input: Path | str, output: Path | str | None = None,
             overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``python -m pipeline.run +stage=<stage> input=... output=...`` sees.
-
-    Until conf/config.yaml exists (another engineer writes it) a minimal one is made in
-    a temporary directory next to copies of this repository's stage configs.
-    """
+    """The config ``python -m pipeline.run +stage=<stage> input=... output=...`` sees."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    conf_dir = CONF_DIR
-    if not (CONF_DIR / "config.yaml").exists():
-        conf_dir = Path(tempfile.mkdtemp(prefix="conf_"))
-        (conf_dir / "stage").mkdir()
-        for f in (CONF_DIR / "stage").glob("*.yaml"):
-            (conf_dir / "stage" / f.name).write_text(f.read_text())
-        (conf_dir / "config.yaml").write_text("input: null\noutput: null\n")
     args = [f"+stage={stage}", f"input={input}",
             f"output={output}" if output is not None else "output=null", *overrides]
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=args)

@@ -150,9 +150,10 @@ def check_annotation(ann: dict, height: int, width: int, tol: float) -> list[tup
         runs = rle_counts(seg["counts"])
     except ValueError as exc:
         return [("rle", f"{prefix} RLE does not parse: {exc}")]
-    if any(r < 0 for r in runs) or sum(runs) != height * width:
-        return [("rle", f"{prefix} RLE covers {sum(runs)} pixels with runs >= {min(runs, default=0)}, "
-                        f"the image has {height * width}")]
+    if any(r < 0 for r in runs):
+        return [("rle", f"{prefix} RLE has a negative run length")]
+    if sum(runs) != height * width:
+        return [("rle", f"{prefix} RLE covers {sum(runs)} pixels, the image has {height * width}")]
     mask = mask_utils.decode(seg)
     problems = []
     area = int(mask.sum())
@@ -222,13 +223,21 @@ def check_shard(path: str, decode_images: bool = True, bbox_tolerance_px: float 
         except ValueError as exc:
             report("json", f"not JSON: {exc}")
             continue
-        errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
+        errors = sorted(validator.iter_errors(record), key=lambda e: [str(p) for p in e.path])
         for error in errors[:5]:
             report("schema", f"{'/'.join(map(str, error.path)) or '<root>'}: {error.message}")
+        try:
+            image = record["image"]
+            height, width, image_id = int(image["height"]), int(image["width"]), int(image["image_id"])
+            num_masks = len(record["annotations"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        # Listed even when an annotation breaks the schema, so the manifest and
+        # uniqueness checks do not report a second, misleading problem for it.
+        index = len(result.records)
+        result.records.append((key, image_id, width, height, num_masks))
         if errors:
             continue
-        image = record["image"]
-        height, width = image["height"], image["width"]
         if "jpg" in files:
             try:
                 with Image.open(io.BytesIO(files["jpg"])) as im:
@@ -238,8 +247,6 @@ def check_shard(path: str, decode_images: bool = True, bbox_tolerance_px: float 
                         report("image", f"JPEG is {im.size[0]}x{im.size[1]}, record says {width}x{height}")
             except Exception as exc:  # PIL raises many types for corrupt files
                 report("image", f"JPEG does not decode: {exc}")
-        index = len(result.records)
-        result.records.append((key, int(image["image_id"]), width, height, len(record["annotations"])))
         for ann in record["annotations"]:
             ann_ids.append(int(ann["id"]))
             ann_record.append(index)

@@ -1,0 +1,128 @@
+"""+stage=validate on clean and deliberately broken shards."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pycocotools.mask as mask_utils
+import pytest
+
+from pipeline.run import run_stage
+from pipeline.stages.validate import rle_counts
+
+from .dataset_factory import CONF_DIR, REPO, compose, config_dir, make_dataset
+
+LINE = re.compile(r"^PROBLEM shard=(\S+) key=(\S+) \[(\w+)\] (.*)$", re.M)
+
+
+def corrupt(sample) -> None:
+    """One problem per key, each a different check."""
+    anns = sample.record["annotations"]
+    if sample.key == "synthetic_000001":
+        anns[0]["area"] += 5
+    elif sample.key == "synthetic_000002":
+        anns[1]["segmentation"]["counts"] = "zzzz"  # outside the RLE alphabet
+    elif sample.key == "synthetic_000004":
+        # A well-formed RLE of a 10x10 mask under the image's size: parses, does not tile.
+        small = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))
+        anns[2]["segmentation"]["counts"] = small["counts"].decode()
+    elif sample.key == "synthetic_000005":
+        anns[0]["id"] = 1  # the id of synthetic_000001's first mask
+    elif sample.key == "synthetic_000006":
+        anns[2]["bbox"][2] += 5
+    elif sample.key == "synthetic_000007":
+        del anns[0]["predicted_iou"]
+    elif sample.key == "synthetic_000008":
+        anns.pop()  # the manifest, written from the true samples, still counts it
+    elif sample.key == "synthetic_000009":
+        sample.record["image"]["width"] += 1
+
+
+EXPECTED = {
+    ("sa_000000.tar", "synthetic_000001", "area"),
+    ("sa_000000.tar", "synthetic_000002", "rle"),
+    ("sa_000001.tar", "synthetic_000004", "rle"),
+    ("sa_000000.tar", "synthetic_000001", "unique"),
+    ("sa_000001.tar", "synthetic_000005", "unique"),
+    ("sa_000001.tar", "synthetic_000006", "bbox"),
+    ("sa_000002.tar", "synthetic_000007", "schema"),
+    ("sa_000002.tar", "synthetic_000008", "manifest"),
+    ("sa_000002.tar", "synthetic_000009", "image"),
+    ("sa_000003.tar", "-", "tar"),  # cut inside a member
+    ("sa_000004.tar", "-", "tar"),  # cut at a member boundary: no end-of-archive marker
+}
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validate") / "broken"
+    dataset = make_dataset(root, num_shards=5, images_per_shard=3, mutate=corrupt)
+    cut_inside = dataset.shard_path(3)
+    data = cut_inside.read_bytes()
+    cut_inside.write_bytes(data[: len(data) // 2 + 100])
+    cut_boundary = dataset.shard_path(4)
+    with tarfile.open(cut_boundary) as tar:
+        offset = tar.getmembers()[2].offset
+    cut_boundary.write_bytes(cut_boundary.read_bytes()[:offset])
+    return dataset
+
+
+def test_rle_counts_round_trip():
+    rng = np.random.default_rng(0)
+    mask = np.asfortranarray(rng.random((31, 17)) > 0.6).astype(np.uint8)
+    runs = rle_counts(mask_utils.encode(mask)["counts"].decode())
+    assert sum(runs) == mask.size
+    assert sum(runs[1::2]) == mask.sum()
+    flat = mask.flatten(order="F")
+    assert runs[0] == np.argmax(flat)  # the first run counts zeros
+
+
+@pytest.mark.parametrize("layout", ["project", "sa1b"])
+def test_clean_dataset_passes(tmp_path, capsys, layout):
+    dataset = make_dataset(tmp_path / "clean", num_shards=2, layout=layout)
+    summary = run_stage(compose("validate", dataset.root, overrides=["stage.parallel=local"]))
+    assert summary["problems"] == 0
+    assert summary["images"] == len(dataset.samples)
+    assert summary["annotations"] == sum(len(s.masks) for s in dataset.samples)
+    assert "PROBLEM" not in capsys.readouterr().out
+
+
+def test_every_problem_is_reported_with_shard_and_key(broken, tmp_path, capsys):
+    cfg = compose("validate", broken.root, tmp_path / "report", overrides=["stage.parallel=local"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(cfg)
+    assert exit_info.value.code == 1
+    printed = LINE.findall(capsys.readouterr().out)
+    found = {(shard, key, check) for shard, key, check, _ in printed}
+    assert EXPECTED <= found, EXPECTED - found
+    messages = {(key, check): message for _, key, check, message in printed}
+    true_area = int(broken.sample("synthetic_000001").masks[0].sum())
+    assert f"area {true_area + 5} but the decoded mask has {true_area}" in messages[
+        ("synthetic_000001", "area")]
+    assert "does not parse" in messages[("synthetic_000002", "rle")]
+    assert "covers 100 pixels" in messages[("synthetic_000004", "rle")]
+    assert "predicted_iou" in messages[("synthetic_000007", "schema")]
+    assert ("synthetic_000007", "manifest") not in messages  # one problem, reported once
+    assert "num_masks" in messages[("synthetic_000008", "manifest")]
+    # Nothing reported for the keys that were left intact.
+    intact = {"synthetic_000003", "synthetic_000010"}
+    assert not [p for p in printed if p[1] in intact]
+    written = pd.read_parquet(tmp_path / "report" / "validate" / "problems.parquet")
+    assert len(written) == len(printed)
+
+
+def test_command_line_exits_non_zero_on_ray(broken, tmp_path):
+    """The real entry point, with the shards checked in Ray tasks."""
+    args = [sys.executable, "-m", "pipeline.run", "+stage=validate", f"input={broken.root}",
+            "stage.parallel=ray", "stage.num_cpus=2", f"hydra.run.dir={tmp_path}/hydra"]
+    conf = config_dir()
+    if conf != CONF_DIR:
+        args.insert(3, f"--config-dir={conf}")
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    found = {(shard, key, check) for shard, key, check, _ in LINE.findall(result.stdout)}
+    assert EXPECTED <= found, EXPECTED - found
