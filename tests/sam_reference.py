@@ -2,38 +2,16 @@
 random weights, the oracle for parity tests. Test-only."""
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
-from segment_anything import modeling as ref_modeling
 
+from sam_core.bench import official_sam
 from sam_core.build import ENCODER_SIZES, _build_sam
 
 
 def reference_sam(arch: str):
     """The official classes wired with the sizes of ``arch`` (random init)."""
-    s = {"image_size": 1024, "window_size": 14, "prompt_embed_dim": 256, "decoder_mlp_dim": 2048,
-         "iou_head_hidden_dim": 256, **ENCODER_SIZES[arch]}
-    grid = s["image_size"] // 16
-    dim = s["prompt_embed_dim"]
-    sam = ref_modeling.Sam(
-        image_encoder=ref_modeling.ImageEncoderViT(
-            depth=s["encoder_depth"], embed_dim=s["encoder_embed_dim"], img_size=s["image_size"], mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=s["encoder_num_heads"], patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=s["encoder_global_attn_indexes"],
-            window_size=s["window_size"], out_chans=dim,
-        ),
-        prompt_encoder=ref_modeling.PromptEncoder(
-            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(s["image_size"],) * 2, mask_in_chans=16
-        ),
-        mask_decoder=ref_modeling.MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=ref_modeling.TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=s["decoder_mlp_dim"], num_heads=8),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=s["iou_head_hidden_dim"],
-        ),
-    )
-    return sam.eval()
+    return official_sam(arch)
 
 
 def randomise_(model: torch.nn.Module, seed: int) -> None:
