@@ -52,7 +52,7 @@ EXPECTED = {
     ("sa_000002.tar", "synthetic_000007", "schema"),
     ("sa_000002.tar", "synthetic_000008", "manifest"),
     ("sa_000002.tar", "synthetic_000009", "image"),
-    ("sa_000003.tar", "-", "tar"),  # cut inside a member
+    ("sa_000003.tar", "synthetic_000011", "tar"),  # cut inside this key's JPEG
     ("sa_000004.tar", "-", "tar"),  # cut at a member boundary: no end-of-archive marker
 }
 
@@ -62,8 +62,9 @@ def broken(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate") / "broken"
     dataset = make_dataset(root, num_shards=5, images_per_shard=3, mutate=corrupt)
     cut_inside = dataset.shard_path(3)
-    data = cut_inside.read_bytes()
-    cut_inside.write_bytes(data[: len(data) // 2 + 100])
+    with tarfile.open(cut_inside) as tar:
+        jpg = tar.getmember("synthetic_000011.jpg")
+    cut_inside.write_bytes(cut_inside.read_bytes()[: jpg.offset_data + jpg.size // 2])
     cut_boundary = dataset.shard_path(4)
     with tarfile.open(cut_boundary) as tar:
         offset = tar.getmembers()[2].offset
@@ -99,7 +100,9 @@ def test_every_problem_is_reported_with_shard_and_key(broken, tmp_path, capsys):
     printed = LINE.findall(capsys.readouterr().out)
     found = {(shard, key, check) for shard, key, check, _ in printed}
     assert EXPECTED <= found, EXPECTED - found
-    messages = {(key, check): message for _, key, check, message in printed}
+    messages: dict[tuple[str, str], str] = {}
+    for _, key, check, message in printed:
+        messages[key, check] = messages.get((key, check), "") + message + "\n"
     true_area = int(broken.sample("synthetic_000001").masks[0].sum())
     assert f"area {true_area + 5} but the decoded mask has {true_area}" in messages[
         ("synthetic_000001", "area")]
@@ -108,6 +111,8 @@ def test_every_problem_is_reported_with_shard_and_key(broken, tmp_path, capsys):
     assert "predicted_iou" in messages[("synthetic_000007", "schema")]
     assert ("synthetic_000007", "manifest") not in messages  # one problem, reported once
     assert "num_masks" in messages[("synthetic_000008", "manifest")]
+    assert "unexpected end of data" in messages[("synthetic_000011", "tar")]
+    assert "no end-of-archive marker" in "".join(m for _, k, c, m in printed if k == "-")
     # Nothing reported for the keys that were left intact.
     intact = {"synthetic_000003", "synthetic_000010"}
     assert not [p for p in printed if p[1] in intact]

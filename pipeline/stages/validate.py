@@ -16,6 +16,7 @@ import tarfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 import jsonschema
@@ -174,84 +175,110 @@ def check_annotation(ann: dict, height: int, width: int, tol: float) -> list[tup
     return problems
 
 
-def _read_members(path: str, name: str, problems: list[Problem]) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: bytes}; tar-level problems appended to ``problems``."""
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+def _iter_samples(path: str, name: str, problems: list[Problem]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Streams (key, {extension: bytes}) samples of a shard, one at a time (SA-1B
+    shards are ~10 GB); tar-level problems are appended to ``problems``."""
+    seen: set[str] = set()
+    key, files = None, {}
     with fsspec.open(path, "rb") as f:
-        data = f.read()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                # webdataset's rule: the key is the name up to the first dot of the basename
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if ext in samples[key]:
-                    problems.append(Problem(name, key, "tar", f"duplicate member {member.name}"))
-                samples[key][ext] = tar.extractfile(member).read()
-            end = tar.offset
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        problems.append(Problem(name, "", "tar", f"unreadable after {len(samples)} keys: {exc}"))
-        return samples
-    # tarfile stops quietly at a missing end-of-archive marker; a shard cut at a member
-    # boundary is only caught here.
-    tail = data[end:]
-    if len(tail) < 1024 or tail.strip(b"\0"):
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    # webdataset's rule: the key is the basename up to its first dot, and
+                    # the files of a sample are adjacent.
+                    base = member.name.rsplit("/", 1)[-1]
+                    member_key, _, ext = base.partition(".")
+                    if member_key != key:
+                        if key is not None:
+                            yield key, files
+                        if member_key in seen:
+                            problems.append(Problem(name, member_key, "tar",
+                                                    "key appears twice in the shard"))
+                        seen.add(member_key)
+                        key, files = member_key, {}
+                    if ext in files:
+                        problems.append(Problem(name, key, "tar", f"duplicate member {member.name}"))
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:  # stream mode returns short reads quietly
+                        problems.append(Problem(name, key, "tar", f"member {member.name} is cut "
+                                                f"at {len(data)} of {member.size} bytes"))
+                    files[ext] = data
+                end = tar.offset
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            problems.append(Problem(name, key or "", "tar", f"unreadable after {len(seen)} keys: {exc}"))
+            if files:
+                yield key, files
+            return
+        if key is not None:
+            yield key, files
+        # tarfile stops quietly at a missing end-of-archive marker; a shard cut at a
+        # member boundary is only caught here.
+        size = f.size if getattr(f, "size", None) is not None else f.seek(0, 2)
+        f.seek(end)
+        tail = f.read(min(size - end, 1 << 16))
+    if size - end < 1024 or tail.strip(b"\0"):
         problems.append(Problem(name, "", "tar", "no end-of-archive marker: the tar is truncated"))
-    return samples
+
+
+def check_sample(result: ShardCheck, key: str, files: dict[str, bytes],
+                 validator: jsonschema.protocols.Validator, decode_images: bool,
+                 bbox_tolerance_px: float, ann_ids: list[int], ann_record: list[int]) -> None:
+    """Checks one sample; problems, its record row and its annotation ids go to
+    ``result``, ``ann_ids`` and ``ann_record``."""
+    def report(check: str, message: str) -> None:
+        result.problems.append(Problem(result.shard, key, check, message))
+
+    if set(files) != {"jpg", "json"}:
+        report("tar", f"files {sorted(files)}; expected jpg and json")
+    if "json" not in files:
+        return
+    try:
+        record = json.loads(files["json"])
+    except ValueError as exc:
+        report("json", f"not JSON: {exc}")
+        return
+    errors = sorted(validator.iter_errors(record), key=lambda e: [str(p) for p in e.path])
+    for error in errors[:5]:
+        report("schema", f"{'/'.join(map(str, error.path)) or '<root>'}: {error.message}")
+    try:
+        image = record["image"]
+        height, width, image_id = int(image["height"]), int(image["width"]), int(image["image_id"])
+        num_masks = len(record["annotations"])
+    except (KeyError, TypeError, ValueError):
+        return
+    # Listed even when an annotation breaks the schema, so the manifest and uniqueness
+    # checks do not report a second, misleading problem for it.
+    index = len(result.records)
+    result.records.append((key, image_id, width, height, num_masks))
+    if errors:
+        return
+    if "jpg" in files:
+        try:
+            with Image.open(io.BytesIO(files["jpg"])) as im:
+                if decode_images:
+                    im.load()
+                if im.size != (width, height):
+                    report("image", f"JPEG is {im.size[0]}x{im.size[1]}, record says {width}x{height}")
+        except Exception as exc:  # PIL raises many types for corrupt files
+            report("image", f"JPEG does not decode: {exc}")
+    for ann in record["annotations"]:
+        ann_ids.append(int(ann["id"]))
+        ann_record.append(index)
+        for check, message in check_annotation(ann, height, width, bbox_tolerance_px):
+            report(check, message)
 
 
 def check_shard(path: str, decode_images: bool = True, bbox_tolerance_px: float = 1) -> ShardCheck:
     """Checks one shard on its own (cross-shard checks come later, from the result)."""
-    name = shard_name(path)
-    result = ShardCheck(shard=name)
-    samples = _read_members(path, name, result.problems)
+    result = ShardCheck(shard=shard_name(path))
     validator = jsonschema.Draft202012Validator(SA1B_JSON_SCHEMA)
     ann_ids: list[int] = []
     ann_record: list[int] = []
-    for key, files in samples.items():
-        def report(check: str, message: str, key: str = key) -> None:
-            result.problems.append(Problem(name, key, check, message))
-
-        if set(files) != {"jpg", "json"}:
-            report("tar", f"files {sorted(files)}; expected jpg and json")
-        if "json" not in files:
-            continue
-        try:
-            record = json.loads(files["json"])
-        except ValueError as exc:
-            report("json", f"not JSON: {exc}")
-            continue
-        errors = sorted(validator.iter_errors(record), key=lambda e: [str(p) for p in e.path])
-        for error in errors[:5]:
-            report("schema", f"{'/'.join(map(str, error.path)) or '<root>'}: {error.message}")
-        try:
-            image = record["image"]
-            height, width, image_id = int(image["height"]), int(image["width"]), int(image["image_id"])
-            num_masks = len(record["annotations"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        # Listed even when an annotation breaks the schema, so the manifest and
-        # uniqueness checks do not report a second, misleading problem for it.
-        index = len(result.records)
-        result.records.append((key, image_id, width, height, num_masks))
-        if errors:
-            continue
-        if "jpg" in files:
-            try:
-                with Image.open(io.BytesIO(files["jpg"])) as im:
-                    if decode_images:
-                        im.load()
-                    if im.size != (width, height):
-                        report("image", f"JPEG is {im.size[0]}x{im.size[1]}, record says {width}x{height}")
-            except Exception as exc:  # PIL raises many types for corrupt files
-                report("image", f"JPEG does not decode: {exc}")
-        for ann in record["annotations"]:
-            ann_ids.append(int(ann["id"]))
-            ann_record.append(index)
-            for check, message in check_annotation(ann, height, width, bbox_tolerance_px):
-                report(check, message)
+    for key, files in _iter_samples(path, result.shard, result.problems):
+        check_sample(result, key, files, validator, decode_images, bbox_tolerance_px,
+                     ann_ids, ann_record)
     result.ann_ids = np.asarray(ann_ids, dtype=np.int64)
     result.ann_record = np.asarray(ann_record, dtype=np.int64)
     return result
