@@ -38,10 +38,12 @@ def dataset_meta(dataset: str) -> dict[str, Any]:
 
     Returns {"config": the resolved generating config as a plain dict or None,
     "model_sha256": sorted distinct checkpoint hashes from the manifest,
-    "code_version": str or None, "sources": number of distinct sources or None}.
+    "code_version": str or None, "sources": number of distinct sources or None,
+    "layout": "project" (shards/, manifest/) or "sa1b" (sa_*.tar in the root)}.
     """
     meta: dict[str, Any] = {"config": None, "model_sha256": [], "code_version": None, "sources": None}
     fs, root = fsspec.core.url_to_fs(dataset)
+    meta["layout"] = "project" if fs.exists(f"{root}/shards") else "sa1b"
     if fs.exists(f"{root}/config.yaml"):
         with fs.open(f"{root}/config.yaml", "r") as f:
             # Not resolved: interpolations such as ${hydra:...} cannot resolve here.
@@ -68,7 +70,7 @@ def _section_yaml(config: dict | None, name: str) -> str:
     return "```yaml\n" + yaml.safe_dump({name: config[name]}, sort_keys=False).strip() + "\n```"
 
 
-STRUCTURE = """\
+LAYOUT_PROJECT = """\
 ```
 shards/sa_%06d.tar        <key>.jpg + <key>.json per image (WebDataset layout)
 manifest/part_%06d.parquet one row per image: key, image_id, shard, source, width,
@@ -76,8 +78,15 @@ manifest/part_%06d.parquet one row per image: key, image_id, shard, source, widt
 errors/part_%06d.parquet  inputs that failed: key, source, stage, reason
 config.yaml               the resolved configuration of the generating run
 stats/                    masks.parquet, images.parquet, report.html
-```
+```"""
 
+LAYOUT_SA1B = """\
+```
+sa_%06d.tar               <key>.jpg + <key>.json per image (SA-1B / WebDataset layout)
+stats/                    masks.parquet, images.parquet, report.html
+```"""
+
+SCHEMA = """\
 Each `<key>.json` follows the SA-1B schema:
 
 ```
@@ -128,7 +137,9 @@ data engine). {summary['images']:,} images, {summary['masks']:,} masks.
 
 ## Dataset Structure
 
-{STRUCTURE}
+{LAYOUT_PROJECT if meta.get("layout") == "project" else LAYOUT_SA1B}
+
+{SCHEMA}
 
 ## Dataset Creation
 

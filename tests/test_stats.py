@@ -173,6 +173,7 @@ def test_sa1b_tars_without_manifest(tmp_path, capsys):
     assert "masks/s per core" in capsys.readouterr().out
     card = (tmp_path / "out" / "README.md").read_text()
     assert "not recorded" in card
+    assert "manifest/part" not in card and "sa_%06d.tar" in card
     # The stats went to output=, not into the (possibly read-only) download.
     assert (tmp_path / "out" / "stats" / "masks.parquet").exists()
     assert not (root / "stats").exists()

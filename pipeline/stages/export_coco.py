@@ -3,7 +3,7 @@
 One category ("object", id 1), ``iscrowd`` 0, segmentations kept as compressed RLE
 (what pycocotools' COCO and COCOeval read), bbox and area recomputed from the RLE in
 COCO's convention. The JSON is streamed: images and annotations are serialised per
-shard and written in shard order, so the export never holds the dataset in memory.
+shard into part files and concatenated in shard order, so the export never holds the dataset in memory.
 Ids are the dataset's own; run +stage=validate first to be sure they are unique.
 """
 from __future__ import annotations
@@ -30,11 +30,11 @@ CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 @dataclass
 class ShardCoco:
-    """One shard as COCO: ``images`` and ``annotations`` are JSON texts of the array
-    elements, comma-separated without brackets, ready to be concatenated."""
+    """One converted shard: two part files holding the JSON texts of its image and
+    annotation entries, comma-separated without brackets, ready to be concatenated."""
 
-    images: str
-    annotations: str
+    images_path: str
+    annotations_path: str
     num_images: int
     num_annotations: int
 
@@ -63,11 +63,15 @@ def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
     return entry, anns
 
 
-def shard_coco(path: str, images_dir: str | None = None) -> ShardCoco:
-    """Converts one shard; with ``images_dir`` also writes its JPEGs there."""
-    images, annotations = [], []
-    n_ann = 0
-    with fsspec.open(path, "rb") as stream:
+def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> ShardCoco:
+    """Converts one shard into part files under ``parts_dir`` (a shard's annotations
+    run to gigabytes: they go to disk, not through Ray's object store); with
+    ``images_dir`` also writes its JPEGs there."""
+    stem = Path(parts_dir) / Path(path).name
+    images_path, annotations_path = f"{stem}.images", f"{stem}.annotations"
+    n_images = n_annotations = 0
+    with fsspec.open(path, "rb") as stream, open(images_path, "w") as images, \
+            open(annotations_path, "w") as annotations:
         for item in tar_file_iterator(stream):
             key, _, ext = item["fname"].rsplit("/", 1)[-1].partition(".")
             if ext == "jpg" and images_dir:
@@ -75,10 +79,18 @@ def shard_coco(path: str, images_dir: str | None = None) -> ShardCoco:
             if ext != "json":
                 continue
             entry, anns = coco_entries(json.loads(item["data"]), key)
-            images.append(json.dumps(entry))
-            annotations.extend(json.dumps(a) for a in anns)
-            n_ann += len(anns)
-    return ShardCoco(",\n".join(images), ",\n".join(annotations), len(images), n_ann)
+            images.write((",\n" if n_images else "") + json.dumps(entry))
+            for ann in anns:
+                annotations.write((",\n" if n_annotations else "") + json.dumps(ann))
+                n_annotations += 1
+            n_images += 1
+    return ShardCoco(images_path, annotations_path, n_images, n_annotations)
+
+
+def _append(out, part_path: str) -> None:
+    with open(part_path) as part:
+        shutil.copyfileobj(part, out)
+    Path(part_path).unlink()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -95,26 +107,34 @@ def run(cfg: DictConfig) -> dict:
         images_dir = path.parent / "images"
         images_dir.mkdir(exist_ok=True)
     n_images = n_annotations = 0
-    # Images and annotations are two arrays of one object: annotations go to a side file
-    # while images stream into the output, then are appended after it.
-    with tempfile.TemporaryFile("w+", dir=path.parent) as side, open(path.with_suffix(".part"), "w") as out:
-        out.write('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
-                  % json.dumps(Path(dataset).name)[1:-1])
-        out.write('"licenses": [],\n"categories": [%s],\n"images": [\n' % json.dumps(CATEGORY))
-        for part in map_shards(shard_coco, shards, parallel=stage.parallel,
-                               min_shards_for_ray=stage.min_shards_for_ray,
-                               num_cpus=stage.num_cpus, desc="export_coco",
-                               images_dir=str(images_dir) if images_dir else None):
-            if part.num_images:
-                out.write((",\n" if n_images else "") + part.images)
-            if part.num_annotations:
-                side.write((",\n" if n_annotations else "") + part.annotations)
-            n_images += part.num_images
-            n_annotations += part.num_annotations
-        out.write('\n],\n"annotations": [\n')
-        side.seek(0)
-        shutil.copyfileobj(side, out)
-        out.write("\n]}\n")
+    parts_dir = Path(tempfile.mkdtemp(prefix=".parts-", dir=path.parent))
+    # Images and annotations are two arrays of one object: annotation parts wait on disk
+    # while image parts stream into the output, then follow them.
+    annotation_parts: list[str] = []
+    try:
+        with open(path.with_suffix(".part"), "w") as out:
+            out.write('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
+                      % json.dumps(Path(dataset).name)[1:-1])
+            out.write('"licenses": [],\n"categories": [%s],\n"images": [\n' % json.dumps(CATEGORY))
+            for part in map_shards(shard_coco, shards, parallel=stage.parallel,
+                                   min_shards_for_ray=stage.min_shards_for_ray,
+                                   num_cpus=stage.num_cpus, desc="export_coco",
+                                   parts_dir=str(parts_dir),
+                                   images_dir=str(images_dir) if images_dir else None):
+                if part.num_images:
+                    out.write(",\n" if n_images else "")
+                    _append(out, part.images_path)
+                if part.num_annotations:
+                    annotation_parts.append(part.annotations_path)
+                n_images += part.num_images
+                n_annotations += part.num_annotations
+            out.write('\n],\n"annotations": [\n')
+            for i, annotations_path in enumerate(annotation_parts):
+                out.write(",\n" if i else "")
+                _append(out, annotations_path)
+            out.write("\n]}\n")
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
     # Renamed only when complete, so a reader never sees a truncated JSON.
     path.with_suffix(".part").replace(path)
     print(f"export_coco: {n_images} images, {n_annotations} annotations -> {path}")
