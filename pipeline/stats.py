@@ -23,7 +23,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import cv2
 import fsspec
@@ -312,7 +312,7 @@ def map_shards(
     *,
     parallel: str = "auto",
     min_shards_for_ray: int = 4,
-    num_cpus: int | None = None,
+    cluster: Any = None,
     desc: str = "shards",
     **kwargs: Any,
 ) -> Iterator[T]:
@@ -321,7 +321,8 @@ def map_shards(
     ``parallel``: "local" runs in this process; "ray" runs one Ray task per shard (a
     bounded window of tasks in flight, so results stream to the writer instead of
     piling up in the object store); "auto" picks Ray from ``min_shards_for_ray`` shards,
-    below which starting Ray costs more than it saves.
+    below which starting Ray costs more than it saves. ``cluster`` is ``cfg.cluster``
+    (address, num_cpus, runtime_env), used when Ray is not already connected.
     """
     if parallel not in ("auto", "local", "ray"):
         raise ValueError(f"parallel must be auto, local or ray, not {parallel!r}")
@@ -330,27 +331,22 @@ def map_shards(
         for shard in tqdm(shards, desc=desc, unit="shard"):
             yield fn(shard, **kwargs)
         return
-    yield from _map_shards_ray(fn, shards, num_cpus=num_cpus, desc=desc, **kwargs)
+    yield from _map_shards_ray(fn, shards, cluster=cluster, desc=desc, **kwargs)
 
 
-def _map_shards_ray(fn: Callable[..., T], shards: list[str], *, num_cpus: int | None,
-                    desc: str, **kwargs: Any) -> Iterator[T]:
+def _map_shards_ray(fn: Callable[..., T], shards: list[str], *, cluster: Any, desc: str,
+                    **kwargs: Any) -> Iterator[T]:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        # Workers import this package by name; a local cluster does not put the
-        # repository on their path unless told.
-        project_root = str(Path(__file__).resolve().parent.parent)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": project_root}})
+    from pipeline.cluster import connect
+
+    started_here = connect(cluster if cluster is not None else {})
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(fn)
         window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         pending: deque = deque()
-        todo: Iterable[str] = iter(shards)
         with tqdm(total=len(shards), desc=f"{desc} (ray)", unit="shard") as bar:
-            for shard in todo:
+            for shard in shards:
                 pending.append(task.remote(shard, **kwargs))
                 if len(pending) >= window:
                     yield ray.get(pending.popleft())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -192,26 +191,16 @@ def make_dataset(
     return dataset
 
 
-def config_dir() -> Path:
-    """conf/, or until conf/config.yaml exists (another engineer writes it) a temporary
-    directory with a minimal config.yaml next to copies of this repository's stage configs."""
-    if (CONF_DIR / "config.yaml").exists():
-        return CONF_DIR
-    conf_dir = Path(tempfile.mkdtemp(prefix="conf_"))
-    (conf_dir / "stage").mkdir()
-    for f in (CONF_DIR / "stage").glob("*.yaml"):
-        (conf_dir / "stage" / f.name).write_text(f.read_text())
-    (conf_dir / "config.yaml").write_text("input: null\noutput: null\n")
-    return conf_dir
-
-
 def compose(stage: str, input: Path | str, output: Path | str | None = None,
             overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``python -m pipeline.run +stage=<stage> input=... output=...`` sees."""
+    """The config ``python -m pipeline.run +stage=<stage> input=... output=...`` sees;
+    ``output`` None composes ``output=null`` (the stage's default output)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import pipeline.run  # noqa: F401  registers the ${project_root:} resolver
+
     args = [f"+stage={stage}", f"input={input}",
             f"output={output}" if output is not None else "output=null", *overrides]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=args)

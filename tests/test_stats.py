@@ -20,12 +20,11 @@ from pipeline.stats import SIZE_BIN_EDGES, concavity, list_shards, shard_stats
 
 
 @pytest.fixture(scope="module")
-def stats_run(tmp_path_factory):
+def stats_run(tmp_path_factory, ray_local):
     """A 2-shard dataset and the stats stage run on real Ray (forced: auto would stay local)."""
     root = tmp_path_factory.mktemp("stats") / "dataset"
     dataset = make_dataset(root, num_shards=2, images_per_shard=3)
-    cfg = compose("stats", root, overrides=["stage.parallel=ray", "stage.num_cpus=2",
-                                            "stage.concavity_per_bin=2"])
+    cfg = compose("stats", root, overrides=["stage.parallel=ray", "stage.concavity_per_bin=2"])
     summary = run_stage(cfg)
     return dataset, summary
 

@@ -14,7 +14,7 @@ import pytest
 from pipeline.run import run_stage
 from pipeline.stages.validate import rle_counts
 
-from .dataset_factory import CONF_DIR, REPO, compose, config_dir, make_dataset
+from .dataset_factory import REPO, compose, make_dataset
 
 LINE = re.compile(r"^PROBLEM shard=(\S+) key=(\S+) \[(\w+)\] (.*)$", re.M)
 
@@ -123,10 +123,7 @@ def test_every_problem_is_reported_with_shard_and_key(broken, tmp_path, capsys):
 def test_command_line_exits_non_zero_on_ray(broken, tmp_path):
     """The real entry point, with the shards checked in Ray tasks."""
     args = [sys.executable, "-m", "pipeline.run", "+stage=validate", f"input={broken.root}",
-            "stage.parallel=ray", "stage.num_cpus=2", f"hydra.run.dir={tmp_path}/hydra"]
-    conf = config_dir()
-    if conf != CONF_DIR:
-        args.insert(3, f"--config-dir={conf}")
+            "stage.parallel=ray", "cluster.num_cpus=2", f"hydra.run.dir={tmp_path}/hydra"]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     found = {(shard, key, check) for shard, key, check, _ in LINE.findall(result.stdout)}

@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
             out.write('"licenses": [],\n"categories": [%s],\n"images": [\n' % json.dumps(CATEGORY))
             for part in map_shards(shard_coco, shards, parallel=stage.parallel,
                                    min_shards_for_ray=stage.min_shards_for_ray,
-                                   num_cpus=stage.num_cpus, desc="export_coco",
+                                   cluster=cfg.get("cluster"), desc="export_coco",
                                    parts_dir=str(parts_dir),
                                    images_dir=str(images_dir) if images_dir else None):
                 if part.num_images:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import card, report
 from pipeline.stats import (IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, list_shards, map_shards,
@@ -20,13 +20,28 @@ from pipeline.stats import (IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, list_shards
 log = logging.getLogger(__name__)
 
 
+def output_given(cfg: DictConfig) -> bool:
+    """Whether the user chose ``output=``: on the command line, or by composing a config
+    with a non-null output. Hydra's default (its run directory) does not count."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:  # composed, not launched: the config is what the caller chose
+        return OmegaConf.select(cfg, "output", throw_on_resolution_failure=False) is not None
+    return any(o.split("=", 1)[0].lstrip("+~") == "output" and not o.endswith("=null")
+               for o in overrides)
+
+
 def dataset_paths(cfg: DictConfig) -> tuple[str, Path]:
-    """(input dataset, output directory) of a stage; output defaults to the input."""
+    """(input dataset, output directory) of a stage that writes beside the dataset: the
+    output is ``output=`` when given, else the dataset directory itself."""
     if not cfg.get("input"):
         raise ValueError("input= must name a dataset directory (or an SA-1B tar)")
     dataset = str(cfg.input)
-    output = cfg.get("output") or (str(Path(dataset).parent) if dataset.endswith(".tar") else dataset)
-    return dataset, Path(output)
+    if output_given(cfg):
+        return dataset, Path(cfg.output)
+    return dataset, Path(str(Path(dataset).parent) if dataset.endswith(".tar") else dataset)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -47,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
             pq.ParquetWriter(stats_dir / "shards.parquet", SHARD_SCHEMA) as shards_out:
         for result in map_shards(shard_stats, shards, parallel=stage.parallel,
                                  min_shards_for_ray=stage.min_shards_for_ray,
-                                 num_cpus=stage.num_cpus, desc="stats",
+                                 cluster=cfg.get("cluster"), desc="stats",
                                  concavity_per_bin=stage.concavity_per_bin, seed=stage.seed):
             masks_out.write_table(result.masks)
             images_out.write_table(result.images)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pipeline.stages.stats import dataset_paths
@@ -373,7 +373,7 @@ def run(cfg: DictConfig) -> dict:
     if not shards:
         raise FileNotFoundError(f"no shards under {dataset} (looked for shards/*.tar and *.tar)")
     checks = list(map_shards(check_shard, shards, parallel=stage.parallel,
-                             min_shards_for_ray=stage.min_shards_for_ray, num_cpus=stage.num_cpus,
+                             min_shards_for_ray=stage.min_shards_for_ray, cluster=cfg.get("cluster"),
                              desc="validate", decode_images=stage.decode_images,
                              bbox_tolerance_px=stage.bbox_tolerance_px))
     problems = [p for c in checks for p in c.problems]
@@ -387,8 +387,10 @@ def run(cfg: DictConfig) -> dict:
     summary = {"shards": len(shards), "images": sum(len(c.records) for c in checks),
                "annotations": int(sum(len(c.ann_ids) for c in checks)),
                "problems": len(problems), "by_check": dict(by_check)}
-    if cfg.get("output"):
-        out = Path(cfg.output) / "validate"
+    # Hydra's run directory by default, next to the log; output=null writes nothing.
+    output = OmegaConf.select(cfg, "output", throw_on_resolution_failure=False)
+    if output:
+        out = Path(output) / "validate"
         out.mkdir(parents=True, exist_ok=True)
         schema = pa.schema([(n, pa.string()) for n in ("shard", "key", "check", "message")])
         pq.write_table(pa.Table.from_pylist([asdict(p) for p in problems], schema=schema),
