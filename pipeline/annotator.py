@@ -22,6 +22,23 @@ from pipeline.images import ImageError, PreparedImage, prepare_image
 from pipeline.sources import Item, Unit, read_item
 
 Failure = tuple[str, str]  # (stage, reason) as written to the errors table
+# In careful tries, the key about to be processed is written here first: a worker's last
+# progress messages die with it, this file does not, so the driver can blame the image.
+INFLIGHT_DIR = ".inflight"
+
+
+def inflight_url(output: str, unit_index: int) -> str:
+    """Where a careful try of unit ``unit_index`` notes the key it is processing."""
+    return storage.join(output, INFLIGHT_DIR, f"unit_{unit_index:06d}.txt")
+
+
+def inflight_key(output: str, unit_index: int) -> str | None:
+    """The key a careful try of the unit was processing when it stopped, if any."""
+    fs, path = storage.filesystem(inflight_url(output, unit_index))
+    try:
+        return fs.cat_file(path).decode("utf-8") or None
+    except FileNotFoundError:
+        return None
 
 
 class Annotator:
@@ -66,8 +83,8 @@ class Annotator:
 
         Per image: ``{"key": str, "masks": int, "ok": bool}``. Last: ``{"unit": index,
         "images": n, "masks": m, "errors": e, "seconds": busy time}``.
-        ``careful`` decodes one image at a time so that a crash can be blamed on exactly
-        the next image; ``poisoned`` maps keys to skip to the reason recorded for them.
+        ``careful`` decodes one image at a time and notes each key before touching it
+        (see ``inflight_key``) so that a crash can be blamed on exactly one image; ``poisoned`` maps keys to skip to the reason recorded for them.
         """
         start = time.perf_counter()
         poisoned = poisoned or {}
@@ -77,7 +94,8 @@ class Annotator:
         errors: list[dict[str, Any]] = []
         with shards.ShardWriter(shard_url) as writer, ThreadPoolExecutor(1) as write_pool:
             pending_writes: deque[Future] = deque()
-            loaded = self._loaded(unit.items, 0 if careful else self.prefetch, poisoned)
+            note = (lambda key: self._note(unit.index, key)) if careful else None
+            loaded = self._loaded(unit.items, 0 if careful else self.prefetch, poisoned, note)
             for item, prepared, failure in loaded:
                 masks = None
                 if failure is None:
@@ -103,6 +121,8 @@ class Annotator:
         # unit done. A crash in between only leaves files that the rerun rewrites.
         manifest.write_part(self.output, manifest.ERRORS_DIR, unit.index, errors)
         manifest.write_part(self.output, manifest.MANIFEST_DIR, unit.index, rows)
+        if careful:
+            self._note(unit.index, "")
         yield {
             "unit": unit.index,
             "images": len(rows),
@@ -112,11 +132,17 @@ class Annotator:
         }
 
     def _loaded(
-        self, items: tuple[Item, ...], window: int, poisoned: dict[str, str]
+        self, items: tuple[Item, ...], window: int, poisoned: dict[str, str], note=None
     ) -> Iterator[tuple[Item, PreparedImage | None, Failure | None]]:
-        """Yields ``(item, image, failure)`` in input order, decoding ``window`` ahead."""
+        """Yields ``(item, image, failure)`` in input order, decoding ``window`` ahead.
+
+        With ``window`` 0 everything happens in this thread, one image at a time, and
+        ``note(key)`` is called before each image is read.
+        """
         if window == 0:
             for item in items:
+                if note:
+                    note(item.key)
                 yield (item, *self._load(item, poisoned))
             return
         with ThreadPoolExecutor(window) as pool:
@@ -168,6 +194,11 @@ class Annotator:
             "model_sha256": self.model_sha256,
             "status": status,
         }
+
+    def _note(self, unit_index: int, key: str) -> None:
+        fs, path = storage.filesystem(inflight_url(self.output, unit_index))
+        with storage.atomic_open(fs, path) as f:
+            f.write(key.encode("utf-8"))
 
     def _maybe_kill(self, item: Item) -> None:
         if any(fnmatch.fnmatch(item.source, pattern) for pattern in self.kill_on):

@@ -64,8 +64,9 @@ class Outcome:
 class UnitScheduler:
     """Runs units on ``actors`` actors made by ``spawn()``.
 
-    on_progress(images, masks, ok) is called for every image yielded (with negative
-    counts when a failed try's progress is taken back).
+    on_progress(images, masks, failed) is called for every image yielded (with negative
+    counts when a failed try's progress is taken back). suspect(unit) names the key a
+    careful try of ``unit`` was processing when its worker died (None if unknown).
     """
 
     def __init__(
@@ -76,7 +77,9 @@ class UnitScheduler:
         max_unit_retries: int = 4,
         max_image_crashes: int = 2,
         on_progress: Callable[[int, int, int], None] = lambda images, masks, failed: None,
+        suspect: Callable[[Unit], str | None] = lambda unit: None,
     ) -> None:
+        self.suspect = suspect
         self.spawn = spawn
         self.slots = [spawn() for _ in range(actors)]
         self.in_flight = units_in_flight_per_actor
@@ -153,8 +156,9 @@ class UnitScheduler:
                 queue.appendleft(attempt)  # never started on that actor: not its fault
                 continue
             self._take_back(attempt)
-            if attempt.careful and attempt.images < len(attempt.unit.items):
-                self._blame(attempt.unit.items[attempt.images])
+            key = self.suspect(attempt.unit) if attempt.careful else None
+            if key:
+                self._blame(key, attempt.unit)
             log.warning(
                 "worker %d died during unit %d (try %d); replacing it", slot, attempt.unit.index, attempt.number + 1
             )
@@ -163,16 +167,17 @@ class UnitScheduler:
         self.slots[slot] = self.spawn()
         self.outcome.actors[slot].restarts += 1
 
-    def _blame(self, item) -> None:
-        self.crashes[item.key] += 1
-        if self.crashes[item.key] >= self.max_image_crashes:
+    def _blame(self, key: str, unit: Unit) -> None:
+        self.crashes[key] += 1
+        if self.crashes[key] >= self.max_image_crashes:
             reason = (
-                f"the worker process died {self.crashes[item.key]} times while decoding or "
+                f"the worker process died {self.crashes[key]} times while reading, decoding or "
                 "annotating this image; isolated so the run could go on (check the file, "
                 "and the worker logs in /tmp/ray/session_latest/logs)"
             )
-            self.outcome.poisoned[item.key] = reason
-            log.error("isolating %s: %s", item.source, reason)
+            self.outcome.poisoned[key] = reason
+            source = next(i.source for i in unit.items if i.key == key)
+            log.error("isolating %s: %s", source, reason)
 
     def _retry(self, attempt: Attempt, queue: deque[Attempt], careful: bool, reason: str) -> None:
         if attempt.number >= self.max_unit_retries:

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline import storage
 from pipeline.storage import filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
@@ -139,7 +140,7 @@ def _names(
             raise InputError(f"glob {url!r} matches no image or .tar file")
         root = _glob_root(path)
         for p in matches:
-            yield posixpath.relpath(p, root), fs.unstrip_protocol(p)
+            yield posixpath.relpath(p, root), storage.url(fs, p)
         return
     if not fs.exists(path):
         raise InputError(f"input {url!r} does not exist")
@@ -147,7 +148,7 @@ def _names(
         skip = None if exclude is None else filesystem(exclude)[1].rstrip("/") + "/"
         for p in sorted(fs.find(path)):
             if _wanted(p) and not (skip and p.startswith(skip)):
-                yield posixpath.relpath(p, path), fs.unstrip_protocol(p)
+                yield posixpath.relpath(p, path), storage.url(fs, p)
         return
     lower = path.lower()
     if lower.endswith(LIST_EXTENSIONS + PARQUET_EXTENSIONS):
@@ -157,7 +158,7 @@ def _names(
             yield listed, _resolve(fs, base, listed)
         return
     if lower.endswith(IMAGE_EXTENSIONS + TAR_EXTENSIONS):
-        yield posixpath.basename(path), fs.unstrip_protocol(path)
+        yield posixpath.basename(path), storage.url(fs, path)
         return
     raise InputError(
         f"cannot tell what {url!r} is: expected a directory, a glob, a list "
@@ -185,8 +186,8 @@ def _resolve(fs: AbstractFileSystem, base: str, listed: str) -> str:
     if "://" in listed:
         return listed
     if posixpath.isabs(listed):
-        return fs.unstrip_protocol(listed)
-    return fs.unstrip_protocol(posixpath.join(base, listed))
+        return storage.url(fs, listed)
+    return storage.url(fs, posixpath.join(base, listed))
 
 
 def _tar_members(fs: AbstractFileSystem, url: str) -> list[tarfile.TarInfo]:

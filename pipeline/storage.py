@@ -24,6 +24,11 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def url(fs: AbstractFileSystem, path: str) -> str:
+    """The URL to hand to another process for ``path``: plain paths stay plain."""
+    return path if "file" in fs.protocol else fs.unstrip_protocol(path)
+
+
 def join(root: str, *parts: str) -> str:
     # fsspec paths are always '/'-separated, whatever the operating system.
     return posixpath.join(root, *parts)

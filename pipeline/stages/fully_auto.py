@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline import cluster, manifest, shards, storage
-from pipeline.annotator import Annotator
+from pipeline.annotator import INFLIGHT_DIR, Annotator, inflight_key
 from pipeline.model import model_identity
 from pipeline.scheduler import Outcome, UnitScheduler
 from pipeline.sources import Unit, enumerate_input, split_units
@@ -58,6 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finally:
             if started:
                 ray.shutdown()
+        _remove_leftovers(output)
 
     summary = _summary(units, len(units) - len(todo), outcome, time.perf_counter() - start, output)
     fs, root = storage.filesystem(output)
@@ -76,11 +77,23 @@ def _prepare_output(output: str, cfg: DictConfig) -> None:
     fs, root = storage.filesystem(output)
     for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
         fs.makedirs(storage.join(root, directory), exist_ok=True)
-        removed = storage.remove_temps(fs, storage.join(root, directory))
-        if removed:
-            log.info("removed %d unfinished file(s) left in %s by an interrupted run", removed, directory)
+    _remove_leftovers(output)
     with storage.atomic_open(fs, storage.join(root, CONFIG_FILE)) as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
+
+
+def _remove_leftovers(output: str) -> None:
+    """Deletes what killed workers left: temporary files and careful tries' notes.
+
+    Called only while no worker of this output runs: before any starts, after all stop.
+    """
+    fs, root = storage.filesystem(output)
+    if fs.exists(storage.join(root, INFLIGHT_DIR)):
+        fs.rm(storage.join(root, INFLIGHT_DIR), recursive=True)
+    for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
+        removed = storage.remove_temps(fs, storage.join(root, directory))
+        if removed:
+            log.info("removed %d unfinished file(s) in %s/ left by killed workers", removed, directory)
 
 
 def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
@@ -118,6 +131,7 @@ def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
         max_unit_retries=stage.max_unit_retries,
         max_image_crashes=stage.max_image_crashes,
         on_progress=on_progress,
+        suspect=lambda unit: inflight_key(str(cfg.output), unit.index),
     )
     scheduler.wait_ready()
     # Created once the models are loaded, so images/s measures annotation only.

@@ -1,0 +1,219 @@
+"""The fully_auto stage end to end: real Ray actors, the random-weights vit_tiny, real
+tars read back with webdataset and pycocotools, a bad-file corpus, a poison input that
+kills its worker, and SIGKILLs of a worker and of the driver followed by a rerun."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pycocotools.mask as mask_utils
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pipeline import manifest
+from pipeline.run import run_stage
+from pipeline.shards import read_shard
+from pipeline.sources import InputError, enumerate_input
+from tests.conftest import REPO, bad_corpus, encode, good_corpus, scene
+
+# Small and fast: random weights keep next to no mask at the default thresholds.
+FAST = ["amg.points_per_side=4", "amg.pred_iou_thresh=0", "amg.stability_score_thresh=0"]
+
+
+def overrides(inp, out, checkpoint, *extra: str) -> list[str]:
+    return ["+stage=fully_auto", f"input={inp}", f"output={out}", f"model.checkpoint={checkpoint}", *FAST, *extra]
+
+
+def check_dataset(out: Path, inp: str) -> dict[str, dict]:
+    """Checks the invariants of a finished dataset; returns its JSON records by key.
+
+    Every enumerated image is in the manifest exactly once; every "ok" row has exactly
+    one sample in the shard it names, and no shard holds anything else; every shard is
+    a complete tar; every mask decodes to its image's size; ids are unique.
+    """
+    keys = [i.key for i in enumerate_input(inp, exclude=str(out))]
+    table = manifest.read_table(str(out)).to_pylist()
+    assert Counter(r["key"] for r in table) == Counter(keys), "manifest must list every input once"
+    ok_rows = {r["key"]: r for r in table if r["status"] == manifest.STATUS_OK}
+    records: dict[str, dict] = {}
+    for shard in sorted((out / "shards").iterdir()):
+        assert not shard.name.startswith("."), f"left-over temporary file {shard}"
+        with tarfile.open(shard) as tar:  # raises on a truncated tar
+            tar.getmembers()
+        for sample in read_shard(str(shard)):
+            key = sample["__key__"]
+            assert key not in records, f"{key} is in two shards"
+            assert ok_rows[key]["shard"] == shard.name
+            record = sample["json"]
+            width, height = record["image"]["width"], record["image"]["height"]
+            assert Image.open(io.BytesIO(sample["jpg"])).size == (width, height)
+            assert (ok_rows[key]["width"], ok_rows[key]["height"]) == (width, height)
+            assert len(record["annotations"]) == ok_rows[key]["num_masks"]
+            for ann in record["annotations"]:
+                assert mask_utils.decode(ann["segmentation"]).shape == (height, width)
+            records[key] = record
+    assert set(records) == set(ok_rows), "shards and manifest must agree"
+    image_ids = [r["image"]["image_id"] for r in records.values()]
+    ann_ids = [a["id"] for r in records.values() for a in r["annotations"]]
+    assert len(set(image_ids)) == len(image_ids) and len(set(ann_ids)) == len(ann_ids)
+    return records
+
+
+def test_default_config_runs_the_samples_with_the_default_model(compose_config, tmp_path):
+    cfg = compose_config("+stage=fully_auto", f"output={tmp_path / 'out'}")
+    assert cfg.input == str(REPO / "sample" / "images")
+    assert cfg.model.arch == "vit_tiny"
+    assert cfg.model.checkpoint == str(REPO / "models" / "sam_vit_tiny_synthetic.pth")
+    assert len(enumerate_input(cfg.input)) >= 5
+    missing = compose_config("+stage=fully_auto", f"output={tmp_path / 'out'}", f"model.checkpoint={tmp_path / 'no.pth'}")
+    with pytest.raises(FileNotFoundError, match="model.checkpoint="):
+        run_stage(missing)
+    assert not (tmp_path / "out").exists(), "nothing may be written before the checks pass"
+
+
+def test_nonexistent_input_fails_before_any_work(compose_config, tmp_path, tiny_checkpoint):
+    cfg = compose_config(*overrides(tmp_path / "nope", tmp_path / "out", tiny_checkpoint))
+    with pytest.raises(InputError, match="does not exist"):
+        run_stage(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_folder, tmp_path, tiny_checkpoint, ray_local):
+    inp = image_folder(with_bad=True)
+    out = tmp_path / "out"
+    cfg = compose_config(*overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=5", "stage.image.short_side=96"))
+    summary = run_stage(cfg)
+
+    records = check_dataset(out, str(inp))
+    good = len(good_corpus()) + 1
+    assert summary["images_ok"] == len(records) == good
+    assert summary["images_failed"] == len(bad_corpus()) + 1  # + the broken link
+    assert summary["units"] == summary["units_committed"] == 4
+    assert summary["masks"] == sum(len(r["annotations"]) for r in records.values()) > 0
+
+    rows = {r["source"].rsplit("/", 1)[-1]: r for r in manifest.read_table(str(out)).to_pylist() if "/a/" in r["source"]}
+    by_key = {r["key"]: r for r in rows.values()}
+    # Original JPEG bytes are kept; the large image is resized and its masks follow.
+    plain = next(s for shard in sorted((out / "shards").iterdir()) for s in read_shard(str(shard)) if s["__key__"] == rows["plain.jpg"]["key"])
+    assert plain["jpg"] == good_corpus()["plain.jpg"]
+    assert (rows["large.jpg"]["width"], rows["large.jpg"]["height"]) == (128, 96)
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (48, 64)
+    assert all(by_key[k]["image_id"] == records[k]["image"]["image_id"] for k in by_key)
+
+    errors = {r["source"].rsplit("/", 1)[-1]: r for r in manifest.read_table(str(out), manifest.ERRORS_DIR).to_pylist()}
+    for name, (_, reason) in bad_corpus().items():
+        assert reason in errors[name]["reason"], (name, errors[name])
+    assert "not found" in errors["gone.jpg"]["reason"]
+    assert set(errors) == set(bad_corpus()) | {"gone.jpg"}
+
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.model.checkpoint == str(tiny_checkpoint) and saved.amg.points_per_side == 4
+
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()}
+    again = run_stage(cfg)
+    assert again["units_skipped"] == 4 and again["units_committed"] == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()} == before
+
+
+def test_list_naming_missing_files(compose_config, tmp_path, tiny_checkpoint, ray_local):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "one.jpg").write_bytes(good_corpus()["plain.jpg"])
+    listing = tmp_path / "list.txt"
+    listing.write_text("photos/one.jpg\nphotos/two.jpg\nphotos\n")
+    out = tmp_path / "out"
+    summary = run_stage(compose_config(*overrides(listing, out, tiny_checkpoint)))
+    assert summary["images_ok"] == 1 and summary["images_failed"] == 2
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in manifest.read_table(str(out), manifest.ERRORS_DIR).to_pylist()}
+    assert "file not found" in reasons["two.jpg"] and "directory" in reasons["photos"]
+    check_dataset(out, str(listing))
+
+
+def test_poison_input_is_isolated_and_the_run_goes_on(compose_config, tmp_path, tiny_checkpoint, ray_local):
+    inp = tmp_path / "images"
+    inp.mkdir()
+    for n in range(3):
+        (inp / f"photo{n}.jpg").write_bytes(encode(Image.fromarray(scene(64, 48, n)), "JPEG"))
+    (inp / "poison.jpg").write_bytes(good_corpus()["plain.jpg"])
+    out = tmp_path / "out"
+    cfg = compose_config(*overrides(inp, out, tiny_checkpoint, "stage.num_actors=1", "stage.fault_injection.kill_worker_on=[*/poison.jpg]"))
+    summary = run_stage(cfg)
+    assert summary["images_ok"] == 3 and summary["images_failed"] == 1
+    assert summary["actors"][0]["restarts"] == 3  # pipelined try, then two careful tries
+    assert len(summary["isolated"]) == 1
+    (error,) = manifest.read_table(str(out), manifest.ERRORS_DIR).to_pylist()
+    assert error["source"].endswith("poison.jpg") and error["stage"] == "isolated"
+    assert "died 2 times" in error["reason"]
+    check_dataset(out, str(inp))
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_once(compose_config, tmp_path, tiny_checkpoint, ray_local):
+    inp = tmp_path / "images"
+    inp.mkdir()
+    for n in range(12):
+        (inp / f"photo{n:02d}.jpg").write_bytes(encode(Image.fromarray(scene(64, 48, n)), "JPEG"))
+    out = tmp_path / "out"
+    args = overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=2", "amg.points_per_side=6", "cluster.num_cpus=2")
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *args, f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    family: set[int] = set()
+    try:
+        def busy_worker():
+            for process in _descendants(driver.pid):
+                family.add(process.pid)
+                try:
+                    if "Annotator.process_unit" in " ".join(process.cmdline()):
+                        return process
+                except psutil.Error:
+                    pass
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+
+        os.kill(_wait_for(busy_worker, 120, "a worker annotating").pid, signal.SIGKILL)
+        committed = lambda: len(manifest.committed_units(str(out))) >= 2  # noqa: E731
+        _wait_for(committed, 120, "two committed units after the worker was killed")
+        family.update(p.pid for p in _descendants(driver.pid))
+        assert driver.poll() is None, "the run finished before the driver could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        for pid in family | {driver.pid}:  # whatever the dead driver left running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+    assert "died during unit" in (tmp_path / "driver.log").read_text(), "the killed worker should have been replaced"
+    assert len(manifest.committed_units(str(out))) < 6, "the driver was killed mid-run"
+
+    summary = run_stage(compose_config(*args))
+    assert summary["units_skipped"] >= 2 and summary["units_skipped"] + summary["units_committed"] == 6
+    records = check_dataset(out, str(inp))
+    assert len(records) == 12
