@@ -154,7 +154,8 @@ def evaluate_model(
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     sam = build_model(arch, checkpoint).to(dev).eval()
     predictor = sam_core.SamPredictor(sam)
-    amg_kwargs = {**dict(amg_cfg or {}), **dict(eval_cfg.get("amg") or {}), "output_mode": "coco_rle"}
+    overrides = {k: v for k, v in dict(eval_cfg.get("amg") or {}).items() if v is not None}
+    amg_kwargs = {**dict(amg_cfg or {}), **overrides, "output_mode": "coco_rle"}
     generator = sam_core.SamAutomaticMaskGenerator(sam, **amg_kwargs)
     clicks = [int(c) for c in eval_cfg["clicks"]]
     thresholds = [float(t) for t in eval_cfg["iou_thresholds"]]

@@ -80,29 +80,36 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _shard_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
+    from pipeline.shards import read_shard
+
+    for path in paths:
+        yield from read_shard(path)
+
+
+def _decode_shard_sample(
+    sample: dict[str, Any], min_predicted_iou: float, min_stability: float
+) -> GroundTruth:
+    from pycocotools import mask as mask_utils
+
+    anns = [
+        a for a in sample["json"]["annotations"]
+        if a.get("predicted_iou", 1.0) >= min_predicted_iou and a.get("stability_score", 1.0) >= min_stability
+    ]
+    image = _decode_jpeg(sample["jpg"])
+    if anns:
+        masks = mask_utils.decode([dict(a["segmentation"]) for a in anns]).transpose(2, 0, 1).astype(bool)
+    else:
+        masks = np.zeros((0, *image.shape[:2]), bool)
+    return GroundTruth(sample["__key__"], image, masks)
+
+
 def iter_shards(
     paths: list[str], min_predicted_iou: float = 0.0, min_stability: float = 0.0
 ) -> Iterator[GroundTruth]:
     """Images of SA-1B shards with their masks that pass the quality filters."""
-    from pycocotools import mask as mask_utils
-
-    from pipeline.shards import read_shard
-
-    for path in paths:
-        for sample in read_shard(path):
-            anns = [
-                a for a in sample["json"]["annotations"]
-                if a.get("predicted_iou", 1.0) >= min_predicted_iou
-                and a.get("stability_score", 1.0) >= min_stability
-            ]
-            image = _decode_jpeg(sample["jpg"])
-            h, w = image.shape[:2]
-            if anns:
-                rles = [dict(a["segmentation"]) for a in anns]
-                masks = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
-            else:
-                masks = np.zeros((0, h, w), bool)
-            yield GroundTruth(sample["__key__"], image, masks)
+    for sample in _shard_samples(paths):
+        yield _decode_shard_sample(sample, min_predicted_iou, min_stability)
 
 
 def iter_coco(annotations: str, image_dir: str) -> Iterator[GroundTruth]:
@@ -123,17 +130,8 @@ def iter_coco(annotations: str, image_dir: str) -> Iterator[GroundTruth]:
 
 
 # --------------------------------------------------------------------- training stream
-def training_stream(data: dict[str, Any], rank: int, world: int, start_step: int, batch_size: int,
-                    img_size: int) -> Iterator[list[GroundTruth]]:
-    """Endless batches for one worker, mixing the configured sources.
-
-    Synthetic scene seeds are a pure function of (step, rank, slot), so a resumed run
-    sees exactly the scenes an uninterrupted one would. Shard and COCO images are
-    split across workers by position and reshuffled every pass.
-    """
-    syn = data["synthetic"]
-    files = list_shards(data.get("shards"))
-    coco = data.get("coco") or {}
+def _source_weights(data: dict[str, Any], files: list[str]) -> tuple[list[str], np.ndarray]:
+    syn, coco = data["synthetic"], data.get("coco") or {}
     weights = {
         "synthetic": float(syn["weight"]) if syn.get("enabled", True) else 0.0,
         "shards": float(data.get("shards_weight", 1.0)) if files else 0.0,
@@ -142,38 +140,65 @@ def training_stream(data: dict[str, Any], rank: int, world: int, start_step: int
     names = [k for k, v in weights.items() if v > 0]
     if not names:
         raise ValueError("retrain has no data: enable synthetic scenes or set data.shards / data.coco")
-    p = np.array([weights[k] for k in names]) / sum(weights[k] for k in names)
-    rng = np.random.default_rng([data.get("seed", 0), rank, start_step])
+    return names, np.array([weights[k] for k in names]) / sum(weights[k] for k in names)
 
-    def real(kind: str) -> Iterator[GroundTruth]:
+
+def training_stream(data: dict[str, Any], rank: int, world: int, start_step: int, batch_size: int,
+                    img_size: int) -> Iterator[list[GroundTruth]]:
+    """Endless batches for one worker, mixing the configured sources.
+
+    Every random choice is a pure function of (seed, rank, step, slot), and the real
+    sources are replayed up to ``start_step`` without decoding, so a resumed run sees
+    exactly the data an uninterrupted one would.
+    """
+    syn, coco = data["synthetic"], data.get("coco") or {}
+    files = list_shards(data.get("shards"))
+    names, p = _source_weights(data, files)
+    seed = int(data.get("seed", 0))
+
+    def choose(step: int, slot: int) -> str:
+        if len(names) == 1:
+            return names[0]
+        return names[int(np.random.default_rng([seed, rank, step, slot]).choice(len(names), p=p))]
+
+    def real(kind: str, skip: int) -> Iterator[GroundTruth]:
         epoch = 0
         while True:
             if kind == "shards":
-                order = np.random.default_rng([epoch, start_step]).permutation(len(files))
+                order = np.random.default_rng([seed, epoch]).permutation(len(files))
                 mine = [files[i] for i in order[rank::world]] or [files[order[rank % len(files)]]]
-                source = iter_shards(mine, data["min_predicted_iou"], data["min_stability"])
+                raw: Iterator[Any] = _shard_samples(mine)
             else:
-                source = (g for i, g in enumerate(iter_coco(coco["annotations"], coco["image_dir"]))
-                          if i % world == rank)
+                raw = (g for i, g in enumerate(iter_coco(coco["annotations"], coco["image_dir"]))
+                       if i % world == rank)
             yielded = False
-            for gt in source:
+            for item in raw:
                 yielded = True
-                yield gt
+                if skip > 0:  # consumed before the resume: skip without decoding
+                    skip -= 1
+                    continue
+                yield _decode_shard_sample(item, data["min_predicted_iou"], data["min_stability"]) \
+                    if kind == "shards" else item
             if not yielded:
                 raise ValueError(f"data source {kind} gave this worker no images")
             epoch += 1
 
-    streams = {k: real(k) for k in names if k != "synthetic"}
+    consumed = {k: 0 for k in names}
+    if len(names) > 1 or names != ["synthetic"]:
+        for step in range(start_step):
+            for slot in range(batch_size):
+                consumed[choose(step, slot)] += 1
+    streams = {k: real(k, consumed[k]) for k in names if k != "synthetic"}
     size = tuple(syn.get("size") or (img_size, img_size))
     step = start_step
     while True:
         batch = []
         for slot in range(batch_size):
-            kind = names[int(rng.choice(len(names), p=p))]
+            kind = choose(step, slot)
             if kind == "synthetic":
                 index = (step * world + rank) * batch_size + slot
-                seed = scene_seeds("train", int(syn["seed_start"]) + index % int(syn["seed_count"]), 1)[0]
-                batch.append(next(iter_synthetic(range(seed, seed + 1), size)))
+                scene_seed = scene_seeds("train", int(syn["seed_start"]) + index % int(syn["seed_count"]), 1)[0]
+                batch.append(next(iter_synthetic(range(scene_seed, scene_seed + 1), size)))
             else:
                 batch.append(next(streams[kind]))
         yield batch
@@ -285,14 +310,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = config["data"]
     img_size = bare.sam.image_encoder.img_size
     stream = training_stream(data, rank, world, start, int(config["batch_size"]), img_size)
-    mask_rng = np.random.default_rng([int(config["seed"]), rank, start])
     every = int(config["checkpoint_every"])
 
-    for step in range(start, steps):
+    # stop_at_step ends this invocation early without changing the schedule, e.g. to
+    # train in time slices on a shared machine; rerunning the version continues it.
+    end = min(steps, int(config.get("stop_at_step") or steps))
+    for step in range(start, end):
         t0 = time.perf_counter()
         batch = None
-        while batch is None:  # an image whose masks are all filtered out is skipped
-            batch = to_batch(next(stream), img_size, data, mask_rng)
+        attempt = 0
+        while batch is None:  # a batch whose masks are all filtered out is skipped
+            rng = np.random.default_rng([int(config["seed"]), rank, step, attempt])
+            batch = to_batch(next(stream), img_size, data, rng)
+            attempt += 1
         out = train_step(model, optimizer, batch.to(device), generator, autocast, config["optim"].get("grad_clip"))
         scheduler.step()
         out.update(step=step + 1, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
@@ -301,8 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # print, not log: Ray forwards worker stdout to the driver, not worker loggers
             print(f"[retrain] step {step + 1}/{steps} loss {out['loss']:.4f} iou_first "
                   f"{out['iou_first']:.3f} iou_last {out['iou_last']:.3f} {out['seconds']:.2f}s", flush=True)
-        last = step + 1 == steps
-        if (step + 1) % every == 0 or last:
+        if (step + 1) % every == 0 or step + 1 == end:
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             gens = _gather_generator_states(generator, world)
             if rank == 0:
@@ -413,6 +442,7 @@ def register(
         "version": version_dir.name,
         "model": str(version_dir / MODEL_FILE),
         "steps": state["step"],
+        "complete": state["step"] >= int(cfg.stage.steps),
         "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else math.nan,
         "seconds_per_step": float(np.median([h["seconds"] for h in history])) if history else math.nan,
     }
@@ -423,7 +453,8 @@ def register(
 def run(cfg: DictConfig) -> dict:
     """Trains, registers and (optionally) evaluates a model.
 
-    Returns: version, model (path of the registered state dict), steps,
+    Returns: version, model (path of the registered state dict), steps, complete
+    (False when ``stop_at_step`` ended it early),
     final_loss (mean of the last 20 steps), seconds_per_step (median), and eval
     (the eval stage's summary) when ``stage.eval.enabled``.
     """
