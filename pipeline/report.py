@@ -101,14 +101,15 @@ def fig_resolution(summary: dict[str, Any]) -> Figure:
 def fig_scores(summary: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(8, 3.2))
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, name in zip(axes, ("predicted_iou", "stability_score")):
+    for ax, (name, label) in zip(axes, (("predicted_iou", "Predicted IoU"),
+                                        ("stability_score", "Stability score"))):
         ax.bar(SCORE_EDGES[:-1], summary[f"{name}_hist"], width=np.diff(SCORE_EDGES),
                align="edge", color="#4c72b0")
         used = np.nonzero(summary[f"{name}_hist"])[0]
         if len(used):  # zoom on the occupied range: automatic masks sit above the thresholds
             ax.set_xlim(SCORE_EDGES[max(used[0] - 2, 0)], SCORE_EDGES[min(used[-1] + 3, len(SCORE_EDGES) - 1)])
-        ax.set_xlabel(name.replace("_", " "))
-        ax.set_title(name.replace("_", " ").capitalize())
+        ax.set_xlabel(label)
+        ax.set_title(label)
     axes[0].set_ylabel("percent of masks")
     return fig
 
@@ -185,7 +186,8 @@ figcaption {{ text-align: center; font-size: 90%; }}
 <li>Area, bounding box, relative size sqrt(area / image area), centre and covered
 fraction are computed from the compressed RLE with pycocotools, without decoding masks,
 for all {summary['masks']:,} masks; {summary['masks_per_s_per_core']:,.0f} masks/s per CPU core
-for the per-mask table ({summary['table_cpu_s']:.2f} CPU s).</li>
+for the per-mask table, from the JSON bytes (parse, RLE columns, Arrow; {summary['table_cpu_s']:.2f}
+CPU s in all, excluding tar reading and the concavity sample).</li>
 <li>Mask centre is the centre of the mask's bounding box (the exact centroid needs a decode).</li>
 <li>Concavity = 1 - mask area / convex hull area (mask as a union of pixel squares) is
 computed on a stratified sample: up to {per_bin} masks per relative-size bin per shard
