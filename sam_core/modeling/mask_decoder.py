@@ -78,17 +78,19 @@ class MaskDecoder(nn.Module):
             raise ValueError(
                 f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 or {n} (one per prompt)"
             )
-        # Broadcasting the shared embedding instead of repeat_interleave avoids one copy.
-        src = image_embeddings + dense_prompt_embeddings
-        src = src.expand(n, -1, -1, -1)
-        pos_src = image_pe.expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        dense = dense_prompt_embeddings
+        if dense.shape[0] > 1 and dense.stride(0) == 0:
+            # The prompt encoder's no-mask embedding, expanded over the prompts: the image
+            # tokens are then identical for every prompt until the first image->token
+            # attention, so the transformer projects them once instead of n times.
+            dense = dense[:1]
+        src = image_embeddings + dense  # 1xCxhxw when shared by all prompts, else nxCxhxw
+        c, h, w = src.shape[1:]
+        hs, keys = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )

@@ -40,8 +40,12 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
-        """image_embedding and image_pe: BxCxhxw; point_embedding: BxNxC.
-        Returns (queries BxNxC, keys Bx(h*w)xC)."""
+        """point_embedding: BxNxC; image_embedding: BxCxhxw, or 1xCxhxw shared by all B
+        prompts; image_pe: 1xCxhxw. Returns (queries BxNxC, keys Bx(h*w)xC).
+
+        A shared image is projected once in the first layer and only becomes per-prompt
+        after the first image->token attention (broadcasting, never copying it B times).
+        """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
@@ -114,8 +118,9 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(
-            self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        )
+        """q: BqxNxC, k and v: BkxMxC, where a batch of 1 broadcasts against the other."""
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        b = max(q.shape[0], k.shape[0])
+        out = F.scaled_dot_product_attention(q.expand(b, -1, -1, -1), k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
