@@ -46,3 +46,17 @@ def test_notebook_on_bare_sa1b_tars(tmp_path, monkeypatch):
     streams = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
                       for o in c.outputs)
     assert "stats computed for 1 of 1 shards" in streams
+
+
+def test_notebook_on_sample_output(tmp_path, monkeypatch, tiny_checkpoint, ray_local):
+    """The project's own output: fully_auto on sample/images (random-weights model, so
+    few masks), which must validate clean, then stats, then the notebook."""
+    out = tmp_path / "sample"
+    run_stage(compose("fully_auto", REPO / "sample" / "images", out, overrides=[
+        f"model.checkpoint={tiny_checkpoint}", "amg.points_per_side=4", "amg.pred_iou_thresh=0",
+        "amg.stability_score_thresh=0", "stage.images_per_unit=2"]))
+    assert run_stage(compose("validate", out, overrides=["stage.parallel=local"]))["problems"] == 0
+    summary = run_stage(compose("stats", out, overrides=["stage.parallel=local"]))
+    assert summary["images"] == len(list((REPO / "sample" / "images").iterdir()))
+    notebook = execute(out, monkeypatch)
+    assert len(outputs_of(notebook, "image/png")) == 7
