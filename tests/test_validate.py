@@ -40,6 +40,8 @@ def corrupt(sample) -> None:
         anns.pop()  # the manifest, written from the true samples, still counts it
     elif sample.key == "synthetic_000009":
         sample.record["image"]["width"] += 1
+    elif sample.key == "synthetic_000010":
+        sample.record["image"]["image_id"] = 2  # the image id of synthetic_000002
 
 
 EXPECTED = {
@@ -52,6 +54,8 @@ EXPECTED = {
     ("sa_000002.tar", "synthetic_000007", "schema"),
     ("sa_000002.tar", "synthetic_000008", "manifest"),
     ("sa_000002.tar", "synthetic_000009", "image"),
+    ("sa_000000.tar", "synthetic_000002", "unique"),
+    ("sa_000003.tar", "synthetic_000010", "unique"),
     ("sa_000003.tar", "synthetic_000011", "tar"),  # cut inside this key's JPEG
     ("sa_000004.tar", "-", "tar"),  # cut at a member boundary: no end-of-archive marker
 }
@@ -111,10 +115,11 @@ def test_every_problem_is_reported_with_shard_and_key(broken, tmp_path, capsys):
     assert "predicted_iou" in messages[("synthetic_000007", "schema")]
     assert ("synthetic_000007", "manifest") not in messages  # one problem, reported once
     assert "num_masks" in messages[("synthetic_000008", "manifest")]
+    assert "image id 2 occurs 2 times" in messages[("synthetic_000010", "unique")]
     assert "unexpected end of data" in messages[("synthetic_000011", "tar")]
     assert "no end-of-archive marker" in "".join(m for _, k, c, m in printed if k == "-")
     # Nothing reported for the keys that were left intact.
-    intact = {"synthetic_000003", "synthetic_000010"}
+    intact = {"synthetic_000003"}
     assert not [p for p in printed if p[1] in intact]
     written = pd.read_parquet(tmp_path / "report" / "validate" / "problems.parquet")
     assert len(written) == len(printed)
