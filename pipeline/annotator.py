@@ -84,7 +84,8 @@ class Annotator:
         Per image: ``{"key": str, "masks": int, "ok": bool}``. Last: ``{"unit": index,
         "images": n, "masks": m, "errors": e, "seconds": busy time}``.
         ``careful`` decodes one image at a time and notes each key before touching it
-        (see ``inflight_key``) so that a crash can be blamed on exactly one image; ``poisoned`` maps keys to skip to the reason recorded for them.
+        (see ``inflight_key``) so that a crash can be blamed on exactly one image;
+        ``poisoned`` maps the keys to skip to the reason recorded for them.
         """
         start = time.perf_counter()
         poisoned = poisoned or {}
@@ -97,7 +98,6 @@ class Annotator:
             note = (lambda key: self._note(unit.index, key)) if careful else None
             loaded = self._loaded(unit.items, 0 if careful else self.prefetch, poisoned, note)
             for item, prepared, failure in loaded:
-                masks = None
                 if failure is None:
                     self._maybe_kill(item)
                     masks, failure = self._annotate(prepared)

@@ -55,7 +55,8 @@ def pool_size(stage: DictConfig, units: int) -> PoolSize:
     """One actor per GPU when the cluster has GPUs, else ``num_actors`` CPU actors.
 
     ``stage.num_actors`` null means: GPUs if any, else cluster CPUs // cpus_per_actor.
-    Never more actors than units: an idle actor would only hold a model in memory.
+    Never more actors than units: an idle actor would only hold a model in memory; CPU
+    actors then share out the CPUs the missing actors would have used.
     """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -67,4 +68,7 @@ def pool_size(stage: DictConfig, units: int) -> PoolSize:
         actors = gpus
     else:
         actors = max(1, cpus // per_actor)
-    return PoolSize(actors=max(1, min(actors, units)), num_cpus=per_actor, num_gpus=1 if gpus else 0)
+    actors = max(1, min(actors, units))
+    if gpus:
+        return PoolSize(actors=actors, num_cpus=per_actor, num_gpus=1)
+    return PoolSize(actors=actors, num_cpus=max(per_actor, cpus // actors), num_gpus=0)

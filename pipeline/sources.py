@@ -36,7 +36,7 @@ class InputError(ValueError):
     """The input cannot be used at all; raised before any work starts."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million items must stay cheap on the driver
 class Item:
     """One input image.
 

@@ -80,6 +80,15 @@ def test_default_config_runs_the_samples_with_the_default_model(compose_config, 
     assert not (tmp_path / "out").exists(), "nothing may be written before the checks pass"
 
 
+def test_config_groups_compose(compose_config):
+    from sam_core import AMG_PRESETS
+
+    cfg = compose_config("+stage=fully_auto", "output=/x", "amg=sa1b", "model=vit_h", "cluster=existing")
+    assert {k: cfg.amg[k] for k in AMG_PRESETS["sa1b"]} == pytest.approx(AMG_PRESETS["sa1b"])
+    assert cfg.model.arch == "vit_h" and cfg.model.checkpoint.endswith("sam_vit_h_4b8939.pth")
+    assert cfg.cluster.address == "auto"
+
+
 def test_nonexistent_input_fails_before_any_work(compose_config, tmp_path, tiny_checkpoint):
     cfg = compose_config(*overrides(tmp_path / "nope", tmp_path / "out", tiny_checkpoint))
     with pytest.raises(InputError, match="does not exist"):

@@ -34,9 +34,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns (and saves as ``summary.json``) the run's summary.
 
     Summary keys: units (total), units_skipped (committed before), units_committed,
-    units_failed, images, images_ok, images_failed, masks, wall_s (whole run), annotate_s
-    (models loaded to last unit committed), images_per_s and masks_per_s (over annotate_s), actors (per actor: units, images, masks, busy_s, images_per_s,
-    restarts), isolated (keys isolated as poison inputs), dataset (manifest totals).
+    units_failed, images, images_ok, images_failed, masks (this run), wall_s (whole run),
+    annotate_s (models loaded to last unit committed), images_per_s and masks_per_s (over
+    annotate_s), actors (per actor: units, images, masks, busy_s, images_per_s, restarts),
+    isolated (keys isolated as poison inputs), dataset (totals over the whole manifest).
     """
     start = time.perf_counter()
     output = str(cfg.output)
