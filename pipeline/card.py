@@ -112,9 +112,6 @@ def render(summary: dict[str, Any], meta: dict[str, Any], name: str) -> str:
         "task_categories": ["image-segmentation", "mask-generation"],
         "task_ids": ["instance-segmentation"],
         "size_categories": [size_category(summary["images"])],
-        "license": "other",
-        "license_name": "TODO-owner",
-        "license_link": "LICENSE",
     }
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in summary_rows(summary))
     hashes = ", ".join(f"`{h}`" for h in meta["model_sha256"]) or "not recorded (no manifest)"
@@ -122,6 +119,7 @@ def render(summary: dict[str, Any], meta: dict[str, Any], name: str) -> str:
     mpi = summary["masks_per_image_hist"]
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
+# license: left for the dataset owner to choose (e.g. cc-by-4.0, other)
 ---
 {MARKER}
 

@@ -156,6 +156,7 @@ def test_dataset_card(stats_run):
     assert front["annotations_creators"] == ["machine-generated"]
     assert front["size_categories"] == ["n<1K"]
     assert "image-segmentation" in front["task_categories"]
+    assert "license" not in front and "# license: left for the dataset owner" in text
     for part in ("## Dataset Structure", "## Dataset Creation", "## Statistics", "### Limitations",
                  MODEL_SHA256, "0123456789abcdef", "points_per_side: 32", "name: vit_b",
                  f"| Masks | {summary['masks']} |", '"counts": str'):

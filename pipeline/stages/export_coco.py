@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import fsspec
 import pycocotools.mask as mask_utils
@@ -87,7 +88,7 @@ def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> Shar
     return ShardCoco(images_path, annotations_path, n_images, n_annotations)
 
 
-def _append(out, part_path: str) -> None:
+def _append(out: IO[str], part_path: str) -> None:
     with open(part_path) as part:
         shutil.copyfileobj(part, out)
     Path(part_path).unlink()
