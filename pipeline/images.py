@@ -59,6 +59,10 @@ def prepare_image(
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        # PIL refuses images over 2 x MAX_IMAGE_PIXELS on its own; max_pixels must be the
+        # limit that governs, so PIL's is raised to it (process-wide, never lowered).
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         # Our own max_pixels governs; PIL's warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -92,3 +92,10 @@ def test_pixel_limit_is_configurable_and_checked_before_decoding():
     data = png_header_only(5000, 5000)  # 25 Mpx declared, a few bytes of data
     with pytest.raises(ImageError, match="max_pixels=1000000"):
         prepare_image(data, max_pixels=1_000_000)
+
+
+
+def test_a_pixel_limit_above_pils_own_is_honoured(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL alone would refuse 64x48
+    prepared = prepare_image(good_corpus()["plain.jpg"], max_pixels=10_000)
+    assert (prepared.width, prepared.height) == (64, 48)
