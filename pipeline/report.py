@@ -152,7 +152,10 @@ SUMMARY_ROWS = [
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(label, this dataset, SA-1B) rows of the summary table."""
-    return [(label, _fmt(summary[key]), SA1B[key]) for key, label in SUMMARY_ROWS]
+    rows = [(label, _fmt(summary[key]), SA1B[key]) for key, label in SUMMARY_ROWS]
+    gb = summary["bytes"] / 1e9
+    return [(label, f"{ours} ({gb:.3g} GB)" if label.startswith("Bytes") else ours, theirs)
+            for label, ours, theirs in rows]
 
 
 def render(summary: dict[str, Any], title: str) -> str:
