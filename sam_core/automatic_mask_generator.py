@@ -2,7 +2,8 @@
 
 Drop-in compatible with the official class (same parameters, defaults and record keys).
 Deliberate differences, none of which change the returned masks:
-  * predicted-IoU filtering happens on the low-res logits, before upsampling;
+  * predicted-IoU filtering happens right after the decoder's transformer: mask logits
+    are only built (upscaling, hypernetworks) and upsampled for prompts that keep a mask;
   * masks are kept as COCO compressed RLE (encoded by pycocotools) instead of the
     official uncompressed form, and converted to the requested output_mode at the end;
   * extra option ``max_mask_area_fraction`` drops masks covering at least that fraction
@@ -216,19 +217,31 @@ class SamAutomaticMaskGenerator:
     ) -> MaskData:
         orig_h, orig_w = orig_size
         predictor = self.predictor
-        in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=predictor.device)
-        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=predictor.device)
-        low_res, iou_preds = predictor.predict_low_res(in_points[:, None, :], in_labels[:, None], multimask_output=True)
-        n_out = low_res.shape[1]
+        model, device = predictor.model, predictor.device
+        in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=device)
+        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
+        sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+        decoder = model.mask_decoder
+        tokens, features = decoder.run_transformer(
+            predictor.features[:1], model.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        iou_preds = decoder.iou_from_tokens(tokens)[:, 1:]  # the multimask outputs
+        n_prompts, n_out = iou_preds.shape
         data = MaskData(
-            low_res=low_res.flatten(0, 1),
-            iou_preds=iou_preds.flatten(0, 1),
-            points=torch.as_tensor(points.repeat(n_out, axis=0), device=predictor.device),
+            iou_preds=iou_preds.flatten(),
+            points=torch.as_tensor(points.repeat(n_out, axis=0), device=device),
+            prompt=torch.arange(n_prompts, device=device).repeat_interleave(n_out),
+            output=torch.arange(1, n_out + 1, device=device).repeat(n_prompts),
         )
         if self.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
-        logits = predictor.model.postprocess_masks(data["low_res"][:, None], predictor.input_size, crop_size)[:, 0]
-        del data["low_res"]
+        if not len(data):
+            return MaskData()
+        # Only prompts with a surviving mask pay for upscaling and the hypernetworks.
+        prompts, slot = torch.unique(data["prompt"], return_inverse=True)
+        low_res = decoder.masks_from_tokens(tokens[prompts], features[prompts])[slot, data["output"]]
+        del data["prompt"], data["output"], tokens, features
+        logits = model.postprocess_masks(low_res[:, None], predictor.input_size, crop_size)[:, 0]
         threshold = predictor.model.mask_threshold
         data["stability_score"] = calculate_stability_score(logits, threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:

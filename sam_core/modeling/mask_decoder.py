@@ -71,6 +71,23 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All 1 + num_multimask_outputs masks and IoU predictions."""
+        tokens, keys = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        return self.masks_from_tokens(tokens, keys), self.iou_from_tokens(tokens)
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer alone. Returns (output tokens nxTxC, image features nxCxhxw).
+
+        Splitting here lets a caller read the IoU predictions (iou_from_tokens) and
+        build masks (masks_from_tokens) only for the prompts it keeps.
+        """
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
@@ -86,17 +103,21 @@ class MaskDecoder(nn.Module):
             dense = dense[:1]
         src = image_embeddings + dense  # 1xCxhxw when shared by all prompts, else nxCxhxw
         c, h, w = src.shape[1:]
-        hs, keys = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        tokens, keys = self.transformer(src, image_pe, tokens)
+        return tokens, keys.transpose(1, 2).reshape(n, c, h, w)
 
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+    def iou_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """n x (1 + num_multimask_outputs) predicted IoUs from run_transformer's tokens."""
+        return self.iou_prediction_head(tokens[:, 0, :])
+
+    def masks_from_tokens(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """n x (1 + num_multimask_outputs) x 4h x 4w low-res mask logits from
+        run_transformer's outputs."""
+        upscaled = self.output_upscaling(features)
+        mask_tokens = tokens[:, 1 : 1 + self.num_mask_tokens, :]
+        hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        n, c, h, w = upscaled.shape
+        return (hyper_in @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
 
 
 class MLP(nn.Module):
