@@ -176,11 +176,37 @@ def uncrop_masks(masks: torch.Tensor, crop_box: List[int], orig_h: int, orig_w: 
 
 def encode_rle(masks: torch.Tensor) -> List[Dict[str, Any]]:
     """NxHxW bool masks -> COCO compressed RLEs ({'size': [h, w], 'counts': bytes}),
-    byte-identical to pycocotools (which does the encoding)."""
+    byte-identical to pycocotools (which does the final compression).
+
+    On the CPU pycocotools encodes the masks directly. On an accelerator the run
+    boundaries are found there and only they cross to the host (one transfer), instead
+    of every mask pixel.
+    """
     if masks.shape[0] == 0:
         return []
-    arr = masks.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy()
-    return mask_utils.encode(np.asfortranarray(arr))
+    if masks.device.type == "cpu":
+        arr = masks.to(torch.uint8).permute(1, 2, 0).numpy()
+        return mask_utils.encode(np.asfortranarray(arr))
+    return [mask_utils.frPyObjects(rle, *rle["size"]) for rle in run_lengths(masks)]
+
+
+def run_lengths(masks: torch.Tensor) -> List[Dict[str, Any]]:
+    """NxHxW bool masks (any device) -> uncompressed COCO RLEs, column-major, each
+    starting with a run of zeros (possibly empty)."""
+    n, h, w = masks.shape
+    flat = masks.transpose(1, 2).reshape(n, h * w)
+    # Boundaries: the first pixel, every change of value, one past the last pixel.
+    change = torch.ones(n, h * w + 1, dtype=torch.bool, device=masks.device)
+    change[:, 1:-1] = flat[:, 1:] != flat[:, :-1]
+    rows, cols = change.nonzero(as_tuple=True)
+    starts_with_one = flat[:, 0].cpu().numpy()
+    rows, cols = rows.cpu().numpy(), cols.cpu().numpy()  # the only other transfer
+    bounds = np.split(cols, np.searchsorted(rows, np.arange(1, n)))
+    out = []
+    for i, b in enumerate(bounds):
+        counts = np.diff(b).tolist()
+        out.append({"size": [h, w], "counts": ([0] + counts) if starts_with_one[i] else counts})
+    return out
 
 
 def decode_rle(rle: Dict[str, Any]) -> np.ndarray:
@@ -200,14 +226,7 @@ def coco_rle_to_json(rle: Dict[str, Any]) -> Dict[str, Any]:
 def uncompressed_rle(mask: np.ndarray) -> Dict[str, Any]:
     """HxW bool mask -> {'size': [h, w], 'counts': [run lengths]} in column-major order,
     starting with a (possibly empty) run of zeros, as in the official 'uncompressed_rle'."""
-    h, w = mask.shape
-    flat = mask.T.reshape(-1)
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": [h, w], "counts": counts}
+    return run_lengths(torch.as_tensor(np.asarray(mask, dtype=bool))[None])[0]
 
 
 def area_from_rle(rle: Dict[str, Any]) -> int:
