@@ -146,6 +146,21 @@ def test_list_naming_missing_files(compose_config, tmp_path, tiny_checkpoint, ra
     check_dataset(out, str(listing))
 
 
+def test_existing_sa1b_tars_are_reannotated(compose_config, tmp_path, tiny_checkpoint, ray_local):
+    import webdataset as wds
+
+    (tmp_path / "sa1b").mkdir()
+    with wds.TarWriter(str(tmp_path / "sa1b" / "sa_000042.tar")) as tar:
+        for n in (1, 2):
+            old = {"image": {"image_id": n, "width": 64, "height": 48, "file_name": f"sa_{n}.jpg"}, "annotations": []}
+            tar.write({"__key__": f"sa_{n}", "jpg": encode(Image.fromarray(scene(64, 48, n)), "JPEG"), "json": old})
+    out = tmp_path / "out"
+    summary = run_stage(compose_config(*overrides(tmp_path / "sa1b" / "sa_000042.tar", out, tiny_checkpoint)))
+    assert summary["images_ok"] == 2
+    records = check_dataset(out, str(tmp_path / "sa1b" / "sa_000042.tar"))
+    assert sorted(k.split("-")[0] for k in records) == ["sa_1", "sa_2"]
+
+
 def test_poison_input_is_isolated_and_the_run_goes_on(compose_config, tmp_path, tiny_checkpoint, ray_local):
     inp = tmp_path / "images"
     inp.mkdir()

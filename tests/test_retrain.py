@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pipeline.run import PROJECT_ROOT, run_stage
 from pipeline.shards import ShardWriter, sa1b_record
 from pipeline.stages.eval import amg_matches, next_click
-from pipeline.stages.retrain import iter_shards, lr_factor
+from pipeline.stages.retrain import iter_coco, iter_shards, lr_factor
 from pipeline.synthetic import make_scene
 
 TINY = [
@@ -79,6 +79,23 @@ def test_shards_are_read_back_with_quality_filter(tmp_path):
     for g, (scene, _) in zip(got, records):
         assert g.image.shape == (240, 320, 3)
         assert np.array_equal(g.masks, scene.masks[0::2])  # the odd ones fail predicted_iou
+
+
+def test_coco_instances_are_read_back(tmp_path):
+    scene = make_scene(9, size=(120, 160))
+    Image.fromarray(scene.image).save(tmp_path / "img_9.png")
+    anns = []
+    for i, m in enumerate(scene.masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        anns.append({"id": i + 1, "image_id": 9, "category_id": 1, "segmentation": rle, "iscrowd": int(i == 0),
+                     "area": int(m.sum()), "bbox": mask_utils.toBbox(rle).tolist()})
+    coco = {"images": [{"id": 9, "file_name": "img_9.png", "height": 120, "width": 160}],
+            "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    (got,) = list(iter_coco(str(tmp_path / "instances.json"), str(tmp_path)))
+    assert got.key == "img_9" and np.array_equal(got.image, scene.image)
+    assert np.array_equal(got.masks, scene.masks[1:])  # the crowd region is not an instance
 
 
 def test_eval_click_protocol_and_matching():

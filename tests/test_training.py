@@ -137,16 +137,16 @@ def test_error_points_respect_padding_and_exact_predictions():
 
 
 def test_noisy_boxes_stay_within_bounds():
-    masks = torch.zeros(2, 600, 600, dtype=torch.bool)
+    masks = torch.zeros(2, 320, 320, dtype=torch.bool)
     masks[0, 100:150, 200:250] = True  # side 49: sigma 4.9 px
-    masks[1, 50:550, 50:550] = True  # side 499: sigma 49.9, clipped at 20 px
+    masks[1, 30:290, 30:290] = True  # side 259: sigma 25.9, clipped at 20 px
     g = torch.Generator().manual_seed(3)
-    tight = torch.tensor([[200, 100, 249, 149], [50, 50, 549, 549]], dtype=torch.float)
-    deltas = torch.stack([noisy_boxes(masks, g) - tight for _ in range(2000)])
+    tight = torch.tensor([[200, 100, 249, 149], [30, 30, 289, 289]], dtype=torch.float)
+    deltas = torch.stack([noisy_boxes(masks, g) - tight for _ in range(400)])
     assert deltas.abs().max() <= 20 + 1e-4
     small = deltas[:, 0]
     assert small.std().item() == pytest.approx(4.9, rel=0.1)
-    assert (deltas[:, 1].abs() > 19.9).float().mean() > 0.5  # mostly at the bound
+    assert (deltas[:, 1].abs() > 19.9).float().mean() > 0.3  # P(|N(0, 25.9)| > 20) = 0.44
     edge = torch.zeros(1, 50, 50, dtype=torch.bool)
     edge[0, 0:10, 40:50] = True
     boxes = torch.stack([noisy_boxes(edge, g)[0] for _ in range(200)])
@@ -218,7 +218,7 @@ def test_interactive_forward_is_deterministic_and_checkpointing_changes_nothing(
     model.zero_grad(set_to_none=True)
 
 
-def test_runs_with_the_official_segment_anything_model():
+def _official_small_sam():
     from functools import partial
 
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -236,10 +236,25 @@ def test_runs_with_the_official_segment_anything_model():
             iou_head_hidden_dim=64,
         ),
     )
-    model = InteractiveSam(sam, InteractiveConfig(num_rounds=3, box_probability=0.5))
+    return sam
+
+
+def test_runs_with_the_official_segment_anything_model():
+    model = InteractiveSam(_official_small_sam(), InteractiveConfig(num_rounds=3, box_probability=0.5))
     batch = _scene_batch([1, 2], max_masks=6, size=256)
     out = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), batch, torch.Generator().manual_seed(0))
     assert out["num_masks"] == batch.num_masks and math.isfinite(out["loss"])
+
+
+def test_bf16_autocast_step_keeps_float32_losses_and_weights():
+    model = InteractiveSam(_official_small_sam(), InteractiveConfig(num_rounds=2))
+    batch = _scene_batch([3], max_masks=4, size=256)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch,
+                     torch.Generator().manual_seed(0), autocast_dtype=torch.bfloat16, grad_clip=1.0)
+    assert math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def test_a_few_steps_on_one_scene_reduce_the_loss(tiny_sam):
@@ -256,7 +271,7 @@ def test_a_few_steps_on_one_scene_reduce_the_loss(tiny_sam):
 
     before = held_loss()
     g = torch.Generator().manual_seed(0)
-    for _ in range(8):
+    for _ in range(5):
         train_step(model, optimizer, batch, g, grad_clip=1.0)
     after = held_loss()
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.75 * before, (before, after)  # measured: 3.45 -> 1.87

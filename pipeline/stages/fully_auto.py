@@ -65,7 +65,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fs, root = storage.filesystem(output)
     with storage.atomic_open(fs, storage.join(root, SUMMARY_FILE)) as f:
         f.write(json.dumps(summary, indent=2).encode("utf-8"))
-    log.info("summary: %s", json.dumps(summary))
+    log.info(
+        "done: %d images (%d ok, %d failed, %d isolated), %d masks in %.1f s: %.2f images/s, "
+        "%.1f masks/s; %d units committed, %d skipped, %d failed; per actor images/s: %s",
+        summary["images"], summary["images_ok"], summary["images_failed"], len(summary["isolated"]),
+        summary["masks"], summary["annotate_s"], summary["images_per_s"], summary["masks_per_s"],
+        summary["units_committed"], summary["units_skipped"], summary["units_failed"],
+        [a["images_per_s"] for a in summary["actors"]],
+    )
     if outcome.failed:
         raise RuntimeError(
             f"{len(outcome.failed)} unit(s) failed after all retries (rerun the same command to "
@@ -79,7 +86,16 @@ def _prepare_output(output: str, cfg: DictConfig) -> None:
     for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
         fs.makedirs(storage.join(root, directory), exist_ok=True)
     _remove_leftovers(output)
-    with storage.atomic_open(fs, storage.join(root, CONFIG_FILE)) as f:
+    config = storage.join(root, CONFIG_FILE)
+    if fs.exists(config):
+        previous = OmegaConf.create(fs.cat_file(config).decode("utf-8"))
+        for group in ("model", "amg", "stage"):
+            if OmegaConf.to_container(previous.get(group)) != OmegaConf.to_container(cfg[group], resolve=True):
+                log.warning(
+                    "%s settings differ from the previous run into %s; units committed before keep "
+                    "theirs (the manifest records each image's model_sha256)", group, output,
+                )
+    with storage.atomic_open(fs, config) as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
 
 
@@ -134,13 +150,13 @@ def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
         on_progress=on_progress,
         suspect=lambda unit: inflight_key(str(cfg.output), unit.index),
     )
-    scheduler.wait_ready()
-    # Created once the models are loaded, so images/s measures annotation only.
-    bar = tqdm(total=sum(len(u.items) for u in todo), unit="img", desc="fully_auto", dynamic_ncols=True)
     try:
-        return scheduler.run(todo)
+        scheduler.wait_ready()
+        # Created once the models are loaded, so images/s measures annotation only.
+        with tqdm(total=sum(len(u.items) for u in todo), unit="img", desc="fully_auto", dynamic_ncols=True) as bar:
+            return scheduler.run(todo)
     finally:
-        bar.close()
+        scheduler.close()
 
 
 def _summary(units: list[Unit], skipped: int, outcome: Outcome, wall: float, output: str) -> dict[str, Any]:

@@ -311,6 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     img_size = bare.sam.image_encoder.img_size
     stream = training_stream(data, rank, world, start, int(config["batch_size"]), img_size)
     every = int(config["checkpoint_every"])
+    print(f"[retrain] worker {rank}/{world} on {device}, {torch.get_num_threads()} threads, "
+          f"steps {start}..{steps}", flush=True)
 
     # stop_at_step ends this invocation early without changing the schedule, e.g. to
     # train in time slices on a shared machine; rerunning the version continues it.
