@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import subprocess
+from functools import cache
 from pathlib import Path
 
 import hydra
@@ -29,6 +31,25 @@ log = logging.getLogger("pipeline")
 # the default model) independently of the working directory.
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+@cache
+def code_version() -> str:
+    """The commit the code runs from (``-dirty`` with local edits), else the package
+    version: recorded with every output so a dataset names the code that made it."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return "git:" + out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return "sam-data-engine " + version("sam-data-engine")
+        except PackageNotFoundError:
+            return "unknown"
 
 
 def run_stage(cfg: DictConfig) -> dict:

@@ -9,9 +9,13 @@ Deliberate differences, none of which change the returned masks:
   * extra option ``max_mask_area_fraction`` drops masks covering at least that fraction
     of the image (SA-1B used 0.95); None (the default) keeps the official behaviour;
   * the input image is validated and converted (see sam_core.inputs.as_rgb_uint8).
+Extra option ``precision="bf16"`` (a fast path for GPUs, off by default) runs the image
+encoder and the mask decoder under bfloat16 autocast; every thresholded quantity
+(predicted IoU, logits for stability and binarisation) is taken back to float32 first.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -42,6 +46,7 @@ from .modeling import Sam
 from .predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 # Named generator settings. "sa1b" reproduces the settings of the released SA-1B
 # annotations (crop boxes and grid points match; paper appendix).
@@ -80,17 +85,22 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         max_mask_area_fraction: Optional[float] = None,
+        precision: str = "fp32",
     ) -> None:
-        """See the official documentation for every parameter but the last.
+        """See the official documentation for every parameter but the last two.
 
         max_mask_area_fraction: drop masks whose area is at least this fraction of the
             image area (None keeps all). Applied before NMS, so that a mask covering
             the whole image cannot suppress a large but legitimate one.
+        precision: "fp32" (exact, the official behaviour) or "bf16" (network under
+            bfloat16 autocast, thresholds in float32; for GPUs, no faster on most CPUs).
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"Unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {precision!r}; expected one of {tuple(PRECISIONS)}")
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
         if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
@@ -116,6 +126,14 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.max_mask_area_fraction = max_mask_area_fraction
+        self.precision = precision
+
+    def _network(self) -> contextlib.AbstractContextManager:
+        """The context the networks run in: autocast for bf16, nothing for fp32."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.predictor.device.type, dtype=dtype)
 
     @classmethod
     def from_preset(cls, model: Sam, preset: str = "sa1b", **overrides: Any) -> "SamAutomaticMaskGenerator":
@@ -192,7 +210,8 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        self.predictor.set_image(crop)
+        with self._network():
+            self.predictor.set_image(crop)
         points_for_crop = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         data = MaskData()
         for (points,) in batch_iterator(self.points_per_batch, points_for_crop):
@@ -220,12 +239,13 @@ class SamAutomaticMaskGenerator:
         model, device = predictor.model, predictor.device
         in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
-        sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
         decoder = model.mask_decoder
-        tokens, features = decoder.run_transformer(
-            predictor.features[:1], model.prompt_encoder.get_dense_pe(), sparse, dense
-        )
-        iou_preds = decoder.iou_from_tokens(tokens)[:, 1:]  # the multimask outputs
+        with self._network():
+            sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+            tokens, features = decoder.run_transformer(
+                predictor.features[:1], model.prompt_encoder.get_dense_pe(), sparse, dense
+            )
+            iou_preds = decoder.iou_from_tokens(tokens)[:, 1:].float()  # the multimask outputs
         n_prompts, n_out = iou_preds.shape
         data = MaskData(
             iou_preds=iou_preds.flatten(),
@@ -239,7 +259,9 @@ class SamAutomaticMaskGenerator:
             return MaskData()
         # Only prompts with a surviving mask pay for upscaling and the hypernetworks.
         prompts, slot = torch.unique(data["prompt"], return_inverse=True)
-        low_res = decoder.masks_from_tokens(tokens[prompts], features[prompts])[slot, data["output"]]
+        with self._network():
+            low_res = decoder.masks_from_tokens(tokens[prompts], features[prompts])[slot, data["output"]]
+        low_res = low_res.float()  # upsampling, stability and the threshold in float32
         del data["prompt"], data["output"], tokens, features
         logits = model.postprocess_masks(low_res[:, None], predictor.input_size, crop_size)[:, 0]
         threshold = predictor.model.mask_threshold

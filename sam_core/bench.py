@@ -139,6 +139,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--points-per-side", type=int, default=None)
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--permissive", action="store_true", help="IoU and stability filters off (as many masks as possible)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16 also times the bf16 fast path and its parity with sam_core's fp32 path")
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", help="write the results here as JSON")
@@ -170,6 +172,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     ours_gen = SamAutomaticMaskGenerator(ours, **settings)
     rows = {"sam_core": time_generator(ours_gen.generate, images, device)}
+    if args.precision != "fp32":
+        fast = SamAutomaticMaskGenerator(ours, **settings, precision=args.precision)
+        rows[f"sam_core {args.precision}"] = time_generator(fast.generate, images, device)
+        results["fast_path_parity"] = mask_parity(rows["sam_core"]["outputs"], rows[f"sam_core {args.precision}"]["outputs"])
     if not args.skip_official:
         from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
 
@@ -177,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         official = official_sam(args.arch, state).to(device)
         rows["official"] = time_generator(OfficialGenerator(official, **official_settings).generate, images, device)
         results["parity"] = mask_parity(rows["official"]["outputs"], rows["sam_core"]["outputs"])
-        results["speedup"] = rows["official"]["seconds_per_image"] / rows["sam_core"]["seconds_per_image"]
+        results["speedup"] = {name: rows["official"]["seconds_per_image"] / row["seconds_per_image"]
+                              for name, row in rows.items() if name != "official"}
     for row in rows.values():
         del row["outputs"]
     results["results"] = rows
@@ -190,8 +197,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
               f"{row['peak_memory_mb']:>10.0f}{row['masks_per_image']:>11.1f}")
     if "speedup" in results:
         p = results["parity"]
-        print(f"speed-up {results['speedup']:.2f}x; parity: {100 * p['matched_fraction']:.1f}% of "
+        print("speed-up over official: " + ", ".join(f"{n} {x:.2f}x" for n, x in results["speedup"].items()))
+        print(f"parity (sam_core fp32 vs official): {100 * p['matched_fraction']:.1f}% of "
               f"{p['reference_masks']} official masks matched at IoU>=0.9, mean IoU {p['mean_matched_iou']:.4f}")
+    if "fast_path_parity" in results:
+        p = results["fast_path_parity"]
+        print(f"parity ({args.precision} vs fp32 path): {100 * p['matched_fraction']:.1f}% of "
+              f"{p['reference_masks']} fp32 masks matched at IoU>=0.9, mean IoU {p['mean_matched_iou']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

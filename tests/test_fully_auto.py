@@ -126,6 +126,7 @@ def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_fol
 
     saved = OmegaConf.load(out / "config.yaml")
     assert saved.model.checkpoint == str(tiny_checkpoint) and saved.amg.points_per_side == 4
+    assert saved.code_version.startswith("git:")  # the dataset card reports it
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()}
     again = run_stage(cfg)

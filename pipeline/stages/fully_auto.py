@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline import cluster, manifest, shards, storage
 from pipeline.annotator import INFLIGHT_DIR, Annotator, inflight_key
 from pipeline.model import model_identity
+from pipeline.run import code_version
 from pipeline.scheduler import Outcome, UnitScheduler
 from pipeline.sources import Unit, enumerate_input, split_units
 
@@ -95,8 +96,10 @@ def _prepare_output(output: str, cfg: DictConfig) -> None:
                     "%s settings differ from the previous run into %s; units committed before keep "
                     "theirs (the manifest records each image's model_sha256)", group, output,
                 )
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["code_version"] = code_version()
     with storage.atomic_open(fs, config) as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
+        f.write(OmegaConf.to_yaml(saved).encode("utf-8"))
 
 
 def _remove_leftovers(output: str) -> None:
