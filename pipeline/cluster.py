@@ -47,8 +47,11 @@ class PoolSize:
 
     def options(self) -> dict[str, Any]:
         # Ray restarts nothing by itself: the scheduler replaces dead actors and decides
-        # which unit to retry, so retries stay bounded and attributable.
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
+        # which unit to retry, so retries stay bounded and attributable. SPREAD puts the
+        # actors on as many nodes as possible, so losing one node loses few of them and
+        # every node's disk and network share the reading and writing.
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0,
+                "scheduling_strategy": "SPREAD"}
 
 
 def pool_size(stage: DictConfig, units: int) -> PoolSize:

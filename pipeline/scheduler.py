@@ -5,6 +5,12 @@ actor dies, it is replaced and its running unit retried from scratch, one image 
 time ("careful"), so the next crash names the image that caused it. An image blamed
 for ``max_image_crashes`` crashes is poisoned: the next attempt records it as failed
 without touching it, and the unit completes. Retries per unit are bounded.
+
+Work goes only to actors that are up: an actor (first or replacement) gets units once
+its ``ready()`` call has returned. A replacement that cannot be placed (its node is
+gone, no free resources) therefore holds no work; the others finish the run, and if no
+actor at all is up for ``placement_timeout_s`` the run fails with an error saying so
+instead of hanging.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from pipeline.sources import Unit
 
@@ -61,12 +67,18 @@ class Outcome:
     actors: list[ActorStats] = field(default_factory=list)
 
 
+class PlacementError(RuntimeError):
+    """No annotator actor could be started for ``placement_timeout_s``."""
+
+
 class UnitScheduler:
     """Runs units on ``actors`` actors made by ``spawn()``.
 
     on_progress(images, masks, failed) is called for every image yielded (with negative
     counts when a failed try's progress is taken back). suspect(unit) names the key a
     careful try of ``unit`` was processing when its worker died (None if unknown).
+    placement_timeout_s: how long the run may go on with no actor up (none placed, or
+    all lost and their replacements pending) before it fails with PlacementError.
     """
 
     def __init__(
@@ -78,10 +90,16 @@ class UnitScheduler:
         max_image_crashes: int = 2,
         on_progress: Callable[[int, int, int], None] = lambda images, masks, failed: None,
         suspect: Callable[[Unit], str | None] = lambda unit: None,
+        placement_timeout_s: float = 600.0,
     ) -> None:
         self.suspect = suspect
         self.spawn = spawn
+        self.placement_timeout_s = placement_timeout_s
         self.slots = [spawn() for _ in range(actors)]
+        # Per slot: its actor's pending ready() call, None once the actor is up.
+        self.starting: list[Any] = [actor.ready.remote() for actor in self.slots]
+        self.start_failures: list[int] = [0] * actors  # in a row, per slot
+        self.none_up_since: float | None = time.monotonic()
         self.in_flight = units_in_flight_per_actor
         self.max_unit_retries = max_unit_retries
         self.max_image_crashes = max_image_crashes
@@ -92,9 +110,31 @@ class UnitScheduler:
         self.running: list[deque] = [deque() for _ in range(actors)]
         self.calls: dict[Any, tuple[int, Attempt]] = {}
 
-    def wait_ready(self) -> list[int]:
-        """Blocks until every actor has loaded its model; model errors surface here."""
-        return ray.get([actor.ready.remote() for actor in self.slots])
+    def wait_ready(self, grace_s: float = 60.0) -> list[int]:
+        """Blocks until every actor has loaded its model; model errors surface here.
+
+        Returns the pids of the actors that are up. An actor that dies while starting is
+        replaced; one still not placed ``grace_s`` after the first is up is left to join
+        later (its slot gets work once it is up), so a lost node cannot stall the start.
+        Raises PlacementError when none is up within ``placement_timeout_s``.
+        """
+        pids: dict[int, int] = {}
+        first_up: float | None = None
+        while any(ref is not None for ref in self.starting):
+            pending = [ref for ref in self.starting if ref is not None]
+            ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                slot = self.starting.index(ref)
+                pid = self._started(slot, ref)
+                if pid is not None:
+                    pids[slot] = pid
+            if pids and first_up is None:
+                first_up = time.monotonic()
+            self._check_placement()
+            if first_up is not None and time.monotonic() - first_up > grace_s:
+                log.warning("%d actor(s) not started yet; going on with %d", len(pending) - len(ready), len(pids))
+                break
+        return [pids[slot] for slot in sorted(pids)]
 
     def close(self) -> None:
         """Stops every actor now, rather than whenever their handles are collected."""
@@ -106,15 +146,63 @@ class UnitScheduler:
         queue: deque[Attempt] = deque(Attempt(u) for u in units)
         while queue or self.calls:
             self._submit(queue)
-            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=1.0)
-            for call in ready:
-                if call in self.calls:  # a death handled just before may have removed it
-                    self._step(call, queue)
+            starting = [ref for ref in self.starting if ref is not None]
+            ready, _ = ray.wait(list(self.calls) + starting, num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self.calls:  # a death handled just before may have removed it
+                    self._step(ref, queue)
+                elif ref in self.starting:
+                    self._started(self.starting.index(ref), ref)
+            self._check_placement()
         self.outcome.seconds = time.perf_counter() - start
         return self.outcome
 
+    def _started(self, slot: int, ref: Any) -> int | None:
+        """Handles the end of a slot's ready() call; returns the pid if the actor is up.
+
+        An error in the actor's ``__init__`` (e.g. the model cannot be loaded) is raised:
+        every replacement would fail the same way. An actor that died or could not be
+        created (its node lost) is replaced, at most ``max_unit_retries`` times in a row.
+        """
+        try:
+            pid = ray.get(ref)
+        except RayTaskError:
+            raise
+        except RayError as e:
+            if isinstance(e, RayActorError) and e.actor_init_failed:
+                raise
+            self.start_failures[slot] += 1
+            if self.start_failures[slot] > self.max_unit_retries:
+                raise RuntimeError(f"worker {slot} died {self.start_failures[slot]} times in a row while starting: {e}") from e
+            log.warning("worker %d died while starting (%s); replacing it", slot, type(e).__name__)
+            self._replace(slot)
+            return None
+        self.starting[slot] = None
+        self.start_failures[slot] = 0
+        self.none_up_since = None
+        return pid
+
+    def _check_placement(self) -> None:
+        if any(ref is None for ref in self.starting):
+            self.none_up_since = None
+            return
+        now = time.monotonic()
+        if self.none_up_since is None:
+            self.none_up_since = now
+        if now - self.none_up_since > self.placement_timeout_s:
+            resources = ray.available_resources()
+            raise PlacementError(
+                f"no annotator actor could be started for {self.placement_timeout_s:.0f} s "
+                f"({len(self.slots)} waiting to be placed; the cluster has {len(ray.nodes())} "
+                f"node(s) known, available resources {resources}): nodes were lost or the cluster "
+                "lacks the CPUs/GPUs each actor asks for. Committed units are kept; rerun the "
+                "same command once the cluster has capacity."
+            )
+
     def _submit(self, queue: deque[Attempt]) -> None:
         for slot, actor in enumerate(self.slots):
+            if self.starting[slot] is not None:
+                continue  # not up yet (maybe never: its node may be gone), so no work
             while queue and len(self.running[slot]) < self.in_flight:
                 attempt = queue.popleft()
                 call = actor.process_unit.options(num_returns="streaming").remote(
@@ -168,8 +256,13 @@ class UnitScheduler:
                 "worker %d died during unit %d (try %d); replacing it", slot, attempt.unit.index, attempt.number + 1
             )
             self._retry(attempt, queue, careful=True, reason=f"worker died repeatedly: {error}")
+        self._replace(slot)
+
+    def _replace(self, slot: int) -> None:
+        """Kills the slot's actor and starts a new one, which gets work once it is up."""
         ray.kill(self.slots[slot], no_restart=True)
         self.slots[slot] = self.spawn()
+        self.starting[slot] = self.slots[slot].ready.remote()
         self.outcome.actors[slot].restarts += 1
 
     def _blame(self, key: str, unit: Unit) -> None:
