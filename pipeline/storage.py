@@ -20,8 +20,13 @@ TEMP_MARKER = ".tmp-"
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
-    """Returns ``(filesystem, path)`` for a local path or any fsspec URL."""
-    return fsspec.core.url_to_fs(url)
+    """Returns ``(filesystem, path)`` for a local path or any fsspec URL.
+
+    Directory listings are never cached: other processes commit units all the time, and
+    a cached listing (s3fs, gcsfs keep one per process) would hide their manifest parts
+    or claim that a file listed a moment ago does not exist.
+    """
+    return fsspec.core.url_to_fs(url, use_listings_cache=False)
 
 
 def url(fs: AbstractFileSystem, path: str) -> str:
