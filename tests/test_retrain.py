@@ -153,11 +153,11 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_sessi
 
     official = Sam(
         image_encoder=ImageEncoderViT(
-            img_size=512, patch_size=16, embed_dim=192, depth=6, num_heads=3, window_size=8,
+            img_size=256, patch_size=16, embed_dim=192, depth=6, num_heads=3, window_size=8,
             global_attn_indexes=(2, 5), out_chans=128, use_rel_pos=True, mlp_ratio=4, qkv_bias=True,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         ),
-        prompt_encoder=PromptEncoder(embed_dim=128, image_embedding_size=(32, 32), input_image_size=(512, 512), mask_in_chans=16),
+        prompt_encoder=PromptEncoder(embed_dim=128, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16),
         mask_decoder=MaskDecoder(
             transformer_dim=128, transformer=TwoWayTransformer(depth=2, embedding_dim=128, mlp_dim=512, num_heads=8),
             iou_head_hidden_dim=128,
