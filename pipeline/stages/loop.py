@@ -141,6 +141,9 @@ def _run_round(cfg: DictConfig, output: Path, n: int, model: str) -> dict[str, A
             "stage.retrain.data.min_predicted_iou / min_stability or mix in labeled data "
             "(stage.retrain.data.synthetic.enabled=true)"
         )
+    if kept == 0:
+        log.warning("round %d: no mask of model %s passes retrain's filters; this round trains on "
+                    "the labeled data only", n, model)
 
     steps = int(stage.retrain.steps)
     registered = output / retrain.MODELS_DIR / version
