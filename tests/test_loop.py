@@ -132,3 +132,18 @@ def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_
     assert again["complete"] and again["rounds_run"] == 0 and again["rounds_skipped"] == 2
     assert _mtimes(watched) == before
     assert json.loads((out / "loop_report.json").read_text())["rounds"] == report["rounds"]
+
+
+def test_training_batches_skip_images_without_masks():
+    """A round whose model kept no mask on an image still trains on the other images."""
+    import numpy as np
+
+    from pipeline.stages.retrain import GroundTruth, to_batch
+
+    scene = make_scene(3, size=(96, 128))
+    empty = GroundTruth("empty", scene.image, np.zeros((0, 96, 128), bool))
+    full = GroundTruth("full", scene.image, scene.masks)
+    data = {"max_masks_per_image": 2, "max_area_fraction": 0.9, "min_mask_area": 4}
+    assert to_batch([empty], 256, data, np.random.default_rng(0)) is None
+    batch = to_batch([empty, full], 256, data, np.random.default_rng(0))
+    assert batch.images.shape == (1, 3, 256, 256) and len(batch.masks) == 1 and len(batch.masks[0]) == 2

@@ -211,6 +211,8 @@ def to_batch(items: list[GroundTruth], img_size: int, data: dict[str, Any], rng:
 
     samples = []
     for gt in items:
+        if len(gt.masks) == 0:  # e.g. an image none of whose automatic masks passed the filters
+            continue
         image, size, masks = prepare_sample(gt.image, gt.masks, img_size)
         idx = select_masks(masks.numpy(), int(data["max_masks_per_image"]),
                            float(data["max_area_fraction"]), int(data["min_mask_area"]), rng)
