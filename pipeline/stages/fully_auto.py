@@ -150,6 +150,7 @@ def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
         units_in_flight_per_actor=stage.units_in_flight_per_actor,
         max_unit_retries=stage.max_unit_retries,
         max_image_crashes=stage.max_image_crashes,
+        placement_timeout_s=stage.placement_timeout_s,
         on_progress=on_progress,
         suspect=lambda unit: inflight_key(str(cfg.output), unit.index),
     )
