@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -35,13 +34,6 @@ TINY = [
 def _cfg(output: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"output={output}", *overrides])
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _write_shard(path: Path, seeds: list[int]) -> list[dict]:
@@ -121,7 +113,7 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_session):
+def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local):
     shards = tmp_path / "data" / "shards"
     shards.mkdir(parents=True)
     _write_shard(shards / "sa_000000.tar", [3, 4])
