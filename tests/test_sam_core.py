@@ -19,7 +19,14 @@ from sam_core.amg_utils import area_from_rle, decode_rle, encode_rle, run_length
 
 from .sam_reference import model_pair, reference_sam, scene_image
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _inference_only():
+    """No autograd in this module's tests (a module-level switch would leak into
+    every test collected after it, e.g. the training tests)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,14 @@ from sam_core import SamAutomaticMaskGenerator, SamPredictor
 
 from .sam_reference import model_pair, scene_image
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _inference_only():
+    """No autograd in this module's tests (a module-level switch would leak into
+    every test collected after it, e.g. the training tests)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
