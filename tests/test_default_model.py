@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import sam_core
@@ -60,8 +61,9 @@ def test_bf16_fast_path_matches_the_fp32_path():
     """Issue 3's quality bar on the shipped model: >= 97% of the fp32 masks matched at
     IoU >= 0.9, mean matched IoU >= 0.97."""
     sam = sam_core.sam_model_registry["vit_tiny"](checkpoint=str(DEFAULT_MODEL))
-    images = [sample_image("astronaut.jpg", 384)]
-    settings = dict(points_per_side=12, output_mode="coco_rle")
+    images = [sample_image("astronaut.jpg", 384), sample_image("coffee.jpg", 384)]
+    shipped = OmegaConf.load(REPO / "conf" / "model" / "default.yaml").amg  # its calibrated thresholds
+    settings = dict(points_per_side=16, output_mode="coco_rle", **shipped)
     ref = [sam_core.SamAutomaticMaskGenerator(sam, **settings).generate(im) for im in images]
     fast = [sam_core.SamAutomaticMaskGenerator(sam, **settings, precision="bf16").generate(im) for im in images]
     parity = mask_parity(ref, fast)
