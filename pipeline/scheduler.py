@@ -1,6 +1,7 @@
 """Drives a pool of annotator actors over units: bounded in-flight work, retries, isolation.
 
-Each unit runs as one streaming actor call that yields per-image progress. When an
+Each unit runs as one streaming actor call that yields progress (a few messages a
+second) and then its summary. When an
 actor dies, it is replaced and its running unit retried from scratch, one image at a
 time ("careful"), so the next crash names the image that caused it. An image blamed
 for ``max_image_crashes`` crashes is poisoned: the next attempt records it as failed
@@ -74,7 +75,7 @@ class PlacementError(RuntimeError):
 class UnitScheduler:
     """Runs units on ``actors`` actors made by ``spawn()``.
 
-    on_progress(images, masks, failed) is called for every image yielded (with negative
+    on_progress(images, masks, failed) is called for every progress message (with negative
     counts when a failed try's progress is taken back). suspect(unit) names the key a
     careful try of ``unit`` was processing when its worker died (None if unknown).
     placement_timeout_s: how long the run may go on with no actor up (none placed, or
@@ -235,10 +236,10 @@ class UnitScheduler:
             stats.seconds += message["seconds"]
             self.outcome.committed.append(message)
         else:
-            attempt.images += 1
+            attempt.images += message["images"]
             attempt.masks += message["masks"]
-            attempt.failed += not message["ok"]
-            self.on_progress(1, message["masks"], 0 if message["ok"] else 1)
+            attempt.failed += message["failed"]
+            self.on_progress(message["images"], message["masks"], message["failed"])
 
     def _actor_died(self, slot: int, queue: deque[Attempt], error: Exception) -> None:
         calls = list(self.running[slot])

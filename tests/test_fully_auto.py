@@ -242,3 +242,23 @@ def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_onc
     assert summary["units_skipped"] >= 2 and summary["units_skipped"] + summary["units_committed"] == 6
     records = check_dataset(out, str(inp))
     assert len(records) == 12
+
+
+@pytest.mark.parametrize("careful", [False, True])
+def test_progress_is_batched_and_adds_up(compose_config, image_folder, tmp_path, tiny_checkpoint, monkeypatch, careful):
+    """Progress messages sum to the unit's summary; normal tries batch them (one message
+    per image cost as much as a small model), careful tries report every image."""
+    from pipeline import annotator
+    from pipeline.sources import split_units
+
+    inp = image_folder(with_bad=True)
+    cfg = OmegaConf.to_container(compose_config(*overrides(inp, tmp_path / "out", tiny_checkpoint)), resolve=True)
+    monkeypatch.setattr(annotator, "PROGRESS_PERIOD_S", 3600.0)  # batch everything in normal tries
+    worker = annotator.Annotator(cfg["model"], cfg["amg"], cfg["stage"]["image"], str(tmp_path / "out"), "sha", threads=1)
+    unit = split_units(enumerate_input(str(inp)), 1000)[0]
+    *progress, summary = list(worker.process_unit(unit, careful=careful))
+    assert summary["unit"] == unit.index and summary["images"] == len(unit.items)
+    assert sum(m["images"] for m in progress) == summary["images"]
+    assert sum(m["masks"] for m in progress) == summary["masks"]
+    assert sum(m["failed"] for m in progress) == summary["errors"] > 0
+    assert len(progress) == (len(unit.items) if careful else 1)
