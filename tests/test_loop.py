@@ -147,3 +147,17 @@ def test_training_batches_skip_images_without_masks():
     assert to_batch([empty], 256, data, np.random.default_rng(0)) is None
     batch = to_batch([empty, full], 256, data, np.random.default_rng(0))
     assert batch.images.shape == (1, 3, 256, 256) and len(batch.masks) == 1 and len(batch.masks[0]) == 2
+
+
+def test_generated_masks_train_the_iou_head_only_if_configured():
+    import numpy as np
+
+    from pipeline.stages.retrain import GroundTruth, to_batch
+
+    scene = make_scene(3, size=(96, 128))
+    labeled = GroundTruth("labeled", scene.image, scene.masks)
+    generated = GroundTruth("generated", scene.image, scene.masks, generated=True)
+    data = {"max_masks_per_image": 2, "max_area_fraction": 0.9, "min_mask_area": 4}
+    for flag in (True, False):
+        batch = to_batch([labeled, generated], 256, {**data, "shards_supervise_iou": flag}, np.random.default_rng(0))
+        assert batch.supervise_iou == [True, flag]

@@ -275,3 +275,26 @@ def test_a_few_steps_on_one_scene_reduce_the_loss(tiny_sam):
         train_step(model, optimizer, batch, g, grad_clip=1.0)
     after = held_loss()
     assert after < 0.75 * before, (before, after)  # measured: 3.45 -> 1.87
+
+
+def test_generated_masks_can_leave_the_iou_head_untrained(tiny_sam):
+    """supervise_iou=False: the IoU head gets no gradient from that image, the rest of
+    the model the same gradient as before (mask losses unchanged)."""
+    model = InteractiveSam(tiny_sam, InteractiveConfig(num_rounds=2, num_rounds_without_point=1))
+    base = _scene_batch([11], max_masks=3, size=256)
+    grads = {}
+    for flag in (True, False):
+        batch = collate([(base.images[0], base.input_sizes[0], base.masks[0])], [flag])
+        model.zero_grad(set_to_none=True)
+        out = model(batch, torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads[flag] = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        assert out["iou_mse"] > 0  # still reported
+    model.zero_grad(set_to_none=True)
+    head = [n for n in grads[True] if n.startswith("sam.mask_decoder.iou_prediction_head")]
+    assert head and all(grads[True][n].abs().sum() > 0 for n in head)
+    assert all(grads[False][n] is None or grads[False][n].abs().sum() == 0 for n in head)
+    hyper = [n for n in grads[True] if n.startswith("sam.mask_decoder.output_hypernetworks_mlps")]
+    assert any(grads[False][n] is not None and grads[False][n].abs().sum() > 0 for n in hyper)
+    with pytest.raises(ValueError, match="supervise_iou"):
+        collate([(base.images[0], base.input_sizes[0], base.masks[0])], [True, False])

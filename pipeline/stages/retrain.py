@@ -42,12 +42,14 @@ MODELS_DIR = "models"
 class GroundTruth:
     """One image with instance masks, from any source.
 
-    key: a unique name; image: HxWx3 uint8 RGB; masks: NxHxW bool.
+    key: a unique name; image: HxWx3 uint8 RGB; masks: NxHxW bool; generated: the masks
+    were made by a model (SA-1B-format shards), not by people or the scene generator.
     """
 
     key: str
     image: np.ndarray
     masks: np.ndarray
+    generated: bool = False
 
 
 def iter_synthetic(seeds: range, size: tuple[int, int]) -> Iterator[GroundTruth]:
@@ -101,7 +103,7 @@ def _decode_shard_sample(
         masks = mask_utils.decode([dict(a["segmentation"]) for a in anns]).transpose(2, 0, 1).astype(bool)
     else:
         masks = np.zeros((0, *image.shape[:2]), bool)
-    return GroundTruth(sample["__key__"], image, masks)
+    return GroundTruth(sample["__key__"], image, masks, generated=True)
 
 
 def iter_shards(
@@ -209,7 +211,7 @@ def to_batch(items: list[GroundTruth], img_size: int, data: dict[str, Any], rng:
     """A ``sam_core.training.Batch`` of the items' trainable masks (empty images skipped)."""
     from sam_core.training import collate, prepare_sample, select_masks
 
-    samples = []
+    samples, supervise_iou = [], []
     for gt in items:
         if len(gt.masks) == 0:  # e.g. an image none of whose automatic masks passed the filters
             continue
@@ -218,7 +220,8 @@ def to_batch(items: list[GroundTruth], img_size: int, data: dict[str, Any], rng:
                            float(data["max_area_fraction"]), int(data["min_mask_area"]), rng)
         if len(idx):
             samples.append((image, size, masks[torch.from_numpy(idx)]))
-    return collate(samples) if samples else None
+            supervise_iou.append(not gt.generated or bool(data.get("shards_supervise_iou", True)))
+    return collate(samples, supervise_iou) if samples else None
 
 
 # ------------------------------------------------------------------------- optimisation

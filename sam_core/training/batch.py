@@ -22,14 +22,18 @@ class Batch:
             after normalisation, so its value here does not matter).
         input_sizes: B (h, w) sizes of the resized images inside the frame.
         masks: B tensors of MixSxS bool, instance masks in the same frame.
+        supervise_iou: per image, whether its masks train the IoU head (None: all do).
+            Masks a model produced itself are no evidence of how good its masks are:
+            trained on them, the IoU head learns that its own masks are right.
     """
 
     images: torch.Tensor
     input_sizes: list[tuple[int, int]]
     masks: list[torch.Tensor]
+    supervise_iou: list[bool] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.images.to(device), self.input_sizes, [m.to(device) for m in self.masks])
+        return Batch(self.images.to(device), self.input_sizes, [m.to(device) for m in self.masks], self.supervise_iou)
 
     @property
     def num_masks(self) -> int:
@@ -88,10 +92,15 @@ def prepare_sample(
     return frame, (nh, nw), mask_frame
 
 
-def collate(samples: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]]) -> Batch:
+def collate(
+    samples: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]], supervise_iou: list[bool] | None = None
+) -> Batch:
     """Stacks ``prepare_sample`` outputs into a Batch."""
+    if supervise_iou is not None and len(supervise_iou) != len(samples):
+        raise ValueError(f"supervise_iou has {len(supervise_iou)} entries for {len(samples)} samples")
     return Batch(
         images=torch.stack([s[0] for s in samples]),
         input_sizes=[s[1] for s in samples],
         masks=[s[2] for s in samples],
+        supervise_iou=supervise_iou,
     )

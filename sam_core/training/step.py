@@ -71,7 +71,8 @@ class InteractiveSam(nn.Module):
         for b, (gt, size) in enumerate(zip(batch.masks, batch.input_sizes)):
             if len(gt) == 0:
                 continue
-            sums = self._interact(embeddings[b : b + 1], image_pe, gt, size, generator)
+            train_iou = batch.supervise_iou is None or batch.supervise_iou[b]
+            sums = self._interact(embeddings[b : b + 1], image_pe, gt, size, generator, train_iou)
             for k, v in sums.items():
                 totals[k] = totals[k] + v if k in totals else v
             count += len(gt)
@@ -123,8 +124,13 @@ class InteractiveSam(nn.Module):
         gt: torch.Tensor,
         input_size: tuple[int, int],
         generator: torch.Generator | None,
+        train_iou: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Sums over masks and rounds of the losses of one image's masks (MxSxS gt)."""
+        """Sums over masks and rounds of the losses of one image's masks (MxSxS gt).
+
+        ``train_iou`` False: the IoU head gets no loss from these masks (its error is
+        still reported in ``iou_mse``).
+        """
         cfg, sam = self.config, self.sam
         device, m, side = gt.device, len(gt), gt.shape[-1]
         valid = torch.zeros(side, side, dtype=torch.bool, device=device)
@@ -167,7 +173,7 @@ class InteractiveSam(nn.Module):
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
             )
-            losses = self._losses(low_res, iou_pred, targets, loss_size)
+            losses = self._losses(low_res, iou_pred, targets, loss_size, train_iou)
             for name, value in zip(_SUMMED, (losses.loss, losses.focal, losses.dice, losses.iou)):
                 sums[name] = sums.get(name, 0) + value.sum()
             # Feed back what inference would return: the candidate with the highest
@@ -184,16 +190,18 @@ class InteractiveSam(nn.Module):
         return sums
 
     def _losses(
-        self, low_res: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, loss_size: int
+        self, low_res: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, loss_size: int,
+        train_iou: bool = True,
     ) -> MaskLosses:
         cfg = self.config
+        iou_weight = cfg.iou_weight if train_iou else 0.0
 
         def compute(low: torch.Tensor, iou: torch.Tensor) -> MaskLosses:
             logits = low.float()
             if logits.shape[-1] != loss_size:
                 logits = F.interpolate(logits, (loss_size, loss_size), mode="bilinear", align_corners=False)
             return multimask_losses(
-                logits, iou, targets, cfg.focal_weight, cfg.dice_weight, cfg.iou_weight,
+                logits, iou, targets, cfg.focal_weight, cfg.dice_weight, iou_weight,
                 cfg.supervise_all_iou, self.sam.mask_threshold,
             )
 
