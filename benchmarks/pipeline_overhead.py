@@ -84,6 +84,8 @@ class MemorySampler(threading.Thread):
             "samples": len(busy),
             "driver_rss_mib": {"after_first_quarter": mib(busy[quarter][1]), "end": mib(busy[-1][1]), "max": mib(max(s[1] for s in busy))},
             "worker_rss_mib": {"after_first_quarter": mib(busy[quarter][2]), "end": mib(busy[-1][2]), "max": mib(max(s[2] for s in busy))},
+            # at 0%, 10%, ..., 100% of the run: growth shows as a trend, a cache as a step
+            "worker_rss_mib_by_tenth": [mib(busy[min(len(busy) - 1, i * len(busy) // 10)][2]) for i in range(11)],
         }
 
 
