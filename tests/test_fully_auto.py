@@ -254,7 +254,7 @@ def test_progress_is_batched_and_adds_up(compose_config, image_folder, tmp_path,
     inp = image_folder(with_bad=True)
     cfg = OmegaConf.to_container(compose_config(*overrides(inp, tmp_path / "out", tiny_checkpoint)), resolve=True)
     monkeypatch.setattr(annotator, "PROGRESS_PERIOD_S", 3600.0)  # batch everything in normal tries
-    worker = annotator.Annotator(cfg["model"], cfg["amg"], cfg["stage"]["image"], str(tmp_path / "out"), "sha", threads=1)
+    worker = annotator.Annotator(cfg["model"], cfg["amg"], cfg["stage"]["image"], str(tmp_path / "out"), "sha")
     unit = split_units(enumerate_input(str(inp)), 1000)[0]
     *progress, summary = list(worker.process_unit(unit, careful=careful))
     assert summary["unit"] == unit.index and summary["images"] == len(unit.items)
