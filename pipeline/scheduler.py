@@ -1,9 +1,9 @@
 """Drives a pool of annotator actors over units: bounded in-flight work, retries, isolation.
 
 Each unit runs as one streaming actor call that yields progress (a few messages a
-second) and then its summary. When an
-actor dies, it is replaced and its running unit retried from scratch, one image at a
-time ("careful"), so the next crash names the image that caused it. An image blamed
+second) and then its summary. When an actor dies, it is replaced and its running unit
+retried from scratch, one image at a time ("careful"), so the next crash names the
+image that caused it. An image blamed
 for ``max_image_crashes`` crashes is poisoned: the next attempt records it as failed
 without touching it, and the unit completes. Retries per unit are bounded.
 
