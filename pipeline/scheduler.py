@@ -3,9 +3,9 @@
 Each unit runs as one streaming actor call that yields progress (a few messages a
 second) and then its summary. When an actor dies, it is replaced and its running unit
 retried from scratch, one image at a time ("careful"), so the next crash names the
-image that caused it. An image blamed
-for ``max_image_crashes`` crashes is poisoned: the next attempt records it as failed
-without touching it, and the unit completes. Retries per unit are bounded.
+image that caused it. An image blamed for ``max_image_crashes`` crashes is poisoned:
+the next attempt records it as failed without touching it, and the unit completes.
+Retries per unit are bounded.
 
 Work goes only to actors that are up: an actor (first or replacement) gets units once
 its ``ready()`` call has returned. A replacement that cannot be placed (its node is
