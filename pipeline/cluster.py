@@ -26,6 +26,7 @@ def connect(cluster: DictConfig) -> bool:
     if cluster.get("address"):
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        runtime_env = {"worker_process_setup_hook": "pipeline.cluster.quiet_local_workers", **(runtime_env or {})}
         ray.init(
             num_cpus=cluster.get("num_cpus"),
             num_gpus=cluster.get("num_gpus"),
@@ -35,6 +36,17 @@ def connect(cluster: DictConfig) -> bool:
             job_config=ray.job_config.JobConfig(code_search_path=[str(PROJECT_ROOT)]),
         )
     return True
+
+
+def quiet_local_workers() -> None:
+    """Worker setup hook of the in-process cluster.
+
+    Ray Train's placement-group cleaner asks the state API, which needs the dashboard
+    that the local cluster leaves off (a process and memory a laptop can spare better),
+    whether the training controller is alive: it would warn once a second for the whole
+    run. Locally it has nothing to clean up anyway: the cluster ends with the driver.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -177,3 +180,18 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
     for key in ("point_miou_1", "point_miou_5", "box_miou", "amg_recall_0.5", "amg_precision_0.75"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["masks"] == 2 and saved["model"].endswith("models/b/model.pth")
+
+
+def test_console_shows_each_progress_line_once_and_no_ray_noise(tmp_path):
+    """The command a user runs, in its own in-process cluster: every progress line once
+    (Ray Train's print patch doubled them), and none of the placement-group cleaner's
+    once-a-second warnings about the state API the local cluster leaves off."""
+    command = [sys.executable, "-m", "pipeline.run", "+stage=retrain", f"output={tmp_path}", "stage.version=q",
+               "stage.steps=12", *TINY, "stage.checkpoint_every=6", "stage.eval.enabled=false",
+               "cluster.num_cpus=1", "model.checkpoint=null"]
+    done = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    steps = re.findall(r"\[retrain\] step (\d+)/12 ", done.stdout)
+    assert steps == [str(i) for i in range(1, 13)], done.stdout[-3000:]
+    assert "Failed to query Ray Train Controller" not in done.stdout

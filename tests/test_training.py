@@ -218,6 +218,39 @@ def test_interactive_forward_is_deterministic_and_checkpointing_changes_nothing(
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("box_probability", [0.0, 0.5, 1.0])
+def test_only_a_lone_first_point_gets_the_multimask_output(tiny_sam, box_probability):
+    """As at inference: one click -> three candidates; a box, or any prompt with
+    corrective clicks -> the single-mask token."""
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((len(kwargs["sparse_prompt_embeddings"]), kwargs["multimask_output"]))
+
+    model = InteractiveSam(tiny_sam, InteractiveConfig(num_rounds=2, num_rounds_without_point=0,
+                                                       box_probability=box_probability))
+    batch = _scene_batch([11], max_masks=6)
+    m = len(batch.masks[0])
+    handle = tiny_sam.mask_decoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(batch, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    first, later = calls[:-1], calls[-1]
+    assert later == (m, False)  # round 1: every mask has a corrective click
+    multi = sum(n for n, flag in first if flag)
+    single = sum(n for n, flag in first if not flag)
+    assert multi + single == m
+    if box_probability == 0.0:
+        assert first == [(m, True)]
+    elif box_probability == 1.0:
+        assert first == [(m, False)]
+    else:
+        assert multi > 0 and single > 0
+    assert 0.0 <= out["iou_first"].item() <= 1.0
+
+
 def _official_small_sam():
     from functools import partial
 

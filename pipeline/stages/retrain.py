@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -269,6 +270,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return best
 
 
+def _say(line: str) -> None:
+    """A progress line to the driver's console. Ray forwards worker stdout, not worker
+    loggers; and not ``print``, which Ray Train patches to go to stdout and to a logger
+    that also ends on stdout, so every line would show twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: the plain loop of ``sam_core.training.train_step`` plus
     checkpoints. Runs unchanged with one CPU worker or N GPU workers (DDP)."""
@@ -316,8 +325,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     img_size = bare.sam.image_encoder.img_size
     stream = training_stream(data, rank, world, start, int(config["batch_size"]), img_size)
     every = int(config["checkpoint_every"])
-    print(f"[retrain] worker {rank}/{world} on {device}, {torch.get_num_threads()} threads, "
-          f"steps {start}..{steps}", flush=True)
+    _say(f"[retrain] worker {rank}/{world} on {device}, {torch.get_num_threads()} threads, "
+         f"steps {start}..{steps}")
 
     # stop_at_step ends this invocation early without changing the schedule, e.g. to
     # train in time slices on a shared machine; rerunning the version continues it.
@@ -335,9 +344,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         out.update(step=step + 1, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
         history.append(out)
         if (step + 1) % int(config["log_every"]) == 0 and rank == 0:
-            # print, not log: Ray forwards worker stdout to the driver, not worker loggers
-            print(f"[retrain] step {step + 1}/{steps} loss {out['loss']:.4f} iou_first "
-                  f"{out['iou_first']:.3f} iou_last {out['iou_last']:.3f} {out['seconds']:.2f}s", flush=True)
+            _say(f"[retrain] step {step + 1}/{steps} loss {out['loss']:.4f} iou_first "
+                 f"{out['iou_first']:.3f} iou_last {out['iou_last']:.3f} {out['seconds']:.2f}s")
         if (step + 1) % every == 0 or step + 1 == end:
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             gens = _gather_generator_states(generator, world)

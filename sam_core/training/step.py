@@ -163,27 +163,37 @@ class InteractiveSam(nn.Module):
             sparse, dense = self._prompt_embeddings(
                 first_points, boxes, point_idx, box_idx, coords, labels, mask_input
             )
-            # Only a lone first prompt is ambiguous; with corrective clicks the
-            # single-mask token answers, as in the paper.
-            multimask = coords.shape[1] == 0
-            low_res, iou_pred = sam.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
-            losses = self._losses(low_res, iou_pred, targets, loss_size, train_iou)
-            for name, value in zip(_SUMMED, (losses.loss, losses.focal, losses.dice, losses.iou)):
-                sums[name] = sums.get(name, 0) + value.sum()
-            # Feed back what inference would return: the candidate with the highest
-            # predicted IoU, as unthresholded low-res logits (detached: the paper
-            # back-propagates each round's loss, not through the chain of rounds).
-            chosen = iou_pred.detach().argmax(1)
-            mask_input = low_res.detach()[rows, chosen][:, None]
+            # Only a lone first point is ambiguous: it gets the three multimask outputs.
+            # A box, or any prompt with corrective clicks, gets the single-mask token, as
+            # at inference (the predictor's box and multi-click answers; SAM 2 trains
+            # the same way).
+            groups = [(point_idx, True), (box_idx, False)] if coords.shape[1] == 0 else [(rows, False)]
+            next_input, chosen_iou = None, 0
+            for idx, multimask in groups:
+                if len(idx) == 0:
+                    continue
+                low_res, iou_pred = sam.mask_decoder(
+                    image_embeddings=embedding,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse[idx],
+                    dense_prompt_embeddings=dense[idx],
+                    multimask_output=multimask,
+                )
+                losses = self._losses(low_res, iou_pred, targets[idx], loss_size, train_iou)
+                for name, value in zip(_SUMMED, (losses.loss, losses.focal, losses.dice, losses.iou)):
+                    sums[name] = sums.get(name, 0) + value.sum()
+                # Feed back what inference would return: the candidate with the highest
+                # predicted IoU, as unthresholded low-res logits (detached: the paper
+                # back-propagates each round's loss, not through the chain of rounds).
+                local = torch.arange(len(idx), device=device)
+                chosen = iou_pred.detach().argmax(1)
+                if next_input is None:
+                    next_input = low_res.new_zeros(m, 1, *low_res.shape[-2:])
+                next_input[idx] = low_res.detach()[local, chosen][:, None].to(next_input.dtype)
+                chosen_iou = chosen_iou + losses.actual_iou[local, chosen].sum()
+            mask_input = next_input
             pred = F.interpolate(mask_input, (side, side), mode="bilinear", align_corners=False)[:, 0]
             pred = pred > sam.mask_threshold
-            chosen_iou = losses.actual_iou[rows, chosen].sum()
             if r == 0:
                 sums["iou_first"] = chosen_iou
         sums["iou_last"] = chosen_iou
