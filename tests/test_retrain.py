@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.run import PROJECT_ROOT, run_stage
 from pipeline.shards import ShardWriter, sa1b_record
-from pipeline.stages.eval import amg_matches, next_click
+from pipeline.stages.eval import amg_matches, next_click, resolution_ceiling
 from pipeline.stages.retrain import iter_coco, iter_shards, lr_factor
 from pipeline.synthetic import make_scene
 
@@ -112,6 +112,17 @@ def test_eval_click_protocol_and_matching():
     assert best_gt.tolist() == pytest.approx([1.0, 0.2]) and best_pred.tolist() == [1.0]
 
 
+def test_resolution_ceiling_penalises_what_the_mask_grid_cannot_draw():
+    masks = np.zeros((3, 512, 512), bool)
+    masks[0, 100:400, 50:450] = True        # large: drawn almost exactly
+    masks[1, 200:216, 200:216] = True       # 16 px: two logits of a 64-grid
+    masks[2, 300:302, 20:500] = True        # a 2-px line: below one logit
+    coarse, fine = resolution_ceiling(masks, 64), resolution_ceiling(masks, 512)
+    assert coarse[0] > 0.98 and coarse[1] < coarse[0] and coarse[2] < 0.5
+    assert fine.tolist() == pytest.approx([1.0, 1.0, 1.0])  # at full resolution nothing is lost
+    assert (resolution_ceiling(masks, 128) >= coarse - 1e-6).all()
+
+
 def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -177,7 +188,8 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
                             "stage.max_masks_per_image=2", "stage.amg.points_per_side=4"))
     saved = json.loads((out / "eval/eval.json").read_text())
     assert saved == pytest.approx(result) or saved.keys() == result.keys()
-    for key in ("point_miou_1", "point_miou_5", "box_miou", "amg_recall_0.5", "amg_precision_0.75"):
+    for key in ("point_miou_1", "point_miou_5", "box_miou", "resolution_ceiling_miou", "amg_recall_0.5",
+                "amg_precision_0.75"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["masks"] == 2 and saved["model"].endswith("models/b/model.pth")
 

@@ -11,6 +11,8 @@ Metrics (SAM paper protocol where it has one):
 - box mIoU: the tight ground-truth box, single-mask output.
 - automatic generation: recall (ground-truth masks matched) and precision (generated
   masks matching) at IoU 0.5 and 0.75.
+- resolution ceiling: the mIoU a perfect answer at the model's mask resolution would
+  get on the prompted masks; no prompted metric of this architecture can pass it.
 Printed as a table and written to ``<output>/eval.json``.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.stages.retrain import (
@@ -122,6 +125,26 @@ def prompt_ious(predictor, masks: np.ndarray, clicks: int) -> dict[str, np.ndarr
     return {"clicks": click_iou, "oracle1": oracle, "box": box_iou}
 
 
+def resolution_ceiling(masks: np.ndarray, low_res: int) -> np.ndarray:
+    """IoU each of the masks (MxHxW bool) would get from a perfect answer at ``low_res``.
+
+    SAM's decoder answers with ``low_res`` x ``low_res`` logits over its square input
+    frame (the image's longest side), which are upsampled bilinearly and thresholded.
+    A mask's best answer at that size is about its own area average, upsampled the same
+    way and thresholded at one half: small and thin objects lose most (a 256-px model
+    answers at 64x64, i.e. 8x8 pixels of a 512-px image per logit).
+    """
+    h, w = masks.shape[1:]
+    scale = low_res / max(h, w)
+    m = torch.from_numpy(masks).float()[:, None]
+    low = F.interpolate(m, (max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+    best = F.interpolate(low, (h, w), mode="bilinear", align_corners=False)[:, 0] > 0.5
+    gt = m[:, 0] > 0
+    inter = (best & gt).flatten(1).sum(1)
+    union = (best | gt).flatten(1).sum(1)
+    return (inter / union.clamp(min=1)).numpy()
+
+
 def amg_matches(records: list[dict[str, Any]], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(best IoU of each ground-truth mask, best IoU of each generated mask)."""
     from pycocotools import mask as mask_utils
@@ -142,7 +165,7 @@ def evaluate_model(
     """Evaluates a model; writes ``out_dir/eval.json`` when ``out_dir`` is given.
 
     Returns a dict: images, masks, point_miou_<k> for each configured click count,
-    point_miou_1_oracle, box_miou, amg_recall_<t>, amg_precision_<t> per IoU
+    point_miou_1_oracle, box_miou, resolution_ceiling_miou, amg_recall_<t>, amg_precision_<t> per IoU
     threshold, amg_masks_per_image, seconds, plus model and source.
     """
     import sam_core
@@ -160,7 +183,8 @@ def evaluate_model(
     clicks = [int(c) for c in eval_cfg["clicks"]]
     thresholds = [float(t) for t in eval_cfg["iou_thresholds"]]
     rng = np.random.default_rng(0)
-    click_rows, oracle_rows, box_rows, gt_best, pred_best = [], [], [], [], []
+    click_rows, oracle_rows, box_rows, ceiling_rows, gt_best, pred_best = [], [], [], [], [], []
+    low_res = int(sam.prompt_encoder.mask_input_size[0])
     images = 0
     t0 = time.perf_counter()
     for gt in ground_truth(eval_cfg):
@@ -177,6 +201,7 @@ def evaluate_model(
         click_rows.append(res["clicks"])
         oracle_rows.append(res["oracle1"])
         box_rows.append(res["box"])
+        ceiling_rows.append(resolution_ceiling(prompted, low_res))
         g, p = amg_matches(generator.generate(gt.image), masks)
         gt_best.append(g)
         pred_best.append(p)
@@ -190,6 +215,7 @@ def evaluate_model(
         result[f"point_miou_{k}"] = float(click_iou[:, k - 1].mean())
     result["point_miou_1_oracle"] = float(np.concatenate(oracle_rows).mean())
     result["box_miou"] = float(np.concatenate(box_rows).mean())
+    result["resolution_ceiling_miou"] = float(np.concatenate(ceiling_rows).mean())
     for t in thresholds:
         result[f"amg_recall_{t}"] = float((g >= t).mean())
         result[f"amg_precision_{t}"] = float((p >= t).mean()) if len(p) else 0.0
