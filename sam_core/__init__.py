@@ -11,6 +11,7 @@ from .build import (
     build_sam_vit_h,
     build_sam_vit_l,
     build_sam_vit_tiny,
+    build_sam_vit_tiny_512,
     sam_model_registry,
 )
 from .checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, read_state_dict
@@ -29,6 +30,7 @@ __all__ = [
     "build_sam_vit_h",
     "build_sam_vit_l",
     "build_sam_vit_tiny",
+    "build_sam_vit_tiny_512",
     "checkpoint_sha256",
     "load_checkpoint",
     "read_state_dict",

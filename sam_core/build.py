@@ -28,6 +28,9 @@ ENCODER_SIZES: Dict[str, dict] = {
         iou_head_hidden_dim=128,
     ),
 }
+# The small model at twice the input size: its 128x128 low-res masks can draw objects a
+# 256-px model's 64x64 cannot (models/README.md, "resolution ceiling"); 4x the compute.
+ENCODER_SIZES["vit_tiny_512"] = {**ENCODER_SIZES["vit_tiny"], "image_size": 512}
 
 
 def _build_sam(
@@ -93,6 +96,7 @@ build_sam_vit_h = _builder("vit_h")
 build_sam_vit_l = _builder("vit_l")
 build_sam_vit_b = _builder("vit_b")
 build_sam_vit_tiny = _builder("vit_tiny")
+build_sam_vit_tiny_512 = _builder("vit_tiny_512")
 build_sam = build_sam_vit_h  # official alias
 
 sam_model_registry: Dict[str, Callable[..., Sam]] = {
@@ -101,4 +105,5 @@ sam_model_registry: Dict[str, Callable[..., Sam]] = {
     "vit_l": build_sam_vit_l,
     "vit_b": build_sam_vit_b,
     "vit_tiny": build_sam_vit_tiny,
+    "vit_tiny_512": build_sam_vit_tiny_512,
 }

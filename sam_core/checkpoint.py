@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OFFICIAL_CHECKPOINTS = {
@@ -53,16 +54,54 @@ def describe_architecture(state: Dict[str, torch.Tensor]) -> str:
     embed_dim, grid = pos.shape[-1], pos.shape[1]
     from .build import ENCODER_SIZES  # local import: build imports this module
 
-    for name, sizes in ENCODER_SIZES.items():
-        if sizes["encoder_embed_dim"] == embed_dim and sizes["encoder_depth"] == depth:
-            return f"{name} (embed_dim {embed_dim}, depth {depth}, {grid}x{grid} patches)"
+    same = [name for name, sizes in ENCODER_SIZES.items()
+            if sizes["encoder_embed_dim"] == embed_dim and sizes["encoder_depth"] == depth]
+    exact = [name for name in same if ENCODER_SIZES[name].get("image_size", 1024) // 16 == grid]
+    if exact or same:
+        return f"{(exact or same)[0]} (embed_dim {embed_dim}, depth {depth}, {grid}x{grid} patches)"
     return f"an unregistered size (embed_dim {embed_dim}, depth {depth}, {grid}x{grid} patches)"
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], arch: str = "the model") -> nn.Module:
+def resize_positions(state: Dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Fits, in place, the input-size-dependent tensors of ``state`` to ``model``.
+
+    The same architecture at another input size differs only in the absolute position
+    embedding (one vector per patch: resampled bicubically over the patch grid) and the
+    relative-position tables of global-attention blocks (one row per patch distance:
+    resampled linearly), which is how SAM and ViTDet move a ViT to a new resolution.
+    Returns the keys it changed; every other tensor is left for the strict load to check.
+    """
+    expected = model.state_dict()
+    changed = []
+    for key, value in state.items():
+        want = expected.get(key)
+        if want is None or want.shape == value.shape:
+            continue
+        if key.endswith("image_encoder.pos_embed") and value.ndim == 4:  # 1 x H x W x C
+            grid = F.interpolate(value.permute(0, 3, 1, 2).float(), size=tuple(want.shape[1:3]),
+                                 mode="bicubic", align_corners=False)
+            state[key] = grid.permute(0, 2, 3, 1).to(value.dtype)
+        elif key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) and value.ndim == 2 and value.shape[1] == want.shape[1]:
+            rows = F.interpolate(value.T[None].float(), size=want.shape[0], mode="linear", align_corners=False)
+            state[key] = rows[0].T.to(value.dtype)
+        else:
+            continue
+        changed.append(key)
+    return changed
+
+
+def load_checkpoint(
+    model: nn.Module, path: Union[str, os.PathLike], arch: str = "the model", resize: bool = False
+) -> nn.Module:
     """Loads ``path`` into ``model`` strictly: missing keys, unexpected keys and shape
-    mismatches raise CheckpointError naming them and the architecture the file fits."""
+    mismatches raise CheckpointError naming them and the architecture the file fits.
+
+    ``resize`` first fits a file of the same architecture at another input size
+    (``resize_positions``), e.g. to fine-tune a 256-px model at 512 px.
+    """
     state = read_state_dict(path)
+    if resize:
+        resize_positions(state, model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

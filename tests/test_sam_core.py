@@ -72,6 +72,42 @@ def test_wrong_architecture_is_recognised(official_checkpoint):
     assert "does not fit vit_b" in str(err.value) and "looks like vit_tiny" in str(err.value)
 
 
+def test_a_model_moves_to_another_input_size(official_checkpoint):
+    """vit_tiny (256 px) -> vit_tiny_512: only the position tables are resampled, and
+    only on request; the result is a plain official state dict at the new size."""
+    from sam_core.checkpoint import load_checkpoint, resize_positions
+
+    path, ref = official_checkpoint
+    with pytest.raises(CheckpointError) as err:
+        sam_model_registry["vit_tiny_512"](checkpoint=str(path))
+    assert "image_encoder.pos_embed" in str(err.value) and "looks like vit_tiny (" in str(err.value)
+
+    big = load_checkpoint(sam_model_registry["vit_tiny_512"](), path, "vit_tiny_512", resize=True)
+    small_state, big_state = ref.state_dict(), big.state_dict()
+    assert big_state["image_encoder.pos_embed"].shape == (1, 32, 32, 192)
+    resized = {"image_encoder.pos_embed"} | {
+        f"image_encoder.blocks.{i}.attn.rel_pos_{a}" for i in (2, 5) for a in "hw"}  # global attention
+    for key in resized:
+        assert big_state[key].shape != small_state[key].shape, key
+    assert big_state["image_encoder.blocks.2.attn.rel_pos_h"].shape == (63, 64)
+    for key, value in small_state.items():
+        if key not in resized:  # windowed blocks' tables and every weight carry over unchanged
+            assert torch.equal(big_state[key], value), key
+    # Resampling keeps the table's values: the ends of the distance axis stay close.
+    h_small, h_big = small_state["image_encoder.blocks.5.attn.rel_pos_h"], big_state["image_encoder.blocks.5.attn.rel_pos_h"]
+    assert torch.allclose(h_big[31], h_small[15], atol=0.02)  # distance 0 sits in the middle of both
+    assert resize_positions(dict(big_state), big) == []  # nothing to do at the same size
+
+    from sam_core.bench import official_sam
+    official_sam("vit_tiny_512", big_state)  # loads strictly in the official classes
+    from sam_core import SamPredictor
+
+    predictor = SamPredictor(big)
+    predictor.set_image(scene_image(300, 400))
+    masks, scores, low = predictor.predict(box=np.array([50, 60, 200, 220]), multimask_output=False)
+    assert masks.shape == (1, 300, 400) and low.shape == (1, 128, 128)
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker

@@ -243,12 +243,18 @@ def make_optimizer(model: torch.nn.Module, optim: dict[str, Any]) -> torch.optim
     )
 
 
-def build_model(arch: str, checkpoint: str | None) -> torch.nn.Module:
+def build_model(arch: str, checkpoint: str | None, resize: bool = False) -> torch.nn.Module:
+    """``arch`` with the weights of ``checkpoint``; ``resize``: the file may come from the
+    same architecture at another input size (position tables are resampled)."""
     import sam_core
 
     if arch not in sam_core.sam_model_registry:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
-    return sam_core.sam_model_registry[arch](checkpoint=checkpoint)
+    if not resize or checkpoint is None:
+        return sam_core.sam_model_registry[arch](checkpoint=checkpoint)
+    from sam_core.checkpoint import load_checkpoint
+
+    return load_checkpoint(sam_core.sam_model_registry[arch](), checkpoint, arch=arch, resize=True)
 
 
 # -------------------------------------------------------------------------- checkpoints
@@ -290,7 +296,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(int(config["seed"]))
-    sam = build_model(config["arch"], config.get("init_checkpoint"))
+    # A start model trained at another input size (e.g. vit_tiny -> vit_tiny_512) fits.
+    sam = build_model(config["arch"], config.get("init_checkpoint"), resize=True)
     interactive = InteractiveConfig(**config["interactive"])
     model = InteractiveSam(sam, interactive)
     optimizer = make_optimizer(model, config["optim"])
