@@ -134,15 +134,14 @@ def resolution_ceiling(masks: np.ndarray, low_res: int) -> np.ndarray:
     way and thresholded at one half: small and thin objects lose most (a 256-px model
     answers at 64x64, i.e. 8x8 pixels of a 512-px image per logit).
     """
+    from sam_core.training import binary_mask_iou
+
     h, w = masks.shape[1:]
     scale = low_res / max(h, w)
     m = torch.from_numpy(masks).float()[:, None]
     low = F.interpolate(m, (max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
     best = F.interpolate(low, (h, w), mode="bilinear", align_corners=False)[:, 0] > 0.5
-    gt = m[:, 0] > 0
-    inter = (best & gt).flatten(1).sum(1)
-    union = (best | gt).flatten(1).sum(1)
-    return (inter / union.clamp(min=1)).numpy()
+    return binary_mask_iou(best, m[:, 0] > 0).numpy()
 
 
 def amg_matches(records: list[dict[str, Any]], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

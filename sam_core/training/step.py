@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .batch import Batch
-from .losses import MaskLosses, binary_mask_iou, multimask_losses
+from .losses import MaskLosses, multimask_losses
 from .prompts import noisy_boxes, round_schedule, sample_error_points, sample_points_in_masks
 
 
