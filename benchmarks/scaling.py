@@ -62,7 +62,7 @@ def run_on(nodes: int, args: argparse.Namespace, images: Path, checkpoint: Path,
     with LocalRayCluster(nodes=nodes, num_cpus=args.cpus_per_node) as cluster:
         command = [
             sys.executable, "-m", "pipeline.run", "+stage=fully_auto", "cluster=existing",
-            f"input={images}", f"output={out}", f"model.checkpoint={checkpoint}",
+            f"input={images}", f"output={out}", "model=vit_tiny", f"model.checkpoint={checkpoint}",
             f"amg.points_per_side={args.points_per_side}", "amg.pred_iou_thresh=0", "amg.stability_score_thresh=0",
             f"stage.images_per_unit={args.images_per_unit}", f"stage.cpus_per_actor={args.cpus_per_node}",
             f"hydra.run.dir={work / f'run_{nodes}n'}",

@@ -84,7 +84,7 @@ def test_fully_auto_on_s3_killed_and_resumed_then_stats_from_s3(s3_env, tmp_path
     fs.put(str(local_images) + "/", "engine/images/", recursive=True)
     inp, out = "s3://engine/images", "s3://engine/dataset"
     command = stage_command(
-        "+stage=fully_auto", f"input={inp}", f"output={out}", f"model.checkpoint={tiny_checkpoint}", *FAST,
+        "+stage=fully_auto", f"input={inp}", f"output={out}", "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}", *FAST,
         "stage.images_per_unit=1", "cluster.num_cpus=1", f"hydra.run.dir={tmp_path / 'run'}",
     )
 
@@ -142,7 +142,7 @@ def submit_fully_auto(cluster: LocalRayCluster, job_id: str, inp: Path, out: Pat
     submit = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "submit.py"), "--address", cluster.dashboard, "submit",
          "--job-id", job_id, "+stage=fully_auto", f"input={inp}", f"output={out}",
-         f"model.checkpoint={checkpoint}", *FAST, "stage.images_per_unit=1", "stage.num_actors=2",
+         "model=vit_tiny", f"model.checkpoint={checkpoint}", *FAST, "stage.images_per_unit=1", "stage.num_actors=2",
          f"hydra.run.dir={out.parent / 'run'}", *extra],
         env=cluster.env, capture_output=True, text=True, timeout=300,
     )

@@ -1,4 +1,4 @@
-"""The model the project ships (models/sam_vit_tiny_synthetic.pth): it loads everywhere,
+"""The model the project ships (conf/model/default.yaml): it loads everywhere,
 the quickstart runs with it, and the bf16 fast path agrees with the fp32 path on it."""
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from sam_core.bench import mask_parity, official_sam
 from tests.conftest import REPO
 from tests.test_fully_auto import check_dataset
 
-DEFAULT_MODEL = REPO / "models" / "sam_vit_tiny_synthetic.pth"
+SHIPPED = OmegaConf.load(REPO / "conf" / "model" / "default.yaml")
+ARCH = SHIPPED.model.arch
+DEFAULT_MODEL = REPO / "models" / SHIPPED.model.checkpoint.rsplit("/models/", 1)[1]
 SAMPLE = REPO / "sample" / "images"
 
 
@@ -26,9 +28,9 @@ def sample_image(name: str, long_side: int = 512) -> np.ndarray:
 
 def test_shipped_model_is_small_and_loads_in_both_implementations():
     assert DEFAULT_MODEL.stat().st_size <= 25 * 2**20
-    ours = sam_core.sam_model_registry["vit_tiny"](checkpoint=str(DEFAULT_MODEL))
+    ours = sam_core.sam_model_registry[ARCH](checkpoint=str(DEFAULT_MODEL))
     state = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
-    official = official_sam("vit_tiny", state)  # strict load into the official classes
+    official = official_sam(ARCH, state)  # strict load into the official classes
     image = sample_image("coffee.jpg", 256)
     pred = sam_core.SamPredictor(ours)
     pred.set_image(image)
@@ -62,9 +64,9 @@ def test_bf16_fast_path_matches_the_fp32_path():
     IoU >= 0.9, mean matched IoU >= 0.97; not counting masks whose predicted IoU or
     stability lies within float noise of the filter that kept them (bf16 may put them
     either side: with this model every unmatched mask was within 0.002 of a threshold)."""
-    sam = sam_core.sam_model_registry["vit_tiny"](checkpoint=str(DEFAULT_MODEL))
+    sam = sam_core.sam_model_registry[ARCH](checkpoint=str(DEFAULT_MODEL))
     images = [sample_image("astronaut.jpg", 384), sample_image("coffee.jpg", 384)]
-    shipped = OmegaConf.load(REPO / "conf" / "model" / "default.yaml").amg  # its calibrated thresholds
+    shipped = SHIPPED.amg  # its calibrated thresholds
     settings = dict(points_per_side=16, output_mode="coco_rle", **shipped)
     ref = [sam_core.SamAutomaticMaskGenerator(sam, **settings).generate(im) for im in images]
     fast = [sam_core.SamAutomaticMaskGenerator(sam, **settings, precision="bf16").generate(im) for im in images]

@@ -30,7 +30,8 @@ FAST = ["amg.points_per_side=4", "amg.pred_iou_thresh=0", "amg.stability_score_t
 
 
 def overrides(inp, out, checkpoint, *extra: str) -> list[str]:
-    return ["+stage=fully_auto", f"input={inp}", f"output={out}", f"model.checkpoint={checkpoint}", *FAST, *extra]
+    return ["+stage=fully_auto", f"input={inp}", f"output={out}", "model=vit_tiny", f"model.checkpoint={checkpoint}", *FAST,
+            *extra]
 
 
 def check_dataset(out: Path, inp: str) -> dict[str, dict]:

@@ -58,7 +58,8 @@ def _mtimes(paths: list[Path]) -> list[int]:
 def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_checkpoint, pool, tmp_path,
                                                 caplog):
     out = tmp_path / "out"
-    args = ["+stage=loop", f"input={pool}", f"output={out}", f"stage.init_checkpoint={tiny_checkpoint}", *TINY]
+    args = ["+stage=loop", f"input={pool}", f"output={out}", "model=vit_tiny", f"stage.init_checkpoint={tiny_checkpoint}",
+            *TINY]
     rounds = out / "rounds"
     caplog.set_level(logging.INFO, logger="pipeline")
 

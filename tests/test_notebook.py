@@ -53,7 +53,7 @@ def test_notebook_on_sample_output(tmp_path, monkeypatch, tiny_checkpoint, ray_l
     few masks), which must validate clean, then stats, then the notebook."""
     out = tmp_path / "sample"
     run_stage(compose("fully_auto", REPO / "sample" / "images", out, overrides=[
-        f"model.checkpoint={tiny_checkpoint}", "amg.points_per_side=4", "amg.pred_iou_thresh=0",
+        "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}", "amg.points_per_side=4", "amg.pred_iou_thresh=0",
         "amg.stability_score_thresh=0", "stage.images_per_unit=2"]))
     assert run_stage(compose("validate", out, overrides=["stage.parallel=local"]))["problems"] == 0
     summary = run_stage(compose("stats", out, overrides=["stage.parallel=local"]))

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import sam_core
 from pipeline.run import PROJECT_ROOT, run_stage
 from pipeline.shards import ShardWriter, sa1b_record
 from pipeline.stages.eval import amg_matches, next_click, resolution_ceiling
@@ -23,6 +24,7 @@ from pipeline.stages.retrain import iter_coco, iter_shards, lr_factor
 from pipeline.synthetic import make_scene
 
 TINY = [
+    "model=vit_tiny",
     "stage.batch_size=1",
     "stage.interactive.num_rounds=2",
     "stage.interactive.num_rounds_without_point=1",
@@ -154,7 +156,6 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
     assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
 
     # The registered file is a plain official state dict: both loaders take it strictly.
-    import sam_core
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     official = Sam(
@@ -207,3 +208,12 @@ def test_console_shows_each_progress_line_once_and_no_ray_noise(tmp_path):
     steps = re.findall(r"\[retrain\] step (\d+)/12 ", done.stdout)
     assert steps == [str(i) for i in range(1, 13)], done.stdout[-3000:]
     assert "Failed to query Ray Train Controller" not in done.stdout
+
+
+@pytest.mark.parametrize("recipe", ["retrain_default_cpu", "retrain_default_gpu"])
+def test_default_model_recipes_compose(recipe, tmp_path):
+    """The documented default-model commands compose, name a registered architecture and
+    register a version under the output."""
+    cfg = _cfg(tmp_path, f"+stage={recipe}")
+    assert cfg.stage.arch in sam_core.sam_model_registry
+    assert cfg.stage.version and cfg.stage.steps > 0
