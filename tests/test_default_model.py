@@ -1,5 +1,5 @@
-"""The model the project ships (conf/model/default.yaml): it loads everywhere,
-the quickstart runs with it, and the bf16 fast path agrees with the fp32 path on it."""
+"""The models the project ships (conf/model/default.yaml, and vit_tiny.yaml): they load everywhere,
+the quickstart runs with the default, and the bf16 fast path agrees with the fp32 path on it."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +14,14 @@ from sam_core.bench import mask_parity, official_sam
 from tests.conftest import REPO
 from tests.test_fully_auto import check_dataset
 
-SHIPPED = OmegaConf.load(REPO / "conf" / "model" / "default.yaml")
-ARCH = SHIPPED.model.arch
-DEFAULT_MODEL = REPO / "models" / SHIPPED.model.checkpoint.rsplit("/models/", 1)[1]
+
+def shipped(name: str):
+    """(arch, checkpoint file, generator thresholds) of a model shipped in models/."""
+    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    return cfg.model.arch, REPO / "models" / cfg.model.checkpoint.rsplit("/models/", 1)[1], cfg.amg
+
+
+ARCH, DEFAULT_MODEL, SHIPPED_AMG = shipped("default")
 SAMPLE = REPO / "sample" / "images"
 
 
@@ -26,11 +31,13 @@ def sample_image(name: str, long_side: int = 512) -> np.ndarray:
     return np.asarray(image)
 
 
-def test_shipped_model_is_small_and_loads_in_both_implementations():
-    assert DEFAULT_MODEL.stat().st_size <= 25 * 2**20
-    ours = sam_core.sam_model_registry[ARCH](checkpoint=str(DEFAULT_MODEL))
-    state = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
-    official = official_sam(ARCH, state)  # strict load into the official classes
+@pytest.mark.parametrize("name", ["default", "vit_tiny"])
+def test_shipped_models_are_small_and_load_in_both_implementations(name):
+    arch, path, _ = shipped(name)
+    assert path.stat().st_size <= 25 * 2**20
+    ours = sam_core.sam_model_registry[arch](checkpoint=str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    official = official_sam(arch, state)  # strict load into the official classes
     image = sample_image("coffee.jpg", 256)
     pred = sam_core.SamPredictor(ours)
     pred.set_image(image)
@@ -66,7 +73,7 @@ def test_bf16_fast_path_matches_the_fp32_path():
     either side: with this model every unmatched mask was within 0.002 of a threshold)."""
     sam = sam_core.sam_model_registry[ARCH](checkpoint=str(DEFAULT_MODEL))
     images = [sample_image("astronaut.jpg", 384), sample_image("coffee.jpg", 384)]
-    shipped = SHIPPED.amg  # its calibrated thresholds
+    shipped = SHIPPED_AMG  # its calibrated thresholds
     settings = dict(points_per_side=16, output_mode="coco_rle", **shipped)
     ref = [sam_core.SamAutomaticMaskGenerator(sam, **settings).generate(im) for im in images]
     fast = [sam_core.SamAutomaticMaskGenerator(sam, **settings, precision="bf16").generate(im) for im in images]

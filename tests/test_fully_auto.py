@@ -72,8 +72,8 @@ def check_dataset(out: Path, inp: str) -> dict[str, dict]:
 def test_default_config_runs_the_samples_with_the_default_model(compose_config, tmp_path):
     cfg = compose_config("+stage=fully_auto", f"output={tmp_path / 'out'}")
     assert cfg.input == str(REPO / "sample" / "images")
-    assert cfg.model.arch == "vit_tiny"
-    assert cfg.model.checkpoint == str(REPO / "models" / "sam_vit_tiny_synthetic.pth")
+    assert cfg.model.arch == "vit_tiny_512"
+    assert cfg.model.checkpoint == str(REPO / "models" / "sam_vit_tiny_512_synthetic.pth")
     assert len(enumerate_input(cfg.input)) >= 5
     missing = compose_config("+stage=fully_auto", f"output={tmp_path / 'out'}", f"model.checkpoint={tmp_path / 'no.pth'}")
     with pytest.raises(FileNotFoundError, match="model.checkpoint="):
