@@ -184,10 +184,12 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
     assert "retrain" in (registered / "config.yaml").read_text()
     assert not (registered / "eval.json").exists()  # stale after re-registration without eval
 
-    # Eval stage on a registered version, by name.
+    # Eval stage on a registered version, by name, as the architecture it was trained as
+    # (vit_tiny; the default model is vit_tiny_512).
     result = run_stage(_cfg(out, "+stage=eval", "stage.checkpoint=b", "stage.num_images=1",
                             "stage.max_masks_per_image=2", "stage.amg.points_per_side=4"))
     saved = json.loads((out / "eval/eval.json").read_text())
+    assert result["arch"] == "vit_tiny"
     assert saved == pytest.approx(result) or saved.keys() == result.keys()
     for key in ("point_miou_1", "point_miou_5", "box_miou", "resolution_ceiling_miou", "amg_recall_0.5",
                 "amg_precision_0.75"):

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.stages.retrain import (
-    GroundTruth, build_model, iter_coco, iter_shards, iter_synthetic, list_shards, resolve_model_path,
+    GroundTruth, build_model, iter_coco, iter_shards, iter_synthetic, list_shards, registered_arch,
+    resolve_model_path,
 )
 from pipeline.synthetic import scene_seeds
 
@@ -235,11 +236,12 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Evaluates ``stage.checkpoint`` (a path or registered version; null: ``cfg.model``)."""
+    """Evaluates ``stage.checkpoint`` (a path or registered version; null: ``cfg.model``),
+    as ``stage.arch``, else the architecture the version was registered with, else ``model.arch``."""
     stage = cfg.stage
     output = Path(cfg.output).resolve()
     spec = stage.checkpoint if stage.checkpoint is not None else cfg.model.get("checkpoint")
     checkpoint = resolve_model_path(spec, output)
-    arch = stage.arch or cfg.model.arch
+    arch = stage.arch or registered_arch(checkpoint) or cfg.model.arch
     return evaluate_model(arch, checkpoint, stage, cfg.amg, output / stage.out_subdir,
                           device=cfg.model.get("device", "auto"))

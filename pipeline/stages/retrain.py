@@ -399,6 +399,17 @@ def resolve_model_path(spec: str | None, output: Path) -> str | None:
     return str(spec)
 
 
+def registered_arch(checkpoint: str | None) -> str | None:
+    """The architecture a registered version was trained as (its config.yaml), else None:
+    a version trained at another input size than ``model.arch`` evaluates as itself."""
+    if checkpoint is None or Path(checkpoint).name != MODEL_FILE:
+        return None
+    config = Path(checkpoint).with_name("config.yaml")
+    if not config.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.load(config), "stage.arch")
+
+
 def worker_config(cfg: DictConfig) -> dict[str, Any]:
     """The plain-dict settings a worker needs, resolved on the driver."""
     stage = OmegaConf.to_container(cfg.stage, resolve=True)
