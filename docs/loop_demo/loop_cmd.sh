@@ -1,7 +1,7 @@
 # $1: output dir; further args: extra overrides
 out=$1; shift
 exec .venv/bin/python -m pipeline.run +stage=loop \
-  input=runs/loop_demo2/pool output=$out cluster.num_cpus=1 \
+  input=runs/loop_demo2/pool output=$out cluster.num_cpus=1 model=vit_tiny \
   stage.init_checkpoint=runs/loop_demo2/models/start/model.pth stage.rounds=2 \
   amg.points_per_side=16 stage.fully_auto.images_per_unit=50 \
   stage.retrain.steps=300 stage.retrain.optim.lr=3e-4 stage.retrain.optim.warmup_steps=30 \
