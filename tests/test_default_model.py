@@ -18,7 +18,7 @@ from tests.test_fully_auto import check_dataset
 def shipped(name: str):
     """(arch, checkpoint file, generator thresholds) of a model shipped in models/."""
     cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-    return cfg.model.arch, REPO / "models" / cfg.model.checkpoint.rsplit("/models/", 1)[1], cfg.amg
+    return cfg.model.arch, REPO / "models" / cfg.model.checkpoint.rsplit("/models/", 1)[1], cfg.get("amg")
 
 
 ARCH, DEFAULT_MODEL, SHIPPED_AMG = shipped("default")
