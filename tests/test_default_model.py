@@ -73,15 +73,14 @@ def test_bf16_fast_path_matches_the_fp32_path():
     either side: with this model every unmatched mask was within 0.002 of a threshold)."""
     sam = sam_core.sam_model_registry[ARCH](checkpoint=str(DEFAULT_MODEL))
     images = [sample_image("astronaut.jpg", 384), sample_image("coffee.jpg", 384)]
-    thresholds = SHIPPED_AMG  # its calibrated thresholds
-    settings = dict(points_per_side=16, output_mode="coco_rle", **thresholds)
+    settings = dict(points_per_side=16, output_mode="coco_rle", **SHIPPED_AMG)  # its calibrated thresholds
     ref = [sam_core.SamAutomaticMaskGenerator(sam, **settings).generate(im) for im in images]
     fast = [sam_core.SamAutomaticMaskGenerator(sam, **settings, precision="bf16").generate(im) for im in images]
     margin = 0.005
 
     def clear(record):
-        return (abs(record["predicted_iou"] - thresholds.pred_iou_thresh) > margin
-                and abs(record["stability_score"] - thresholds.stability_score_thresh) > margin)
+        return (abs(record["predicted_iou"] - SHIPPED_AMG.pred_iou_thresh) > margin
+                and abs(record["stability_score"] - SHIPPED_AMG.stability_score_thresh) > margin)
 
     decided = [[r for r in records if clear(r)] for records in ref]
     total, kept = sum(map(len, ref)), sum(map(len, decided))
