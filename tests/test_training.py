@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -331,3 +332,12 @@ def test_generated_masks_can_leave_the_iou_head_untrained(tiny_sam):
     assert any(grads[False][n] is not None and grads[False][n].abs().sum() > 0 for n in hyper)
     with pytest.raises(ValueError, match="supervise_iou"):
         collate([(base.images[0], base.input_sizes[0], base.masks[0])], [True, False])
+
+
+@pytest.mark.parametrize("loss_size, warns", [(64, True), (128, False), (None, False)])
+def test_a_loss_at_the_logits_own_resolution_warns(tiny_sam, loss_size, warns):
+    """vit_tiny answers with 64x64 logits: a 64x64 loss cannot train sub-pixel boundaries."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        InteractiveSam(tiny_sam, InteractiveConfig(loss_size=loss_size))
+    assert any("loss_size" in str(w.message) for w in caught) == warns
