@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
     evals = ["stage.eval.num_images=1", "stage.eval.max_masks_per_image=2", "stage.eval.amg.points_per_side=4"]
 
     # An interrupted run (2 of 3 steps) continued later must equal an uninterrupted one.
+    leftovers = set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))
     first = run_stage(_cfg(out, "+stage=retrain", "stage.version=a", "stage.steps=3", "stage.stop_at_step=2",
                            *common, *evals))
     resumed = run_stage(_cfg(out, "+stage=retrain", "stage.version=a", "stage.steps=3",
@@ -145,6 +147,8 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
     straight = run_stage(_cfg(out, "+stage=retrain", "stage.version=b", "stage.steps=3",
                               "stage.eval.enabled=false", *common))
     assert first["steps"] == 2 and not first["complete"]
+    # Resuming reads the checkpoint in place: no copy of it is left behind in /tmp.
+    assert set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*")) <= leftovers
     assert resumed["steps"] == straight["steps"] == 3 and resumed["complete"]
     hist_a = [json.loads(line) for line in (out / "models/a/history.jsonl").read_text().splitlines()]
     hist_b = [json.loads(line) for line in (out / "models/b/history.jsonl").read_text().splitlines()]

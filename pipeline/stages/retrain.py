@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -310,20 +311,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device).manual_seed(int(config["seed"]) * 1000 + rank)
     start, history = 0, []
 
+    # Ray's own checkpoint (a restarted worker, or a run Ray restores from its snapshot)
+    # wins over the one found on disk. as_directory reads a local checkpoint in place and
+    # cleans up a downloaded one; to_directory would leave a copy in /tmp on every resume.
     resume = ray.train.get_checkpoint()
-    resume_dir = None
-    if resume is not None:
-        resume_dir = resume.to_directory()
-    elif config.get("resume_from"):
-        resume_dir = config["resume_from"]
-    if resume_dir is not None:
-        sam.load_state_dict(torch.load(Path(resume_dir) / MODEL_FILE, map_location="cpu", weights_only=True))
-        state = torch.load(Path(resume_dir) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, history = int(state["step"]), list(state["history"])
-        if rank < len(state["generators"]):
-            generator.set_state(state["generators"][rank])
+    with resume.as_directory() if resume is not None else nullcontext(config.get("resume_from")) as resume_dir:
+        if resume_dir is not None:
+            sam.load_state_dict(torch.load(Path(resume_dir) / MODEL_FILE, map_location="cpu", weights_only=True))
+            state = torch.load(Path(resume_dir) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start, history = int(state["step"]), list(state["history"])
+            if rank < len(state["generators"]):
+                generator.set_state(state["generators"][rank])
 
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     bare = model.module if hasattr(model, "module") else model
