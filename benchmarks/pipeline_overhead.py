@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.images import prepare_image  # noqa: E402
 from pipeline.model import build_generator  # noqa: E402
-from pipeline.run import run_stage  # noqa: E402
+from pipeline.stages import run_stage  # noqa: E402
 
 
 def synthetic_images(folder: Path, count: int, width: int, height: int) -> list[Path]:

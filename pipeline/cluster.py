@@ -8,7 +8,7 @@ from typing import Any
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.run import PROJECT_ROOT
+from pipeline.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,12 @@ side by side, exactly like the released SA-1B tars.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Iterator, Sequence
 
 import webdataset as wds
+from webdataset.tariterators import tar_file_iterator
 
 from pipeline import storage
 
@@ -109,8 +111,59 @@ class ShardWriter:
         return self._opener.__exit__(kind, error, traceback)
 
 
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Yields the samples of a shard: ``{"__key__": str, "jpg": bytes, "json": dict}``."""
-    dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False).decode()
-    for sample in dataset:
-        yield {"__key__": sample["__key__"], "jpg": sample["jpg"], "json": sample["json"]}
+def split_member(name: str) -> tuple[str, str]:
+    """``("dir/sa_1", "json")`` for ``dir/sa_1.json``: webdataset's rule, the key is the
+    path up to the first dot of the basename and the rest is the extension."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+@dataclass
+class Sample:
+    """One image of a shard: its key, its parsed SA-1B record and (if asked) JPEG bytes."""
+
+    key: str
+    record: dict[str, Any]
+    jpg: bytes | None
+    shard: str  # the shard's URL
+
+
+def iter_shard(url: str, images: bool = True) -> Iterator[Sample]:
+    """Yields the samples of a shard in order, reading only what the project uses.
+
+    Only ``.json`` (parsed with ``json.loads``) and, when ``images``, ``.jpg`` members
+    are read; every other member (``.pyd``, ``.pth``, ...) is skipped unread, so a shard
+    from anyone can never make a reader unpickle or execute anything. A key without a
+    JSON record is skipped (it carries no annotations); a JSON member that does not
+    parse raises ``ValueError`` naming the shard and the member.
+    """
+    key, parts = None, {}
+    for member_key, ext, data in iter_members(url, ("json", "jpg") if images else ("json",)):
+        if member_key != key:
+            if key is not None and "json" in parts:
+                yield _sample(url, key, parts)
+            key, parts = member_key, {}
+        parts[ext] = data
+    if key is not None and "json" in parts:
+        yield _sample(url, key, parts)
+
+
+def iter_members(url: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str, bytes]]:
+    """Yields ``(key, extension, bytes)`` for the members of a shard with one of
+    ``extensions``, in tar order; other members are skipped without being read."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as stream:
+        for member in tar_file_iterator(stream, select_files=lambda n: split_member(n)[1] in extensions):
+            key, ext = split_member(member["fname"])
+            yield key, ext, member["data"]
+
+
+def _sample(url: str, key: str, parts: dict[str, bytes]) -> Sample:
+    try:
+        record = json.loads(parts["json"])
+    except ValueError as e:
+        raise ValueError(f"{url}: member {key}.json is not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{url}: member {key}.json is not a JSON object")
+    return Sample(key=key, record=record, jpg=parts.get("jpg"), shard=url)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import time
 import zlib
 from collections import deque
@@ -27,13 +28,13 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import cv2
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 from tqdm import tqdm
-from webdataset.tariterators import tar_file_iterator
+
+from pipeline.shards import iter_members
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +94,8 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-def list_shards(dataset: str) -> list[str]:
-    """Shard paths of a dataset, sorted: ``<dataset>/shards/*.tar`` (this project's
-    layout), else ``<dataset>/*.tar`` (an SA-1B download), or the tar itself."""
-    fs, root = fsspec.core.url_to_fs(str(dataset))
-    if root.endswith(".tar"):
-        return [str(dataset)]
-    for pattern in (f"{root}/shards/*.tar", f"{root}/*.tar"):
-        found = sorted(fs.glob(pattern))
-        if found:
-            local = isinstance(fs, LocalFileSystem)
-            return [p if local else fs.unstrip_protocol(p) for p in found]
-    return []
-
-
 def shard_name(path: str) -> str:
-    return Path(path).name
-
-
-def iter_shard_json(path: str) -> Iterator[tuple[str, bytes]]:
-    """Yields (key, JSON bytes) for each ``<key>.json`` of a shard, without reading the
-    images into memory."""
-    with fsspec.open(path, "rb") as stream:
-        for item in tar_file_iterator(stream, select_files=lambda f: f.endswith(".json")):
-            yield item["fname"][: -len(".json")], item["data"]
+    return posixpath.basename(path)
 
 
 def _float_column(annotations: list[dict], name: str) -> list[float]:
@@ -271,7 +250,7 @@ def shard_stats(path: str, concavity_per_bin: int = 64, seed: int = 0) -> ShardS
     skipped: list[tuple[str, str]] = []
     table_cpu = 0.0
     rows = 0
-    for key, data in iter_shard_json(path):
+    for key, _, data in iter_members(path, ("json",)):
         # Timed from the JSON bytes: parsing is part of making the per-mask table.
         start = time.thread_time()
         try:

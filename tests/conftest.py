@@ -30,6 +30,41 @@ def ray_local():
     ray.shutdown()
 
 
+# --- object store --------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_env():
+    """A moto S3 server on loopback; the endpoint and fake credentials go into the
+    environment, which subprocesses and Ray workers inherit (botocore reads them)."""
+    import logging
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    from jobs.local_cluster import free_port
+
+    port = free_port()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
 # --- model ---------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
@@ -49,7 +84,7 @@ def compose_config() -> Callable[..., "DictConfig"]:  # noqa: F821
     """compose_config("+stage=fully_auto", "input=...", ...) -> the app's resolved config."""
     from hydra import compose, initialize_config_dir
 
-    import pipeline.run  # noqa: F401  registers the ${project_root:} resolver
+    import pipeline.stages  # noqa: F401  registers the ${project_root:} resolver
 
     def compose_with(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

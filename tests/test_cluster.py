@@ -41,35 +41,6 @@ def write_images(folder: Path, count: int) -> None:
 
 # --- object store ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on loopback; the endpoint and fake credentials go into the
-    environment, which subprocesses and Ray workers inherit (botocore reads them)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
-
-
 def stage_command(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.run", *overrides]
 

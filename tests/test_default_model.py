@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import sam_core
-from pipeline.run import run_stage
+from pipeline.stages import run_stage
 from sam_core.bench import mask_parity, official_sam
 from tests.conftest import REPO
 from tests.test_fully_auto import check_dataset

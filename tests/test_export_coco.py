@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.run import run_stage
+from pipeline.stages import run_stage
 
 from .dataset_factory import compose, make_dataset
 

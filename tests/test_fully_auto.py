@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline import manifest
-from pipeline.run import run_stage
-from pipeline.shards import read_shard
+from pipeline.stages import run_stage
+from pipeline.shards import iter_shard
 from pipeline.sources import InputError, enumerate_input
 from tests.conftest import REPO, bad_corpus, encode, good_corpus, scene
 
@@ -50,13 +50,13 @@ def check_dataset(out: Path, inp: str) -> dict[str, dict]:
         assert not shard.name.startswith("."), f"left-over temporary file {shard}"
         with tarfile.open(shard) as tar:  # raises on a truncated tar
             tar.getmembers()
-        for sample in read_shard(str(shard)):
-            key = sample["__key__"]
+        for sample in iter_shard(str(shard)):
+            key = sample.key
             assert key not in records, f"{key} is in two shards"
             assert ok_rows[key]["shard"] == shard.name
-            record = sample["json"]
+            record = sample.record
             width, height = record["image"]["width"], record["image"]["height"]
-            assert Image.open(io.BytesIO(sample["jpg"])).size == (width, height)
+            assert Image.open(io.BytesIO(sample.jpg)).size == (width, height)
             assert (ok_rows[key]["width"], ok_rows[key]["height"]) == (width, height)
             assert len(record["annotations"]) == ok_rows[key]["num_masks"]
             for ann in record["annotations"]:
@@ -113,8 +113,8 @@ def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_fol
     rows = {r["source"].rsplit("/", 1)[-1]: r for r in manifest.read_table(str(out)).to_pylist() if "/a/" in r["source"]}
     by_key = {r["key"]: r for r in rows.values()}
     # Original JPEG bytes are kept; the large image is resized and its masks follow.
-    plain = next(s for shard in sorted((out / "shards").iterdir()) for s in read_shard(str(shard)) if s["__key__"] == rows["plain.jpg"]["key"])
-    assert plain["jpg"] == good_corpus()["plain.jpg"]
+    plain = next(s for shard in sorted((out / "shards").iterdir()) for s in iter_shard(str(shard)) if s.key == rows["plain.jpg"]["key"])
+    assert plain.jpg == good_corpus()["plain.jpg"]
     assert (rows["large.jpg"]["width"], rows["large.jpg"]["height"]) == (128, 96)
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (48, 64)
     assert all(by_key[k]["image_id"] == records[k]["image"]["image_id"] for k in by_key)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.run import run_stage
+from pipeline.stages import run_stage
 from pipeline.synthetic import make_scene
 
 # Sub-stage settings small enough for a CPU test: a 4x4 point grid, 2 training steps

@@ -6,7 +6,7 @@ import re
 import nbclient
 import nbformat
 
-from pipeline.run import run_stage
+from pipeline.stages import run_stage
 
 from .dataset_factory import REPO, compose, make_dataset
 

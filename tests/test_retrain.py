@@ -18,7 +18,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import sam_core
-from pipeline.run import PROJECT_ROOT, run_stage
+from pipeline.paths import PROJECT_ROOT
+from pipeline.stages import run_stage
 from pipeline.shards import ShardWriter, sa1b_record
 from pipeline.stages.eval import amg_matches, next_click, resolution_ceiling
 from pipeline.stages.retrain import iter_coco, iter_shards, lr_factor

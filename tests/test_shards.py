@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import manifest
 from pipeline.model import build_generator
-from pipeline.shards import ShardWriter, annotation_id, read_shard, sa1b_record
+from pipeline.shards import ShardWriter, annotation_id, iter_shard, sa1b_record
 from tests.conftest import encode, scene
 
 AMG = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -60,12 +60,12 @@ def test_shard_round_trip_with_webdataset_tarfile_and_pycocotools(generated, tmp
             shard.write(f"img-{n}", jpeg, sa1b_record(f"img-{n}", n + 1, 64, 48, masks))
     with tarfile.open(url) as tar:
         assert tar.getnames() == [f"img-{n}.{ext}" for n in range(3) for ext in ("jpg", "json")]
-    samples = list(read_shard(url))
-    assert [s["__key__"] for s in samples] == ["img-0", "img-1", "img-2"]
+    samples = list(iter_shard(url))
+    assert [s.key for s in samples] == ["img-0", "img-1", "img-2"]
     for sample in samples:
-        assert sample["jpg"] == jpeg
-        assert Image.open(io.BytesIO(sample["jpg"])).size == (64, 48)
-        for ann, mask in zip(sample["json"]["annotations"], masks):
+        assert sample.jpg == jpeg
+        assert Image.open(io.BytesIO(sample.jpg)).size == (64, 48)
+        for ann, mask in zip(sample.record["annotations"], masks):
             decoded = mask_utils.decode(ann["segmentation"])
             assert decoded.shape == (48, 64)
             assert decoded.sum() == ann["area"] == mask["area"]

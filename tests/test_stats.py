@@ -15,8 +15,9 @@ import yaml
 from scipy.spatial import ConvexHull
 
 from .dataset_factory import MODEL_SHA256, compose, make_dataset
-from pipeline.run import run_stage
-from pipeline.stats import SIZE_BIN_EDGES, concavity, list_shards, shard_stats
+from pipeline.stages import run_stage
+from pipeline.dataset import committed_shards
+from pipeline.stats import SIZE_BIN_EDGES, concavity, shard_stats
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_summary_matches_independent_counts(stats_run):
     full = summarize(dataset.root / "stats")
     assert full["images"] == summary["images"] == len(dataset.samples)
     assert full["shards"] == 2
-    assert full["bytes"] == sum(Path(p).stat().st_size for p in list_shards(str(dataset.root)))
+    assert full["bytes"] == sum(Path(p).stat().st_size for p in committed_shards(str(dataset.root)))
     assert full["masks_per_image_mean"] == pytest.approx(counts.mean())
     assert full["masks_per_image_median"] == pytest.approx(np.median(counts))
     np.testing.assert_allclose(full["masks_per_image_hist"], np.array(expected_bins) * 100)
@@ -129,7 +130,7 @@ def test_ray_and_local_give_the_same_tables(stats_run):
     dataset, _ = stats_run
     from_ray = pq.read_table(dataset.root / "stats" / "masks.parquet")
     local = pa.concat_tables([shard_stats(p, concavity_per_bin=2).masks
-                              for p in list_shards(str(dataset.root))])
+                              for p in committed_shards(str(dataset.root))])
     # NaN (unsampled concavity) != NaN for Table.equals; pandas compares NaN as equal.
     pd.testing.assert_frame_equal(from_ray.to_pandas(), local.to_pandas())
 

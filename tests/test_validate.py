@@ -11,7 +11,7 @@ import pandas as pd
 import pycocotools.mask as mask_utils
 import pytest
 
-from pipeline.run import run_stage
+from pipeline.stages import run_stage
 from pipeline.stages.validate import rle_counts
 
 from .dataset_factory import REPO, compose, make_dataset

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.dataset import committed_shards
 from pipeline.stages.retrain import (
-    GroundTruth, build_model, iter_coco, iter_shards, iter_synthetic, list_shards, registered_arch,
+    GroundTruth, build_model, iter_coco, iter_shards, iter_synthetic, registered_arch,
     resolve_model_path,
 )
 from pipeline.synthetic import scene_seeds
@@ -46,7 +47,7 @@ def ground_truth(eval_cfg: Mapping[str, Any]) -> Iterator[GroundTruth]:
         yield from iter_synthetic(scene_seeds("test", int(eval_cfg["seed_start"]), n), size)
         return
     if source == "shards":
-        it = iter_shards(list_shards(eval_cfg["shards"]), float(eval_cfg.get("min_predicted_iou", 0.0)),
+        it = iter_shards(committed_shards(eval_cfg["shards"]), float(eval_cfg.get("min_predicted_iou", 0.0)),
                          float(eval_cfg.get("min_stability", 0.0)))
     elif source == "coco":
         it = iter_coco(eval_cfg["coco"]["annotations"], eval_cfg["coco"]["image_dir"])

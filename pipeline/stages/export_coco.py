@@ -9,6 +9,7 @@ Ids are the dataset's own; run +stage=validate first to be sure they are unique.
 from __future__ import annotations
 
 import json
+import posixpath
 import logging
 import shutil
 import tempfile
@@ -16,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import fsspec
 import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
-from webdataset.tariterators import tar_file_iterator
 
 from pipeline.stages.stats import dataset_paths
-from pipeline.stats import list_shards, map_shards
+from pipeline.dataset import committed_shards
+from pipeline.shards import iter_shard
+from pipeline.stats import map_shards
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,11 @@ def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> Shar
     stem = Path(parts_dir) / Path(path).name
     images_path, annotations_path = f"{stem}.images", f"{stem}.annotations"
     n_images = n_annotations = 0
-    with fsspec.open(path, "rb") as stream, open(images_path, "w") as images, \
-            open(annotations_path, "w") as annotations:
-        for item in tar_file_iterator(stream):
-            key, _, ext = item["fname"].rsplit("/", 1)[-1].partition(".")
-            if ext == "jpg" and images_dir:
-                Path(images_dir, f"{key}.jpg").write_bytes(item["data"])
-            if ext != "json":
-                continue
-            entry, anns = coco_entries(json.loads(item["data"]), key)
+    with open(images_path, "w") as images, open(annotations_path, "w") as annotations:
+        for sample in iter_shard(path, images=bool(images_dir)):
+            if images_dir and sample.jpg is not None:
+                Path(images_dir, f"{posixpath.basename(sample.key)}.jpg").write_bytes(sample.jpg)
+            entry, anns = coco_entries(sample.record, sample.key)
             images.write((",\n" if n_images else "") + json.dumps(entry))
             for ann in anns:
                 annotations.write((",\n" if n_annotations else "") + json.dumps(ann))
@@ -98,9 +95,7 @@ def run(cfg: DictConfig) -> dict:
     """Returns {"path", "images", "annotations"}."""
     dataset, output = dataset_paths(cfg)
     stage = cfg.stage
-    shards = list_shards(dataset)
-    if not shards:
-        raise FileNotFoundError(f"no shards under {dataset} (looked for shards/*.tar and *.tar)")
+    shards = committed_shards(dataset)
     path = output / stage.file_name
     path.parent.mkdir(parents=True, exist_ok=True)
     images_dir = None

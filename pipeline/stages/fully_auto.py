@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import cluster, manifest, shards, storage
 from pipeline.annotator import INFLIGHT_DIR, Annotator, inflight_key
 from pipeline.model import model_identity
-from pipeline.run import code_version
+from pipeline.provenance import code_version
 from pipeline.scheduler import Outcome, UnitScheduler
 from pipeline.sources import Unit, enumerate_input, split_units
 

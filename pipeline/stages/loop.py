@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.dataset import iter_samples
 from pipeline.stages import eval as eval_stage
 from pipeline.stages import fully_auto, retrain
 
@@ -85,15 +86,12 @@ class _Timing:
 
 def kept_masks(dataset: Path, min_predicted_iou: float, min_stability: float) -> tuple[int, int]:
     """(masks in the dataset's shards, masks passing retrain's quality filters)."""
-    from pipeline.shards import read_shard
-
     total = kept = 0
-    for shard in retrain.list_shards(str(dataset)):
-        for sample in read_shard(shard):
-            for a in sample["json"]["annotations"]:
-                total += 1
-                kept += (a.get("predicted_iou", 1.0) >= min_predicted_iou
-                         and a.get("stability_score", 1.0) >= min_stability)
+    for sample in iter_samples(str(dataset), images=False):
+        for a in sample.record["annotations"]:
+            total += 1
+            kept += (a.get("predicted_iou", 1.0) >= min_predicted_iou
+                     and a.get("stability_score", 1.0) >= min_stability)
     return total, kept
 
 

@@ -11,7 +11,6 @@ resumes from its last checkpoint. The finished model is registered under
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import logging
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.dataset import committed_shards
+from pipeline.shards import Sample, iter_shard
 from pipeline.synthetic import make_scene, scene_seeds
 
 log = logging.getLogger(__name__)
@@ -60,23 +61,6 @@ def iter_synthetic(seeds: range, size: tuple[int, int]) -> Iterator[GroundTruth]
         yield GroundTruth(f"synthetic_{seed}", scene.image, scene.masks)
 
 
-def list_shards(spec: str | list[str] | None) -> list[str]:
-    """Shard paths from a directory (its ``shards/`` or itself), a glob, or a list."""
-    if not spec:
-        return []
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    paths: list[str] = []
-    for s in specs:
-        if os.path.isdir(s):
-            base = os.path.join(s, "shards") if os.path.isdir(os.path.join(s, "shards")) else s
-            paths += sorted(glob.glob(os.path.join(base, "sa_*.tar")))
-        else:
-            paths += sorted(glob.glob(s))
-    if not paths:
-        raise FileNotFoundError(f"no SA-1B shards found at {spec!r}")
-    return paths
-
-
 def _decode_jpeg(data: bytes) -> np.ndarray:
     from PIL import Image
 
@@ -84,36 +68,30 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _shard_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
-    from pipeline.shards import read_shard
-
-    for path in paths:
-        yield from read_shard(path)
-
-
 def _decode_shard_sample(
-    sample: dict[str, Any], min_predicted_iou: float, min_stability: float
+    sample: Sample, min_predicted_iou: float, min_stability: float
 ) -> GroundTruth:
     from pycocotools import mask as mask_utils
 
     anns = [
-        a for a in sample["json"]["annotations"]
+        a for a in sample.record["annotations"]
         if a.get("predicted_iou", 1.0) >= min_predicted_iou and a.get("stability_score", 1.0) >= min_stability
     ]
-    image = _decode_jpeg(sample["jpg"])
+    image = _decode_jpeg(sample.jpg)
     if anns:
         masks = mask_utils.decode([dict(a["segmentation"]) for a in anns]).transpose(2, 0, 1).astype(bool)
     else:
         masks = np.zeros((0, *image.shape[:2]), bool)
-    return GroundTruth(sample["__key__"], image, masks, generated=True)
+    return GroundTruth(sample.key, image, masks, generated=True)
 
 
 def iter_shards(
     paths: list[str], min_predicted_iou: float = 0.0, min_stability: float = 0.0
 ) -> Iterator[GroundTruth]:
     """Images of SA-1B shards with their masks that pass the quality filters."""
-    for sample in _shard_samples(paths):
-        yield _decode_shard_sample(sample, min_predicted_iou, min_stability)
+    for path in paths:
+        for sample in iter_shard(path):
+            yield _decode_shard_sample(sample, min_predicted_iou, min_stability)
 
 
 def iter_coco(annotations: str, image_dir: str) -> Iterator[GroundTruth]:
@@ -156,7 +134,7 @@ def training_stream(data: dict[str, Any], rank: int, world: int, start_step: int
     exactly the data an uninterrupted one would.
     """
     syn, coco = data["synthetic"], data.get("coco") or {}
-    files = list_shards(data.get("shards"))
+    files = committed_shards(data["shards"]) if data.get("shards") else []
     names, p = _source_weights(data, files)
     seed = int(data.get("seed", 0))
 
@@ -171,7 +149,7 @@ def training_stream(data: dict[str, Any], rank: int, world: int, start_step: int
             if kind == "shards":
                 order = np.random.default_rng([seed, epoch]).permutation(len(files))
                 mine = [files[i] for i in order[rank::world]] or [files[order[rank % len(files)]]]
-                raw: Iterator[Any] = _shard_samples(mine)
+                raw: Iterator[Any] = (s for path in mine for s in iter_shard(path))
             else:
                 raw = (g for i, g in enumerate(iter_coco(coco["annotations"], coco["image_dir"]))
                        if i % world == rank)
@@ -507,7 +485,7 @@ def run(cfg: DictConfig) -> dict:
     config["resume_from"] = str(previous) if previous is not None else None
     if previous is not None:
         log.info("resuming %s from %s", version, previous)
-    data_files = list_shards(config["data"].get("shards"))
+    data_files = (committed_shards(config["data"]["shards"]) if config["data"].get("shards") else [])
 
     started = connect(cfg.cluster)
     try:

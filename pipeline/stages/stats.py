@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import card, report
-from pipeline.stats import (IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, list_shards, map_shards,
+from pipeline.dataset import committed_shards
+from pipeline.stats import (IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, map_shards,
                             shard_stats, summarize)
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,7 @@ def run(cfg: DictConfig) -> dict:
     """Returns {"images", "masks", "shards", "skipped", "masks_per_s_per_core",
     "wall_s", "report", "card"}; the last two are paths (card None when not written)."""
     dataset, output = dataset_paths(cfg)
-    shards = list_shards(dataset)
-    if not shards:
-        raise FileNotFoundError(f"no shards under {dataset} (looked for shards/*.tar and *.tar)")
+    shards = committed_shards(dataset)
     stats_dir = output / "stats"
     stats_dir.mkdir(parents=True, exist_ok=True)
     stage = cfg.stage

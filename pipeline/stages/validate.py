@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pipeline.stages.stats import dataset_paths
-from pipeline.stats import list_shards, map_shards, shard_name
+from pipeline.dataset import committed_shards
+from pipeline.stats import map_shards, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +370,7 @@ def run(cfg: DictConfig) -> dict:
     SystemExit(1) after printing the problems when there is any."""
     dataset, _ = dataset_paths(cfg)
     stage = cfg.stage
-    shards = list_shards(dataset)
-    if not shards:
-        raise FileNotFoundError(f"no shards under {dataset} (looked for shards/*.tar and *.tar)")
+    shards = committed_shards(dataset)
     checks = list(map_shards(check_shard, shards, parallel=stage.parallel,
                              min_shards_for_ray=stage.min_shards_for_ray, cluster=cfg.get("cluster"),
                              desc="validate", decode_images=stage.decode_images,
