@@ -62,7 +62,7 @@ class LocalRayCluster:
     each in its own process group).
     """
 
-    def __init__(self, nodes: int = 2, num_cpus: float = 1, object_store_mb: int = 256,
+    def __init__(self, nodes: int = 2, num_cpus: int = 1, object_store_mb: int = 256,
                  env: Optional[dict] = None) -> None:
         self.nodes, self.num_cpus, self.object_store_mb = nodes, num_cpus, object_store_mb
         # Short: Ray's Unix socket paths live under it and must stay under ~100 bytes.
@@ -165,7 +165,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--num-cpus", type=float, default=1)
+    parser.add_argument("--num-cpus", type=int, default=1, help="CPUs per node (ray start takes whole numbers)")
     args = parser.parse_args()
     with LocalRayCluster(args.nodes, args.num_cpus) as cluster:
         print(f"Ray {args.nodes} nodes up: ray.init(address='{cluster.address}'); "

@@ -71,7 +71,9 @@ def pool_size(stage: DictConfig, units: int) -> PoolSize:
 
     ``stage.num_actors`` null means: GPUs if any, else cluster CPUs // cpus_per_actor.
     Never more actors than units: an idle actor would only hold a model in memory; CPU
-    actors then share out the CPUs the missing actors would have used.
+    actors then share out the CPUs the missing actors would have used, but never more
+    than one node holds: an actor asking for the cluster's total would fit on no node of
+    a cluster of small nodes, and wait forever.
     """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -86,4 +88,12 @@ def pool_size(stage: DictConfig, units: int) -> PoolSize:
     actors = max(1, min(actors, units))
     if gpus:
         return PoolSize(actors=actors, num_cpus=per_actor, num_gpus=1)
-    return PoolSize(actors=actors, num_cpus=max(per_actor, cpus // actors), num_gpus=0)
+    share = min(cpus // actors, smallest_node_cpus() or cpus)
+    return PoolSize(actors=actors, num_cpus=max(per_actor, share), num_gpus=0)
+
+
+def smallest_node_cpus() -> int:
+    """CPUs of the smallest alive node that has any (0 when none reports CPUs): a share
+    up to this size fits on every node, so SPREAD can use them all."""
+    sizes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return min((c for c in sizes if c > 0), default=0)

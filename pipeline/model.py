@@ -1,18 +1,26 @@
-"""Builds the automatic mask generator from ``cfg.model`` and ``cfg.amg``.
+"""Models from checkpoints, local or in an object store; the automatic mask generator
+from ``cfg.model`` and ``cfg.amg``.
 
-``cfg.model``: arch (a key of ``sam_model_registry``), checkpoint (local path, or null for
-random weights, only useful for benchmarks), device ("auto", "cpu", "cuda", "cuda:1").
-``cfg.amg``: the keyword arguments of ``SamAutomaticMaskGenerator``; the pipeline always
-asks for compressed COCO RLE, the format SA-1B stores.
+``cfg.model``: arch (a key of ``sam_model_registry``), checkpoint (a local path or an
+fsspec URL, or null for random weights, only useful for benchmarks), device ("auto",
+"cpu", "cuda", "cuda:1"). ``cfg.amg``: the keyword arguments of
+``SamAutomaticMaskGenerator``; the pipeline always asks for compressed COCO RLE, the
+format SA-1B stores.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Mapping
+import contextlib
+import hashlib
+import os
+import tempfile
+from typing import Any, Iterator, Mapping
 
 import sam_core
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline import storage
+from pipeline.paths import is_url
 
 RANDOM_WEIGHTS = "random-init"
 
@@ -22,16 +30,55 @@ def model_identity(checkpoint: str | None) -> str:
     if checkpoint is None:
         return RANDOM_WEIGHTS
     require_checkpoint(checkpoint)
-    return sam_core.checkpoint_sha256(checkpoint)
+    if not is_url(checkpoint):
+        return sam_core.checkpoint_sha256(checkpoint)
+    digest = hashlib.sha256()
+    fs, path = storage.filesystem(checkpoint)
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def require_checkpoint(checkpoint: str) -> None:
     """Fails early, and clearly, when the configured checkpoint is missing."""
-    if not Path(checkpoint).is_file():
+    fs, path = storage.filesystem(checkpoint)
+    if not fs.isfile(path):
         raise FileNotFoundError(
             f"model checkpoint {checkpoint} does not exist. Train or download it, or pass "
             "model.checkpoint=<path> (model.checkpoint=null runs random weights, for benchmarks)"
         )
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: str | None) -> Iterator[str | None]:
+    """A local path to ``checkpoint``: itself, or a temporary copy of a URL's object
+    (removed on exit); ``sam_core`` loads local files only."""
+    if checkpoint is None or not is_url(checkpoint):
+        yield checkpoint
+        return
+    require_checkpoint(checkpoint)
+    fs, path = storage.filesystem(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="checkpoint_") as tmp:
+        local = os.path.join(tmp, os.path.basename(path) or "model.pth")
+        fs.get_file(path, local)
+        yield local
+
+
+def load_sam(arch: str, checkpoint: str | None, resize: bool = False) -> torch.nn.Module:
+    """``arch`` with the weights of ``checkpoint`` (path or URL; None: random).
+
+    ``resize``: the file may come from the same architecture at another input size
+    (position tables are resampled, ``sam_core.checkpoint.resize_positions``).
+    """
+    if arch not in sam_core.sam_model_registry:
+        raise ValueError(f"unknown model arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
+    with local_checkpoint(checkpoint) as path:
+        if not resize or path is None:
+            return sam_core.sam_model_registry[arch](checkpoint=path)
+        from sam_core.checkpoint import load_checkpoint
+
+        return load_checkpoint(sam_core.sam_model_registry[arch](), path, arch=arch, resize=True)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -43,13 +90,10 @@ def resolve_device(device: str) -> torch.device:
 def build_generator(model_cfg: Mapping[str, Any] | DictConfig, amg_cfg: Mapping[str, Any] | DictConfig):
     """Returns a ``sam_core.SamAutomaticMaskGenerator`` on the configured device."""
     model_cfg = _plain(model_cfg)
-    arch = model_cfg["arch"]
-    if arch not in sam_core.sam_model_registry:
-        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
     checkpoint = model_cfg.get("checkpoint")
     if checkpoint is not None:
         require_checkpoint(checkpoint)
-    sam = sam_core.sam_model_registry[arch](checkpoint=checkpoint)
+    sam = load_sam(model_cfg["arch"], checkpoint)
     sam.to(resolve_device(model_cfg.get("device", "auto")))
     return sam_core.SamAutomaticMaskGenerator(sam, **{**_plain(amg_cfg), "output_mode": "coco_rle"})
 

@@ -9,14 +9,17 @@ half-written is ever visible under its final name.
 from __future__ import annotations
 
 import contextlib
+import json
 import posixpath
 import uuid
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 from fsspec import AbstractFileSystem
 
 TEMP_MARKER = ".tmp-"
+# fsspec implementations that read but cannot write (or not in place, as an archive).
+READ_ONLY_PROTOCOLS = frozenset({"http", "https", "github", "git", "tar", "zip", "libarchive", "reference", "data"})
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
@@ -27,6 +30,42 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     or claim that a file listed a moment ago does not exist.
     """
     return fsspec.core.url_to_fs(url, use_listings_cache=False)
+
+
+def writable(url: str, what: str = "output") -> tuple[AbstractFileSystem, str]:
+    """``filesystem(url)`` for a place to write; a URL scheme that fsspec does not know,
+    whose package is not installed, or that is read-only raises ``ValueError`` naming
+    the URL, instead of anything being written elsewhere."""
+    try:
+        fs, path = filesystem(url)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"{what} {url!r}: cannot write there ({err})") from err
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & READ_ONLY_PROTOCOLS:
+        raise ValueError(f"{what} {url!r}: the {'/'.join(sorted(protocols))} file system is read-only; "
+                         "write to a local path or an object store URL (s3://, gs://, ...)")
+    return fs, path
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes a whole file atomically (``atomic_open``)."""
+    fs, path = filesystem(url)
+    with atomic_open(fs, path) as f:
+        f.write(data)
+
+
+def write_json(url: str, value: Any) -> None:
+    """Atomic: a reader (or a resumed run) sees the old file or the new one, never half."""
+    write_bytes(url, json.dumps(value, indent=2).encode("utf-8"))
+
+
+def read_json(url: str) -> Any:
+    """The JSON file at ``url``, or None when it does not exist."""
+    fs, path = filesystem(url)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
 
 
 def url(fs: AbstractFileSystem, path: str) -> str:

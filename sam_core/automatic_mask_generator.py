@@ -50,19 +50,17 @@ from .predictor import SamPredictor
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
-# Named generator settings. "sa1b" reproduces the settings of the released SA-1B
-# annotations (crop boxes and grid points match; paper appendix).
+# Named generator settings, as changes to the constructor's defaults (the official
+# ones). "sa1b" reproduces the settings of the released SA-1B annotations (crop boxes
+# and grid points match; paper appendix): 2 crop layers with a downscaled grid,
+# regions and holes under 100 px cleaned up, masks covering >= 95% of the image
+# dropped. conf/amg/<name>.yaml are the same presets for the pipeline
+# (tests/test_sam_core.py checks that they agree).
 AMG_PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {},
     "sa1b": dict(
-        points_per_side=32,
         crop_n_layers=2,
         crop_n_points_downscale_factor=2,
-        crop_overlap_ratio=512 / 1500,
-        pred_iou_thresh=0.88,
-        stability_score_thresh=0.95,
-        box_nms_thresh=0.7,
-        crop_nms_thresh=0.7,
         min_mask_region_area=100,
         max_mask_area_fraction=0.95,
     ),

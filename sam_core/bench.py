@@ -6,8 +6,11 @@
 Both generators run in this process on the same weights and the same images. Prints a
 table (seconds per image, images/s, peak memory, masks per image, speed-up) and the
 parity of the masks (share of official masks matched at IoU >= 0.9 by ours, mean IoU of
-the matches), and writes the same as JSON with --json. The official package
-(``pip install segment-anything``) is only needed here and in the tests.
+the matches), and writes the same as JSON with --json.
+
+The comparison needs the official package (``pip install segment-anything``) and the
+oracle that wires it, ``tests/sam_reference.py`` (run from the checkout); with
+``--skip-official`` neither is imported.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import json
 import platform
 import resource
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -29,32 +31,18 @@ from .build import ENCODER_SIZES, _build_sam
 from .checkpoint import read_state_dict
 
 
-def official_sam(arch: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
-    """The official segment_anything classes wired with the sizes of ``arch``."""
-    from segment_anything import modeling as ref
-
-    s = {"image_size": 1024, "window_size": 14, "prompt_embed_dim": 256, "decoder_mlp_dim": 2048,
-         "iou_head_hidden_dim": 256, **ENCODER_SIZES[arch]}
-    grid, dim = s["image_size"] // 16, s["prompt_embed_dim"]
-    sam = ref.Sam(
-        image_encoder=ref.ImageEncoderViT(
-            depth=s["encoder_depth"], embed_dim=s["encoder_embed_dim"], img_size=s["image_size"], mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=s["encoder_num_heads"], patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=tuple(s["encoder_global_attn_indexes"]),
-            window_size=s["window_size"], out_chans=dim,
-        ),
-        prompt_encoder=ref.PromptEncoder(
-            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(s["image_size"],) * 2, mask_in_chans=16
-        ),
-        mask_decoder=ref.MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=ref.TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=s["decoder_mlp_dim"], num_heads=8),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=s["iou_head_hidden_dim"],
-        ),
-    )
-    if state_dict is not None:
-        sam.load_state_dict(state_dict, strict=True)
-    return sam.eval()
+def _official_oracle():
+    """``tests.sam_reference.official_sam``: imported only when asked to compare."""
+    try:
+        from tests.sam_reference import official_sam
+        from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
+    except ImportError as err:
+        raise SystemExit(
+            f"comparing with the official generator needs the checkout's tests/sam_reference.py "
+            f"(run from the repository root) and `pip install segment-anything` ({err}); "
+            "or pass --skip-official"
+        ) from err
+    return official_sam, OfficialGenerator
 
 
 def load_images(spec: str, size: str, seed: int = 0) -> List[np.ndarray]:
@@ -177,8 +165,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         rows[f"sam_core {args.precision}"] = time_generator(fast.generate, images, device)
         results["fast_path_parity"] = mask_parity(rows["sam_core"]["outputs"], rows[f"sam_core {args.precision}"]["outputs"])
     if not args.skip_official:
-        from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
-
+        official_sam, OfficialGenerator = _official_oracle()
         official_settings = {k: v for k, v in settings.items() if k != "max_mask_area_fraction"}
         official = official_sam(args.arch, state).to(device)
         rows["official"] = time_generator(OfficialGenerator(official, **official_settings).generate, images, device)

@@ -1,12 +1,45 @@
-"""Builds pairs of (official segment_anything model, sam_core model) with identical
-random weights, the oracle for parity tests. Test-only."""
+"""The official ``segment_anything`` package as an oracle: its classes wired with the
+sizes of any sam_core architecture, and pairs of (official model, sam_core model) with
+identical random weights, for the parity tests. ``python -m sam_core.bench`` imports
+it only when it compares with the official generator."""
 from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-from sam_core.bench import official_sam
 from sam_core.build import ENCODER_SIZES, _build_sam
+
+
+def official_sam(arch: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
+    """The official segment_anything classes wired with the sizes of ``arch``; loads
+    ``state_dict`` strictly when given. In eval mode."""
+    from segment_anything import modeling as ref
+
+    s = {"image_size": 1024, "window_size": 14, "prompt_embed_dim": 256, "decoder_mlp_dim": 2048,
+         "iou_head_hidden_dim": 256, **ENCODER_SIZES[arch]}
+    grid, dim = s["image_size"] // 16, s["prompt_embed_dim"]
+    sam = ref.Sam(
+        image_encoder=ref.ImageEncoderViT(
+            depth=s["encoder_depth"], embed_dim=s["encoder_embed_dim"], img_size=s["image_size"], mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=s["encoder_num_heads"], patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=tuple(s["encoder_global_attn_indexes"]),
+            window_size=s["window_size"], out_chans=dim,
+        ),
+        prompt_encoder=ref.PromptEncoder(
+            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(s["image_size"],) * 2, mask_in_chans=16
+        ),
+        mask_decoder=ref.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=ref.TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=s["decoder_mlp_dim"], num_heads=8),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=s["iou_head_hidden_dim"],
+        ),
+    )
+    if state_dict is not None:
+        sam.load_state_dict(state_dict, strict=True)
+    return sam.eval()
 
 
 def reference_sam(arch: str):

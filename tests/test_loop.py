@@ -109,7 +109,7 @@ def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "2"]
 
     # Registered models load strictly in sam_core and in the official package, and differ.
-    from sam_core.bench import official_sam
+    from tests.sam_reference import official_sam
 
     states = []
     for version in ("round_001", "round_002"):
@@ -139,12 +139,13 @@ def test_training_batches_skip_images_without_masks():
     """A round whose model kept no mask on an image still trains on the other images."""
     import numpy as np
 
-    from pipeline.stages.retrain import GroundTruth, to_batch
+    from pipeline.ground_truth import GroundTruth
+    from pipeline.training.stream import to_batch
 
     scene = make_scene(3, size=(96, 128))
     empty = GroundTruth("empty", scene.image, np.zeros((0, 96, 128), bool))
     full = GroundTruth("full", scene.image, scene.masks)
-    data = {"max_masks_per_image": 2, "max_area_fraction": 0.9, "min_mask_area": 4}
+    data = {"max_masks_per_image": 2, "max_area_fraction": 0.9, "min_mask_area": 4, "shards_supervise_iou": True}
     assert to_batch([empty], 256, data, np.random.default_rng(0)) is None
     batch = to_batch([empty, full], 256, data, np.random.default_rng(0))
     assert batch.images.shape == (1, 3, 256, 256) and len(batch.masks) == 1 and len(batch.masks[0]) == 2
@@ -153,7 +154,8 @@ def test_training_batches_skip_images_without_masks():
 def test_generated_masks_train_the_iou_head_only_if_configured():
     import numpy as np
 
-    from pipeline.stages.retrain import GroundTruth, to_batch
+    from pipeline.ground_truth import GroundTruth
+    from pipeline.training.stream import to_batch
 
     scene = make_scene(3, size=(96, 128))
     labeled = GroundTruth("labeled", scene.image, scene.masks)

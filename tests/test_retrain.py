@@ -21,9 +21,10 @@ import sam_core
 from pipeline.paths import PROJECT_ROOT
 from pipeline.stages import run_stage
 from pipeline.shards import ShardWriter, sa1b_record
-from pipeline.stages.eval import amg_matches, next_click, resolution_ceiling
-from pipeline.stages.retrain import iter_coco, iter_shards, lr_factor
+from pipeline.ground_truth import CocoInstances, ShardMasks
 from pipeline.synthetic import make_scene
+from pipeline.training.optim import lr_factor
+from sam_core.metrics import amg_matches, next_click, resolution_ceiling
 
 TINY = [
     "model=vit_tiny",
@@ -73,7 +74,7 @@ def test_lr_schedule_warms_up_then_steps_down():
 
 def test_shards_are_read_back_with_quality_filter(tmp_path):
     records = _write_shard(tmp_path / "sa_000000.tar", [1, 2])
-    got = list(iter_shards([str(tmp_path / "sa_000000.tar")], min_predicted_iou=0.88, min_stability=0.95))
+    got = list(ShardMasks([str(tmp_path / "sa_000000.tar")], min_predicted_iou=0.88, min_stability=0.95))
     assert [g.key for g in got] == ["sa_0", "sa_1"]
     for g, (scene, _) in zip(got, records):
         assert g.image.shape == (240, 320, 3)
@@ -92,7 +93,7 @@ def test_coco_instances_are_read_back(tmp_path):
     coco = {"images": [{"id": 9, "file_name": "img_9.png", "height": 120, "width": 160}],
             "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
     (tmp_path / "instances.json").write_text(json.dumps(coco))
-    (got,) = list(iter_coco(str(tmp_path / "instances.json"), str(tmp_path)))
+    (got,) = list(CocoInstances(str(tmp_path / "instances.json"), str(tmp_path)))
     assert got.key == "img_9" and np.array_equal(got.image, scene.image)
     assert np.array_equal(got.masks, scene.masks[1:])  # the crowd region is not an instance
 

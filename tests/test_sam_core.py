@@ -98,7 +98,7 @@ def test_a_model_moves_to_another_input_size(official_checkpoint):
     assert torch.allclose(h_big[31], h_small[15], atol=0.02)  # distance 0 sits in the middle of both
     assert resize_positions(dict(big_state), big) == []  # nothing to do at the same size
 
-    from sam_core.bench import official_sam
+    from tests.sam_reference import official_sam
     official_sam("vit_tiny_512", big_state)  # loads strictly in the official classes
     from sam_core import SamPredictor
 
@@ -207,9 +207,24 @@ def test_sa1b_preset():
     gen = SamAutomaticMaskGenerator.from_preset(sam_model_registry["vit_tiny"](), "sa1b", points_per_batch=16)
     assert (gen.crop_n_layers, gen.min_mask_region_area, gen.max_mask_area_fraction) == (2, 100, 0.95)
     assert [len(g) for g in gen.point_grids] == [32 * 32, 16 * 16, 8 * 8]
-    assert gen.points_per_batch == 16 and AMG_PRESETS["sa1b"]["crop_overlap_ratio"] == 512 / 1500
+    assert gen.points_per_batch == 16 and gen.crop_overlap_ratio == 512 / 1500
+    assert (gen.pred_iou_thresh, gen.stability_score_thresh, gen.box_nms_thresh) == (0.88, 0.95, 0.7)
     with pytest.raises(ValueError, match="unknown preset"):
         SamAutomaticMaskGenerator.from_preset(sam_model_registry["vit_tiny"](), "nope")
+
+
+@pytest.mark.parametrize("preset", ["default", "sa1b"])
+def test_generator_presets_agree_with_the_amg_configs(preset, compose_config):
+    """The library's defaults and presets and conf/amg/<preset>.yaml must both exist (a
+    drop-in API, a Hydra group): every setting of one is the same in the other."""
+    import inspect
+
+    signature = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    library = {k: p.default for k, p in signature.items() if k not in ("self", "model", "output_mode")}
+    library.update(AMG_PRESETS[preset])
+    conf = dict(compose_config("+stage=fully_auto", "output=/x", "model=vit_h", f"amg={preset}").amg)
+    assert conf.keys() == library.keys()
+    assert conf == pytest.approx(library)
 
 
 # --- run-length encoding ---------------------------------------------------------------

@@ -1,63 +1,63 @@
 """Stage ``loop``: the model-in-the-loop cycle of SAM's data engine.
 
-    python -m pipeline.run +stage=loop input=<unlabeled images> output=DIR \
+    python -m pipeline.run +stage=loop input=<unlabeled images> output=DIR|URL \
         stage.init_checkpoint=<path or registered version> [stage.rounds=N]
 
 Round N (1, 2, ...): ``fully_auto`` annotates the unlabeled pool ``input`` with model
 N-1 into ``DIR/rounds/round_NNN/dataset/``; ``retrain`` fine-tunes model N-1 on that
 dataset's masks that pass its predicted-IoU and stability filters (optionally mixed
-with labeled data) and registers model N as ``DIR/models/round_NNN/``; ``eval``
-measures it on held-out ground truth. Round 0 is the evaluation of the start model.
+with labeled data) and registers model N as ``DIR/models/round_NNN/``; model N is then
+evaluated on held-out ground truth. Round 0 is the evaluation of the start model.
 
 The sub-stages run through their own ``run()`` functions with configs derived from
 ``stage.fully_auto`` / ``stage.retrain`` / ``stage.eval`` (their stage configs,
-composed by ``conf/stage/loop.yaml``). A round is finished when its ``done.json`` is
-written, atomically and last; rerunning the same command skips finished rounds and
-resumes a cut one (fully_auto skips committed units, retrain continues from its last
-checkpoint). ``DIR/loop_report.md`` and ``loop_report.json`` are rewritten after every
-round.
+composed by ``conf/stage/loop.yaml``). A round records the model and settings it starts
+with (``round.json``) and is finished when its ``done.json`` is written, atomically and
+last. Rerunning the same command skips finished rounds and resumes a cut one
+(fully_auto skips committed units, retrain continues from its last checkpoint); a rerun
+with another model or other settings for a cut round refuses to start and says what
+differs. ``DIR/loop_report.md`` and ``loop_report.json`` are rewritten after every round.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
+import posixpath
 import time
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline import registry, storage
 from pipeline.dataset import iter_samples
-from pipeline.stages import eval as eval_stage
+from pipeline.evaluation import EVAL_FILE, evaluate_model
+from pipeline.model import model_identity
+from pipeline.paths import user_path
 from pipeline.stages import fully_auto, retrain
 
 log = logging.getLogger(__name__)
 
 ROUNDS_DIR = "rounds"
+START_FILE = "round.json"      # the model and settings a round started with
 DONE_FILE = "done.json"        # written last: its presence marks the round finished
 TIMING_FILE = "timing.json"    # seconds spent per phase, summed over invocations
-EVAL_FILE = "eval.json"
 REPORT_MD = "loop_report.md"
 REPORT_JSON = "loop_report.json"
 METRICS = ("point_miou_1", "point_miou_5", "point_miou_1_oracle", "box_miou", "amg_recall_0.5",
            "amg_recall_0.75", "amg_precision_0.5", "amg_precision_0.75", "amg_masks_per_image")
+# Settings that decide how or when a round runs, not what it makes: a cut round may be
+# resumed with other values (e.g. stop it at another step, on other hardware).
+RUN_CONTROL = (
+    "stage.retrain.stop_at_step", "stage.retrain.log_every", "stage.retrain.checkpoint_every",
+    "stage.retrain.keep_checkpoints", "stage.retrain.max_failures", "stage.retrain.use_gpu",
+    "stage.retrain.cpus_per_worker", "stage.retrain.bf16",
+    "stage.fully_auto.num_actors", "stage.fully_auto.cpus_per_actor", "stage.fully_auto.units_in_flight_per_actor",
+    "stage.fully_auto.prefetch", "stage.fully_auto.max_unit_retries", "stage.fully_auto.max_image_crashes",
+    "stage.fully_auto.placement_timeout_s", "stage.fully_auto.fault_injection",
+)
 
 
 def round_name(n: int) -> str:
     return f"round_{n:03d}"
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Atomic: a reader (or a resumed run) sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _derive(cfg: DictConfig, sub: str, **values: Any) -> DictConfig:
@@ -75,16 +75,16 @@ class _Timing:
     """Seconds per phase of one round, accumulated in ``timing.json`` across invocations
     (a phase cut by a kill loses only the time of that attempt)."""
 
-    def __init__(self, round_dir: Path):
-        self.path = round_dir / TIMING_FILE
-        self.seconds: dict[str, float] = _read_json(self.path) or {}
+    def __init__(self, round_dir: str):
+        self.url = storage.join(round_dir, TIMING_FILE)
+        self.seconds: dict[str, float] = storage.read_json(self.url) or {}
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 3)
-        _write_json(self.path, self.seconds)
+        storage.write_json(self.url, self.seconds)
 
 
-def kept_masks(dataset: Path, min_predicted_iou: float, min_stability: float) -> tuple[int, int]:
+def kept_masks(dataset: str, min_predicted_iou: float, min_stability: float) -> tuple[int, int]:
     """(masks in the dataset's shards, masks passing retrain's quality filters)."""
     total = kept = 0
     for sample in iter_samples(str(dataset), images=False):
@@ -95,15 +95,74 @@ def kept_masks(dataset: Path, min_predicted_iou: float, min_stability: float) ->
     return total, kept
 
 
-def _evaluate(cfg: DictConfig, model: str, out_dir: Path) -> dict[str, Any]:
+def round_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What a round's result depends on besides its start model, as dotted keys: the
+    pool, the model architecture, the generator and every sub-stage setting except
+    ``RUN_CONTROL`` and those the loop sets per round."""
+    stage = OmegaConf.to_container(cfg.stage, resolve=True)
+    flat = _flatten({"input": user_path(cfg.input), "model.arch": cfg.model.arch,
+                     "amg": OmegaConf.to_container(cfg.amg, resolve=True),
+                     "stage": {k: stage[k] for k in ("version_prefix", "fully_auto", "retrain", "eval")}})
+    per_round = ("stage.retrain.version", "stage.retrain.init_checkpoint")
+    return {k: v for k, v in flat.items() if not k.startswith(RUN_CONTROL + per_round)}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    missing = object()
+    return [f"{k}: {before.get(k, missing)!r} then, {now.get(k, missing)!r} now".replace(repr(missing), "unset")
+            for k in sorted(set(before) | set(now)) if before.get(k, missing) != now.get(k, missing)]
+
+
+def _check_resume(cfg: DictConfig, output: str, start_model: str) -> None:
+    """Refuses a rerun whose rounds would not continue the ones in ``output``: a finished
+    round made from another model, or a cut round started with another model or other
+    settings. Checked before any work."""
+    model = start_model
+    for n in range(1, int(cfg.stage.rounds) + 1):
+        rdir = storage.join(output, ROUNDS_DIR, round_name(n))
+        done = storage.read_json(storage.join(rdir, DONE_FILE))
+        if done is not None:
+            if done["from_model"] != model:
+                raise RuntimeError(
+                    f"round {n} in {output} was made from {done['from_model']}, not {model}: "
+                    "use another output for another start model"
+                )
+            model = done["model"]
+            continue
+        started = storage.read_json(storage.join(rdir, START_FILE))
+        if started is not None:
+            now = {"from_model": model, "from_model_sha256": model_identity(model), **round_settings(cfg)}
+            before = {"from_model": started["from_model"], "from_model_sha256": started["from_model_sha256"],
+                      **started["settings"]}
+            differ = _differences(before, now)
+            if differ:
+                shown = "; ".join(differ[:10]) + (f"; ... ({len(differ)} in all)" if len(differ) > 10 else "")
+                raise RuntimeError(
+                    f"round {n} in {output} was cut short and started with other settings than this "
+                    f"run's: {shown}. Rerun with the settings it started with to finish it, or use "
+                    "another output"
+                )
+        return
+
+
+def _evaluate(cfg: DictConfig, model: str, out_dir: str) -> dict[str, Any]:
     stage = _derive(cfg, "eval").stage
     arch = stage.arch or cfg.stage.retrain.arch
-    return eval_stage.evaluate_model(arch, model, stage, cfg.amg, out_dir, device=cfg.model.get("device", "auto"))
+    return evaluate_model(arch, model, stage, cfg.amg, out_dir, device=cfg.model.device)
 
 
-def _round_zero(cfg: DictConfig, output: Path, start_model: str) -> dict[str, Any]:
-    rdir = output / ROUNDS_DIR / round_name(0)
-    done = _read_json(rdir / DONE_FILE)
+def _round_zero(cfg: DictConfig, output: str, start_model: str) -> dict[str, Any]:
+    rdir = storage.join(output, ROUNDS_DIR, round_name(0))
+    done = storage.read_json(storage.join(rdir, DONE_FILE))
     if done is not None and done["model"] == start_model:
         log.info("round 0 (start model) already evaluated")
         return done
@@ -111,21 +170,27 @@ def _round_zero(cfg: DictConfig, output: Path, start_model: str) -> dict[str, An
     metrics = _evaluate(cfg, start_model, rdir)
     record = {"round": 0, "model": start_model, "eval": metrics,
               "seconds": {"eval": round(time.perf_counter() - t0, 3)}}
-    _write_json(rdir / DONE_FILE, record)
+    storage.write_json(storage.join(rdir, DONE_FILE), record)
     return record
 
 
-def _run_round(cfg: DictConfig, output: Path, n: int, model: str) -> dict[str, Any] | None:
+def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, Any] | None:
     """Runs (or resumes) round ``n`` from ``model``; None when stopped before its end."""
     stage = cfg.stage
-    rdir = output / ROUNDS_DIR / round_name(n)
-    dataset = rdir / "dataset"
+    rdir = storage.join(output, ROUNDS_DIR, round_name(n))
+    dataset = storage.join(rdir, "dataset")
     version = f"{stage.version_prefix}{n:03d}"
+    if storage.read_json(storage.join(rdir, START_FILE)) is None:
+        storage.write_json(storage.join(rdir, START_FILE), {
+            "from_model": model, "from_model_sha256": model_identity(model), "settings": round_settings(cfg),
+        })
     timing = _Timing(rdir)
-    log.info("round %d: fully_auto with %s over %s", n, model, cfg.input)
+    pool = user_path(cfg.input)
+    log.info("round %d: fully_auto with %s over %s", n, model, pool)
 
     t0 = time.perf_counter()
-    annotated = fully_auto.run(_derive(cfg, "fully_auto", output=str(dataset), **{"model.checkpoint": model}))
+    annotated = fully_auto.run(_derive(cfg, "fully_auto", input=pool, output=dataset,
+                                       **{"model.checkpoint": model}))
     if annotated["units_committed"]:
         timing.add("fully_auto", time.perf_counter() - t0)
 
@@ -144,17 +209,16 @@ def _run_round(cfg: DictConfig, output: Path, n: int, model: str) -> dict[str, A
                     "the labeled data only", n, model)
 
     steps = int(stage.retrain.steps)
-    registered = output / retrain.MODELS_DIR / version
-    trained = _read_json(registered / "train_summary.json")
+    trained = registry.read_summary(output, version)
     if trained is not None and trained["complete"] and trained["steps"] == steps:
         log.info("round %d: %s already trained (%d steps)", n, version, steps)
     else:
         log.info("round %d: retrain %s from %s on %d masks (%d generated)", n, version, model, kept, masks)
         t0 = time.perf_counter()
         extra = OmegaConf.to_container(stage.retrain.data, resolve=True)["shards"] or []
-        shards = [str(dataset), *([extra] if isinstance(extra, str) else extra)]
+        shards = [dataset, *(user_path(e) for e in ([extra] if isinstance(extra, str) else extra))]
         trained = retrain.run(_derive(
-            cfg, "retrain", output=str(output),
+            cfg, "retrain", output=output,
             **{"stage.version": version, "stage.init_checkpoint": model, "stage.data.shards": shards},
         ))
         timing.add("retrain", time.perf_counter() - t0)
@@ -162,16 +226,17 @@ def _run_round(cfg: DictConfig, output: Path, n: int, model: str) -> dict[str, A
             log.info("round %d: retrain stopped at step %d of %d (stop_at_step); rerun to continue",
                      n, trained["steps"], steps)
             return None
-    new_model = str(registered / retrain.MODEL_FILE)
+    registered = registry.version_url(output, version)
+    new_model = storage.join(registered, registry.MODEL_FILE)
 
-    metrics = _read_json(registered / EVAL_FILE)
+    metrics = storage.read_json(storage.join(registered, EVAL_FILE))
     if metrics is None or metrics.get("model") != new_model:
         t0 = time.perf_counter()
         metrics = _evaluate(cfg, new_model, registered)
         timing.add("eval", time.perf_counter() - t0)
-    _write_json(rdir / EVAL_FILE, metrics)
+    storage.write_json(storage.join(rdir, EVAL_FILE), metrics)
 
-    summary = _read_json(dataset / fully_auto.SUMMARY_FILE)["dataset"]
+    summary = annotated["dataset"]
     record = {
         "round": n, "model": new_model, "version": version, "from_model": model,
         "images_annotated": summary["images_ok"], "images_failed": summary["images"] - summary["images_ok"],
@@ -179,7 +244,7 @@ def _run_round(cfg: DictConfig, output: Path, n: int, model: str) -> dict[str, A
         "training_steps": trained["steps"], "final_loss": trained.get("final_loss"),
         "eval": metrics, "seconds": dict(timing.seconds),
     }
-    _write_json(rdir / DONE_FILE, record)  # last: the round is finished
+    storage.write_json(storage.join(rdir, DONE_FILE), record)  # last: the round is finished
     return record
 
 
@@ -191,13 +256,14 @@ def format_report(rounds: list[dict[str, Any]]) -> str:
         ev = r["eval"]
         work = (["-", "-", "-"] if r["round"] == 0 else
                 [str(r["images_annotated"]), f"{r['masks_kept']} / {r['masks_generated']}", str(r["training_steps"])])
-        cells = [str(r["round"]), Path(r["model"]).parent.name or r["model"], *work,
+        name = posixpath.basename(posixpath.dirname(r["model"])) or r["model"]
+        cells = [str(r["round"]), name, *work,
                  f"{sum(r['seconds'].values()):.0f}", *(f"{ev[m]:.3f}" if m in ev else "-" for m in METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(output: Path, rounds: list[dict[str, Any]], planned: int) -> str:
+def write_report(output: str, rounds: list[dict[str, Any]], planned: int) -> str:
     table = format_report(rounds)
     first = rounds[0]["eval"]
     done = len(rounds) - 1
@@ -210,35 +276,32 @@ def write_report(output: Path, rounds: list[dict[str, Any]], planned: int) -> st
         "masks. Time: seconds spent in the round's fully_auto, retrain and eval (summed over invocations).",
         "", table, "",
     ]
-    (output / REPORT_MD).write_text("\n".join(md))
-    _write_json(output / REPORT_JSON, {"rounds_planned": planned, "rounds_done": done, "rounds": rounds})
+    storage.write_bytes(storage.join(output, REPORT_MD), "\n".join(md).encode())
+    storage.write_json(storage.join(output, REPORT_JSON), {"rounds_planned": planned, "rounds_done": done,
+                                                           "rounds": rounds})
     return table
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the rounds not finished yet; returns rounds (the records of rounds 0..N
-    done), rounds_run and rounds_skipped (by this invocation), complete, and report
-    (path of the markdown report)."""
+    done), rounds_run and rounds_skipped (by this invocation), complete, model (the
+    last model), and report (URL of the markdown report)."""
     stage = cfg.stage
-    output = Path(cfg.output).resolve()
-    spec = stage.init_checkpoint if stage.init_checkpoint is not None else cfg.model.get("checkpoint")
-    start_model = retrain.resolve_model_path(spec, output)
+    output = user_path(cfg.output)
+    storage.writable(output)
+    spec = stage.init_checkpoint if stage.init_checkpoint is not None else cfg.model.checkpoint
+    start_model = registry.resolve_model(spec, output, "start model")
     if start_model is None:
         raise ValueError("the loop needs a start model: stage.init_checkpoint=<path or registered version>")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "loop_config.yaml").write_text(OmegaConf.to_yaml(cfg.stage, resolve=False))
+    _check_resume(cfg, output, start_model)
+    storage.write_bytes(storage.join(output, "loop_config.yaml"), OmegaConf.to_yaml(cfg.stage, resolve=False).encode())
 
     records = [_round_zero(cfg, output, start_model)]
     write_report(output, records, int(stage.rounds))
     model, ran, skipped, complete = start_model, 0, 0, True
     for n in range(1, int(stage.rounds) + 1):
-        done = _read_json(output / ROUNDS_DIR / round_name(n) / DONE_FILE)
+        done = storage.read_json(storage.join(output, ROUNDS_DIR, round_name(n), DONE_FILE))
         if done is not None:
-            if done["from_model"] != model:
-                raise RuntimeError(
-                    f"round {n} in {output} was made from {done['from_model']}, not {model}: "
-                    "use another output for another start model"
-                )
             log.info("round %d already finished: %s", n, done["model"])
             skipped += 1
         else:
@@ -255,4 +318,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(output, records, int(stage.rounds))
     print(write_report(output, records, int(stage.rounds)), flush=True)
     return {"rounds": records, "rounds_run": ran, "rounds_skipped": skipped, "complete": complete,
-            "model": model, "report": str(output / REPORT_MD)}
+            "model": model, "report": storage.join(output, REPORT_MD)}

@@ -1,0 +1,89 @@
+"""Checkpoint folders of a training run, on a local disk or in an object store.
+
+    <output>/train_runs/<version>/checkpoint_%08d/
+        model.pth        the Sam state dict (the official format)
+        train_state.pt   optimizer, scheduler, step, history, every worker's RNG state
+        complete.json    {"step": N}, written last: only a folder that has it is trusted
+
+Ray Train uploads a folder's files in no particular order, so a run killed during an
+upload can leave a folder with a truncated ``model.pth``; ``upload`` writes the files
+one by one and the marker after them, and ``latest`` ignores folders without one.
+Everything loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+from typing import Any
+
+import torch
+
+from pipeline import storage
+from pipeline.paths import is_url
+
+MODEL_FILE = "model.pth"        # plain Sam state dict: loadable by sam_core and segment_anything
+TRAIN_STATE_FILE = "train_state.pt"
+COMPLETE_FILE = "complete.json"
+FILES = (MODEL_FILE, TRAIN_STATE_FILE)  # what a checkpoint holds besides its marker
+_NAME = re.compile(r"checkpoint_(\d{8})$")
+
+
+def folder_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def write_local(directory: str, sam: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Writes a checkpoint's files (not its marker) into a local folder, for ``upload``."""
+    torch.save({k: v.detach().cpu() for k, v in sam.state_dict().items()}, os.path.join(directory, MODEL_FILE))
+    torch.save(state, os.path.join(directory, TRAIN_STATE_FILE))
+
+
+def upload(checkpoint, dir_name: str):
+    """Ray Train's ``checkpoint_upload_fn``: copies the files of a local checkpoint into
+    the run's storage one by one, then writes the completion marker; returns the
+    persisted ``ray.train.Checkpoint``."""
+    import json
+
+    import pyarrow.fs
+    import ray.train
+
+    run = ray.train.get_context().get_storage()
+    fs = run.storage_filesystem
+    dest = posixpath.join(run.experiment_fs_path, dir_name)
+    fs.create_dir(dest)
+    for name in FILES:
+        pyarrow.fs.copy_files(os.path.join(checkpoint.path, name), posixpath.join(dest, name),
+                              source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
+    step = int(_NAME.match(dir_name).group(1))
+    with fs.open_output_stream(posixpath.join(dest, COMPLETE_FILE)) as f:
+        f.write(json.dumps({"step": step}).encode())
+    return ray.train.Checkpoint(dest, filesystem=fs)
+
+
+def latest(run_url: str) -> str | None:
+    """The complete checkpoint folder with the highest step under ``run_url`` (a path
+    or URL, as given), or None."""
+    fs, root = storage.filesystem(run_url)
+    if not fs.isdir(root):
+        return None
+    best, best_step = None, -1
+    for path in fs.ls(root, detail=False):
+        name = posixpath.basename(path.rstrip("/"))
+        match = _NAME.match(name)
+        if match is None or not fs.isfile(storage.join(path, COMPLETE_FILE)):
+            continue
+        step = int(match.group(1))
+        if step > best_step:
+            best, best_step = storage.join(run_url, name), step
+    return best
+
+
+def load(folder: str, name: str) -> Any:
+    """``folder/name`` (``MODEL_FILE`` or ``TRAIN_STATE_FILE``) read with weights_only."""
+    path = storage.join(folder, name)
+    if not is_url(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    fs, inner = storage.filesystem(path)
+    return torch.load(io.BytesIO(fs.cat_file(inner)), map_location="cpu", weights_only=True)
