@@ -182,6 +182,46 @@ def test_job_on_two_nodes_survives_losing_a_node(two_node_cluster, tmp_path, tin
     assert summary["units_failed"] == 0 and summary["dataset"]["images"] == 16
 
 
+def test_readme_cluster_walkthrough_as_written(tmp_path):
+    """README, "Clusters": `python jobs/local_cluster.py --nodes 2 --num-cpus 1`, then
+    `python jobs/submit.py --address <printed> submit --wait +stage=fully_auto input=...
+    output=...` with nothing else: the default model, one unit, so one actor, which must
+    fit on a 1-CPU node (it used to ask for the cluster's 2 CPUs and wait 10 minutes)."""
+    import re
+    import threading
+
+    inp, out = tmp_path / "images", tmp_path / "dataset"
+    write_images(inp, 4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a user's plain shell
+    cluster = subprocess.Popen([sys.executable, "jobs/local_cluster.py", "--nodes", "2", "--num-cpus", "1"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(cluster.stdout), daemon=True).start()
+    try:
+        hint = wait_for(lambda: next((ln for ln in lines if "python jobs/submit.py --address" in ln), None)
+                        or (cluster.poll() is not None and "exited"), timeout=300, what="the cluster's address")
+        assert hint != "exited", "".join(lines)[-3000:]
+        address = re.search(r"--address (\S+)", hint).group(1)
+        submit = subprocess.run(
+            [sys.executable, "jobs/submit.py", "--address", address, "submit", "--wait", "+stage=fully_auto",
+             f"input={inp}", f"output={out}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420,
+        )
+        assert submit.returncode == 0, submit.stdout[-4000:]
+        assert "SUCCEEDED" in submit.stdout
+        assert len(check_dataset(out, str(inp))) == 4
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["units"] == 1 and [a["restarts"] for a in summary["actors"]] == [0]
+    finally:
+        cluster.send_signal(signal.SIGINT)  # Ctrl-C, as the README says
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_tree(cluster)
+    assert cluster.returncode == 0, "".join(lines)[-3000:]
+
+
 # --- scheduler: actors that cannot be placed -------------------------------------------
 
 class _Idle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,20 @@ def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_
     assert partial["steps"] == 1 and not partial["complete"]
     report = json.loads((out / "loop_report.json").read_text())
     assert report["rounds_done"] == 0 and [r["round"] for r in report["rounds"]] == [0]
+
+    # Resuming the cut round with another start model or other settings is refused
+    # before any work, naming what differs.
+    watched = [out / "loop_report.json", rounds / "round_000/done.json", rounds / "round_001/round.json"]
+    before = _mtimes(watched)
+    other_model = tmp_path / "other.pth"
+    other_model.write_bytes(tiny_checkpoint.read_bytes())
+    other_args = [a if not a.startswith("stage.init_checkpoint=") else f"stage.init_checkpoint={other_model}"
+                  for a in args]
+    for changed, named in ((other_args, "from_model"), ([*args, "stage.retrain.optim.lr=1e-3"], "stage.retrain.optim.lr"),
+                           ([*args, "amg.points_per_side=8"], "amg.points_per_side")):
+        with pytest.raises(RuntimeError, match=rf"round 1 .* cut short .*{re.escape(named)}: "):
+            run_stage(compose_config(*changed))
+    assert _mtimes(watched) == before
 
     # 2. The same command finishes: round 1 resumes (annotation kept, training goes on
     # from its checkpoint at step 1), then round 2 runs from model 1.
