@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -203,19 +204,74 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
     assert saved["masks"] == 2 and saved["model"].endswith("models/b/model.pth")
 
 
-def test_console_shows_each_progress_line_once_and_no_ray_noise(tmp_path):
-    """The command a user runs, in its own in-process cluster: every progress line once
-    (Ray Train's print patch doubled them), and none of the placement-group cleaner's
-    once-a-second warnings about the state API the local cluster leaves off."""
-    command = [sys.executable, "-m", "pipeline.run", "+stage=retrain", f"output={tmp_path}", "stage.version=q",
+def test_console_shows_each_progress_line_once_and_no_ray_noise(tmp_path, tiny_checkpoint):
+    """The command a user runs, in its own in-process cluster, with relative paths as in
+    the README (resolved against the working directory, not the Ray Train worker's):
+    every progress line once (Ray Train's print patch doubled them), and none of the
+    placement-group cleaner's once-a-second warnings about the state API the local
+    cluster leaves off."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "start.pth").write_bytes(tiny_checkpoint.read_bytes())
+    (tmp_path / "data").mkdir()
+    _write_shard(tmp_path / "data" / "sa_000000.tar", [5])
+    command = [sys.executable, "-m", "pipeline.run", "+stage=retrain", "output=runs/r1", "stage.version=q",
                "stage.steps=12", *TINY, "stage.checkpoint_every=6", "stage.eval.enabled=false",
-               "cluster.num_cpus=1", "model.checkpoint=null"]
+               "cluster.num_cpus=1", "stage.init_checkpoint=models/start.pth", "stage.data.shards=data"]
     done = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     steps = re.findall(r"\[retrain\] step (\d+)/12 ", done.stdout)
     assert steps == [str(i) for i in range(1, 13)], done.stdout[-3000:]
     assert "Failed to query Ray Train Controller" not in done.stdout
+    registered = tmp_path / "runs" / "r1" / "models" / "q"
+    config = yaml.safe_load((registered / "config.yaml").read_text())
+    assert config["stage"]["init_checkpoint"] == str(tmp_path / "models" / "start.pth")
+    assert json.loads((registered / "data.json").read_text())["shards"] == [str(tmp_path / "data" / "sa_000000.tar")]
+    kept = sorted(p.name for p in (tmp_path / "runs" / "r1" / "train_runs" / "q").glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000006", "checkpoint_00000012"]
+    assert all((tmp_path / "runs/r1/train_runs/q" / k / "complete.json").is_file() for k in kept)
+
+
+def test_checkpoints_are_trusted_only_when_marked_complete(tmp_path):
+    """A folder Ray was killed while uploading (no marker, or a later step without one)
+    is never resumed from."""
+    from pipeline.training import checkpoints
+
+    run = tmp_path / "run"
+    for step, marked in ((4, True), (8, True), (12, False)):
+        folder = run / checkpoints.folder_name(step)
+        folder.mkdir(parents=True)
+        (folder / checkpoints.MODEL_FILE).write_bytes(b"truncated" if not marked else b"")
+        if marked:
+            (folder / checkpoints.COMPLETE_FILE).write_text(json.dumps({"step": step}))
+    (run / "checkpoint_tmp_1234").mkdir()  # not a checkpoint folder at all
+    assert checkpoints.latest(str(run)) == str(run / "checkpoint_00000008")
+    assert checkpoints.latest(str(tmp_path / "nothing")) is None
+
+
+def test_registered_config_is_read_without_resolvers(tmp_path, monkeypatch):
+    """A version's config.yaml is data: an interpolation in it is not resolved (it could
+    read the environment), and only a plain architecture name is taken from it."""
+    from pipeline import registry
+
+    monkeypatch.setenv("SECRET_FOR_TEST", "vit_tiny")
+    version = tmp_path / "models" / "v001"
+    version.mkdir(parents=True)
+    (version / "model.pth").write_bytes(b"")
+    (version / "config.yaml").write_text("stage:\n  arch: ${oc.env:SECRET_FOR_TEST}\n")
+    assert registry.read_config(str(version))["stage"]["arch"] == "${oc.env:SECRET_FOR_TEST}"
+    checkpoint = registry.resolve_model("v001", str(tmp_path))
+    assert checkpoint == str(version / "model.pth")
+    assert registry.registered_arch(checkpoint) == "${oc.env:SECRET_FOR_TEST}"
+    from pipeline.model import load_sam
+
+    with pytest.raises(ValueError, match="unknown model arch"):
+        load_sam(registry.registered_arch(checkpoint), checkpoint)
+    (version / "config.yaml").write_text("stage:\n  arch: !!python/name:os.system\n")
+    with pytest.raises(yaml.YAMLError):
+        registry.read_config(str(version))
+    with pytest.raises(FileNotFoundError, match="neither a file nor a version"):
+        registry.resolve_model("v002", str(tmp_path))
 
 
 @pytest.mark.parametrize("recipe", ["retrain_default_cpu", "retrain_default_gpu"])
