@@ -95,3 +95,17 @@ def test_unknown_precision_is_refused():
     sam = sam_core.sam_model_registry["vit_tiny"]()
     with pytest.raises(ValueError, match="precision"):
         sam_core.SamAutomaticMaskGenerator(sam, precision="fp8")
+
+
+def test_models_folder_holds_one_training_curve_per_shipped_model():
+    """models/README.md, "Shipping a new default model": each shipped model is a .pth
+    with one training curve beside it, every shipped model is named by a model config,
+    and nothing else is committed there (every binary stays in every clone)."""
+    models = REPO / "models"
+    shipped_files = {p.name for p in models.iterdir()}
+    weights = sorted(n for n in shipped_files if n.endswith(".pth"))
+    expected = {"README.md", *weights, *(n.removesuffix(".pth") + "_training.png" for n in weights)}
+    assert shipped_files == expected
+    named = {shipped(p.stem)[1].name for p in (REPO / "conf" / "model").glob("*.yaml")
+             if "/models/" in str(OmegaConf.load(p).get("model", {}).get("checkpoint", ""))}
+    assert set(weights) <= named
