@@ -1,6 +1,6 @@
 """Training of SAM models: losses, interactive prompt simulation, train step.
 
-Knows nothing of Ray, Hydra or dataset formats; ``pipeline.stages.retrain`` drives it.
+Knows nothing of Ray, Hydra or dataset formats; ``pipeline.training`` drives it.
 """
 from .batch import Batch, collate, prepare_sample, select_masks
 from .losses import MaskLosses, binary_mask_iou, dice_loss, multimask_losses, sigmoid_focal_loss
