@@ -112,17 +112,18 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
     """A PNG that declares width x height pixels but carries one compressed row.
 
     Enough to look like a decompression bomb: its header promises far more pixels than
-    any decoder should allocate, at the cost of a few bytes.
+    any decoder should allocate, at the cost of a few bytes. The default is 8-bit
+    greyscale; ``bit_depth=16, colour_type=6`` declares 16-bit RGBA (8 bytes a pixel).
     """
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b"")
 
 
