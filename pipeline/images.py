@@ -109,8 +109,9 @@ def prepare_image(
     decoded = decoded_bytes(image)
     if max_decoded_bytes is not None and decoded > max_decoded_bytes:
         raise ImageError(
-            f"{width}x{height} {image.mode} decodes to {decoded} bytes, over "
-            f"stage.image.max_decoded_bytes={max_decoded_bytes}; raise the limit if it is genuine"
+            f"{width}x{height} {image.mode} at {8 * _bytes_per_sample(image)} bits a sample decodes to "
+            f"{decoded} bytes, over stage.image.max_decoded_bytes={max_decoded_bytes}; raise the "
+            "limit if it is genuine"
         )
     if min(width, height) < min_side:
         raise ImageError(
@@ -172,7 +173,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         try:
             return Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
-            raise ImageError(f"refused as a decompression bomb: {e}") from None
+            raise ImageError(
+                f"refused as a decompression bomb: {e} (stage.image.max_pixels={max_pixels}; raise it "
+                "if the image is genuine)"
+            ) from None
         except UnidentifiedImageError:
             raise ImageError(
                 f"not a readable image (unrecognised format, first bytes {data[:8]!r}); "
@@ -186,14 +190,15 @@ def decoded_bytes(image: Image.Image) -> int:
     """Bytes of the decoded pixels of an opened (not yet loaded) image, from its header:
     width x height x bands x bytes per sample (2 for 16-bit data, 4 for 32-bit)."""
     width, height = image.size
-    mode = image.mode
-    if mode in ("I", "F"):
-        per_sample = 4
-    elif mode.startswith("I;16") or any("16" in str(tile.args) for tile in image.tile):
-        per_sample = 2  # PIL keeps 16-bit RGB(A) as 8 bits, but its decoder reads all 16
-    else:
-        per_sample = 1
-    return width * height * len(image.getbands()) * per_sample
+    return width * height * len(image.getbands()) * _bytes_per_sample(image)
+
+
+def _bytes_per_sample(image: Image.Image) -> int:
+    if image.mode in ("I", "F"):
+        return 4
+    if image.mode.startswith("I;16") or any("16" in str(tile.args) for tile in image.tile):
+        return 2  # PIL keeps 16-bit RGB(A) as 8 bits, but its decoder reads all 16
+    return 1
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -496,6 +496,8 @@ def _tar_members(fs: AbstractFileSystem, url: str) -> tuple[list[tuple[tarfile.T
             continue
         cut = size is not None and m.offset_data + m.size > size
         by_key[_wds_key(m.name)] = (m, "the tar ends inside this member's data (truncated tar)" if cut else None)
+    if size is not None and members and members[-1].offset_data + members[-1].size > size:
+        problem = None  # a tar cut inside its last member: that member's own row says so
     return list(by_key.values()), problem
 
 

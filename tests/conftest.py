@@ -234,13 +234,15 @@ def plate_photo() -> bytes:
     return encode(Image.fromarray(image), "PNG")
 
 
-def sixteen_bit_png(width: int, height: int, bands: int, seed: int = 0) -> bytes:
-    """A 16-bit PNG with 1, 3 or 4 bands (PIL cannot write 16-bit colour; OpenCV can)."""
+def sixteen_bit_png(width: int, height: int, bands: int, seed: int = 0, noise: bool = True) -> bytes:
+    """A 16-bit PNG with 1, 3 or 4 bands (PIL cannot write 16-bit colour; OpenCV can);
+    ``noise`` fills the low bytes (real 16-bit data), else the file compresses well."""
     import cv2
 
     rng = np.random.default_rng(seed)
-    pixels = (np.repeat(scene(width, height, seed).astype(np.uint16) * 257, 1, -1)
-              + rng.integers(0, 256, (height, width, 3), dtype=np.uint16))
+    pixels = scene(width, height, seed).astype(np.uint16) * 257
+    if noise:
+        pixels += rng.integers(0, 256, (height, width, 3), dtype=np.uint16)
     if bands == 1:
         pixels = pixels[..., 0]
     elif bands == 4:

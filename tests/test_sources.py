@@ -276,6 +276,7 @@ def test_damaged_tars_are_items_naming_the_problem_and_good_members_survive(tmp_
     assert "gzip" in problems["c_gzip.tar"]
     assert "truncated" in problems["d_cut.tar#sa_2.jpg"]
     assert "d_cut.tar#sa_0.jpg" in by_source and by_source["d_cut.tar#sa_0.jpg"].problem is None
+    assert "d_cut.tar" not in by_source  # the cut member's row says it all
     assert "damaged tar" in problems["e_damaged.tar"] and "after 2 members" in problems["e_damaged.tar"]
     assert by_source["e_damaged.tar#sa_0.jpg"].problem is None
     assert [s for s in by_source if s.startswith("f_good")] == [f"f_good.tar#sa_{n}.jpg" for n in range(3)]
