@@ -22,15 +22,19 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
+# VmHWM (the process's peak resident memory; getrusage's ru_maxrss would start at the
+# parent's, which forked it) before and after the call, on Linux.
 CHILD = """
-import resource, sys
+import sys
 sys.path.insert(0, sys.argv[2])
 from pipeline.images import prepare_image
+def peak():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 data = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 prepare_image(data, short_side=None)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+print(peak() - before)
 """
 
 

@@ -10,8 +10,9 @@ position, camera serial, thumbnail), XMP, IPTC, ICC and comment segments and any
 after its end marker; every other image is encoded afresh, which writes none of them.
 
 Memory: the pixel and decoded-byte limits are checked from the header, before any pixel
-is decoded, and conversions work in place or in row blocks, so preparing one image
-costs a small multiple of its decoded size (``benchmarks/prepare_memory.py``).
+is decoded, and conversions work in place or in row blocks with no full-size float copy,
+so preparing an image peaks at about 10 bytes a pixel whatever its depth (was 14 to 24;
+``benchmarks/prepare_memory.py``).
 """
 from __future__ import annotations
 
