@@ -4,6 +4,9 @@
 marker. It has one row per input image of the unit, annotated or not, so a complete
 dataset lists every enumerated key exactly once. ``errors/part_%06d.parquet`` holds the
 reason for each image whose status is "error".
+
+Columns are documented beside each schema; ``key`` is ``sa_<image_id>`` and ``source``
+is the input the image came from.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ STATUS_ERROR = "error"
 
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),
+        ("key", pa.string()),  # sa_<image_id>: the sample's name in its shard
         ("image_id", pa.int64()),
         ("shard", pa.string()),  # shard file name, "" when the image failed
-        ("source", pa.string()),
+        ("source", pa.string()),  # the input it came from (a path or URL, url#member in a tar)
+        ("source_sha256", pa.string()),  # of the input's bytes; "" when they could not be read
         ("width", pa.int32()),  # of the stored image; 0 when the image failed
         ("height", pa.int32()),
         ("num_masks", pa.int32()),
@@ -41,7 +45,7 @@ ERRORS_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("source", pa.string()),
-        ("stage", pa.string()),
+        ("phase", pa.string()),  # where it failed: enumerate, read, decode, annotate, isolated
         ("reason", pa.string()),
     ]
 )

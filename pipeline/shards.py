@@ -1,7 +1,9 @@
 """SA-1B records and WebDataset shards: build, write with an atomic commit, read back.
 
-A shard ``shards/sa_%06d.tar`` holds, per image, ``<key>.jpg`` and ``<key>.json``
-side by side, exactly like the released SA-1B tars.
+A shard ``shards/sa_%06d.tar`` holds, per image, ``sa_<image_id>.jpg`` and
+``sa_<image_id>.json`` side by side, exactly like the released SA-1B tars (SAM 2's
+SA-1B loader parses the id from the name). This module owns member names, the key rule
+and reading; which shards of a dataset are committed is ``pipeline.dataset``'s.
 """
 from __future__ import annotations
 
@@ -34,15 +36,28 @@ def annotation_id(image_id: int, index: int) -> int:
     return image_id * ANNOTATION_ID_STRIDE + index
 
 
+# The keys a mask record of the generator (coco_rle) has, converted to plain JSON types
+# by sa1b_record; any other key of a mask record is stored as it is.
+_MASK_KEYS = ("segmentation", "bbox", "area", "predicted_iou", "stability_score", "crop_box", "point_coords")
+
+
 def sa1b_record(
-    key: str, image_id: int, width: int, height: int, masks: Sequence[dict[str, Any]]
+    key: str,
+    image_id: int,
+    width: int,
+    height: int,
+    masks: Sequence[dict[str, Any]],
+    **image_fields: Any,
 ) -> dict[str, Any]:
     """The SA-1B per-image JSON for ``masks`` as returned by the generator in coco_rle mode.
 
-    Returns ``{"image": {image_id, width, height, file_name}, "annotations": [...]}``,
-    each annotation with: id, segmentation ({"size": [h, w], "counts": str}), bbox
-    [x, y, w, h], area (int), predicted_iou, stability_score, crop_box [x, y, w, h]
-    and point_coords [[x, y]], all plain JSON types.
+    Returns ``{"image": {image_id, width, height, file_name, **image_fields},
+    "annotations": [...]}``, each annotation with: id, segmentation ({"size": [h, w],
+    "counts": str}), bbox [x, y, w, h], area (int), predicted_iou, stability_score,
+    crop_box [x, y, w, h] and point_coords [[x, y]], all plain JSON types, then the
+    mask record's other keys (e.g. category_id, score) unchanged.
+    ``image_fields``: extra keys of the image entry (this project writes ``source`` and
+    ``source_sha256``, the input's path and the sha256 of its bytes).
     """
     annotations = []
     for index, mask in enumerate(masks):
@@ -61,6 +76,7 @@ def sa1b_record(
                 "stability_score": float(mask["stability_score"]),
                 "crop_box": [float(v) for v in mask["crop_box"]],
                 "point_coords": [[float(x), float(y)] for x, y in mask["point_coords"]],
+                **{k: v for k, v in mask.items() if k not in _MASK_KEYS},
             }
         )
     return {
@@ -69,6 +85,7 @@ def sa1b_record(
             "width": width,
             "height": height,
             "file_name": f"{key}.jpg",
+            **image_fields,
         },
         "annotations": annotations,
     }

@@ -1,9 +1,12 @@
-"""The worker: loads the model once, then turns whole units into committed shards.
+"""The worker: loads a mask source once, then turns whole units into committed shards.
 
-``Annotator`` is a plain class (usable and testable without Ray); the stage wraps it
-with ``ray.remote`` and explicit resources, like a Ray Data predictor. Within a unit,
-decoding runs ahead in threads and shard writing runs behind in a thread, so the model
-waits on neither; both queues are bounded, so memory is flat whatever the unit size.
+``UnitWorker`` is a plain class (usable and testable without Ray); stages wrap it with
+``ray.remote`` and explicit resources, like a Ray Data predictor. What it asks for masks
+is a mask source (``pipeline.mask_sources``: the point grid of fully_auto, box prompts,
+...); reading, decoding, the shard, the manifest and the commit are the same for all.
+Within a unit, decoding runs ahead in threads and shard writing runs behind in a thread,
+so the model waits on neither; both queues are bounded, so memory is flat whatever the
+unit size.
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline import manifest, model, shards, storage
+from pipeline import lease, manifest, mask_sources, shards, storage
 from pipeline.images import ImageError, PreparedImage, prepare_image
 from pipeline.sources import Item, Unit, read_item
 
-Failure = tuple[str, str]  # (stage, reason) as written to the errors table
+Failure = tuple[str, str]  # (phase, reason) as written to the errors table
 # Progress goes to the driver at most this often (plus once at the end of a unit): one
 # Ray message per image cost ~25 ms of CPU per image on a 2-core machine, as much as the
 # small model itself; a few messages per second keep the progress bar live at any speed.
@@ -45,12 +48,16 @@ def inflight_key(output: str, unit_index: int) -> str | None:
         return None
 
 
-class Annotator:
-    """Annotates units with the automatic mask generator and commits them.
+class UnitWorker:
+    """Annotates units with a mask source and commits them.
 
-    model_cfg, amg_cfg: as ``pipeline.model.build_generator`` takes them.
+    source: the mask source's spec (``pipeline.mask_sources.build``), e.g. ``{"kind":
+        "grid", "model": cfg.model, "amg": cfg.amg, "model_sha256": ...}``; the model's
+        bytes are checked against ``model_sha256`` as they are loaded.
     image_cfg: keyword arguments of ``pipeline.images.prepare_image``.
     output: dataset root URL; model_sha256: identity written to the manifest.
+    lease_owner: the driver's lease id; every commit first checks the run still holds
+        the output's lease (None: no check, for tests and tools that own the output).
     prefetch: images decoded ahead of the model. threads: torch CPU threads (None: keep).
     kill_on: fnmatch patterns of sources on which the process kills itself, to test
         crash isolation for real (a hard kill, as a segfaulting decoder would die).
@@ -58,21 +65,22 @@ class Annotator:
 
     def __init__(
         self,
-        model_cfg: dict[str, Any],
-        amg_cfg: dict[str, Any],
+        source: dict[str, Any],
         image_cfg: dict[str, Any],
         output: str,
         model_sha256: str,
+        lease_owner: str | None = None,
         prefetch: int = 2,
         threads: int | None = None,
         kill_on: tuple[str, ...] = (),
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.generator = model.build_generator(model_cfg, amg_cfg)
+        self.source = mask_sources.build(source)
         self.image_cfg = dict(image_cfg)
         self.output = output
         self.model_sha256 = model_sha256
+        self.lease_owner = lease_owner
         self.prefetch = prefetch
         self.kill_on = tuple(kill_on)
 
@@ -100,6 +108,8 @@ class Annotator:
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         progress = _Progress(0.0 if careful else PROGRESS_PERIOD_S)
+        if careful:
+            self._note(unit.index, "")  # a crash before the first image blames no one
         with shards.ShardWriter(shard_url) as writer, ThreadPoolExecutor(1) as write_pool:
             pending_writes: deque[Future] = deque()
             note = (lambda key: self._note(unit.index, key)) if careful else None
@@ -107,21 +117,22 @@ class Annotator:
             for item, prepared, failure in loaded:
                 if failure is None:
                     self._maybe_kill(item)
-                    masks, failure = self._annotate(prepared)
+                    masks, failure = self._annotate(item, prepared)
                 if failure is not None:
-                    stage, reason = failure
-                    errors.append({"key": item.key, "source": item.source, "stage": stage, "reason": reason})
-                    rows.append(self._row(item, "", 0, 0, 0, manifest.STATUS_ERROR))
+                    phase, reason = failure
+                    errors.append({"key": item.key, "source": item.source, "phase": phase, "reason": reason})
+                    rows.append(self._row(item, "", None, 0, manifest.STATUS_ERROR))
                     if message := progress.add(masks=0, failed=1):
                         yield message
                     continue
-                record = shards.sa1b_record(item.key, item.image_id, prepared.width, prepared.height, masks)
+                record = shards.sa1b_record(
+                    item.key, item.image_id, prepared.width, prepared.height, masks,
+                    source=item.source, source_sha256=prepared.source_sha256,
+                )
                 pending_writes.append(write_pool.submit(writer.write, item.key, prepared.jpeg, record))
                 while len(pending_writes) > 2:
                     pending_writes.popleft().result()
-                rows.append(
-                    self._row(item, shard, prepared.width, prepared.height, len(masks), manifest.STATUS_OK)
-                )
+                rows.append(self._row(item, shard, prepared, len(masks), manifest.STATUS_OK))
                 if message := progress.add(masks=len(masks), failed=0):
                     yield message
             for write in pending_writes:
@@ -129,7 +140,10 @@ class Annotator:
         if message := progress.flush():
             yield message
         # Commit order matters: shard, then errors, then the manifest part that marks the
-        # unit done. A crash in between only leaves files that the rerun rewrites.
+        # unit done. A crash in between only leaves files that the rerun rewrites. A run
+        # that lost the output's lease to another run must not commit.
+        if self.lease_owner is not None:
+            lease.check(self.output, self.lease_owner)
         manifest.write_part(self.output, manifest.ERRORS_DIR, unit.index, errors)
         manifest.write_part(self.output, manifest.MANIFEST_DIR, unit.index, rows)
         if careful:
@@ -170,6 +184,8 @@ class Annotator:
     def _load(self, item: Item, poisoned: dict[str, str]) -> tuple[PreparedImage | None, Failure | None]:
         if item.key in poisoned:
             return None, ("isolated", poisoned[item.key])
+        if item.problem:
+            return None, ("enumerate", item.problem)
         try:
             data = read_item(item)
         except FileNotFoundError:
@@ -185,22 +201,23 @@ class Annotator:
         except ImageError as e:
             return None, ("decode", str(e))
 
-    def _annotate(self, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
+    def _annotate(self, item: Item, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
         try:
-            return self.generator.generate(prepared.rgb), None
+            return self.source(item, prepared), None
         except torch.cuda.OutOfMemoryError:
             raise  # a property of the worker, not of the image: let the unit be retried
         except Exception as e:  # an image the model cannot handle must not sink the unit
             return None, ("annotate", f"mask generation failed: {type(e).__name__}: {e}")
 
-    def _row(self, item: Item, shard: str, width: int, height: int, num_masks: int, status: str) -> dict[str, Any]:
+    def _row(self, item: Item, shard: str, prepared: PreparedImage | None, num_masks: int, status: str) -> dict[str, Any]:
         return {
             "key": item.key,
             "image_id": item.image_id,
             "shard": shard,
             "source": item.source,
-            "width": width,
-            "height": height,
+            "source_sha256": prepared.source_sha256 if prepared else "",
+            "width": prepared.width if prepared else 0,
+            "height": prepared.height if prepared else 0,
             "num_masks": num_masks,
             "model_sha256": self.model_sha256,
             "status": status,
