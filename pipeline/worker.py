@@ -11,11 +11,13 @@ unit size.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -98,7 +100,9 @@ class UnitWorker:
         previous one. Last: ``{"unit": index, "images": n, "masks": m, "errors": e,
         "seconds": busy time}``.
         ``careful`` decodes one image at a time and notes each key before touching it
-        (see ``inflight_key``) so that a crash can be blamed on exactly one image;
+        (see ``inflight_key``) so that a crash can be blamed on exactly one image, and
+        keeps each finished image's result beside the note, so that the next careful try
+        of the unit resumes after it instead of annotating the unit again;
         ``poisoned`` maps the keys to skip to the reason recorded for them.
         """
         start = time.perf_counter()
@@ -108,32 +112,20 @@ class UnitWorker:
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         progress = _Progress(0.0 if careful else PROGRESS_PERIOD_S)
-        if careful:
+        memo = _CarefulMemo(self.output, unit.index) if careful else None
+        if memo:
             self._note(unit.index, "")  # a crash before the first image blames no one
         with shards.ShardWriter(shard_url) as writer, ThreadPoolExecutor(1) as write_pool:
             pending_writes: deque[Future] = deque()
-            note = (lambda key: self._note(unit.index, key)) if careful else None
-            loaded = self._loaded(unit.items, 0 if careful else self.prefetch, poisoned, note)
-            for item, prepared, failure in loaded:
-                if failure is None:
-                    self._maybe_kill(item)
-                    masks, failure = self._annotate(item, prepared)
-                if failure is not None:
-                    phase, reason = failure
-                    errors.append({"key": item.key, "source": item.source, "phase": phase, "reason": reason})
-                    rows.append(self._row(item, "", None, 0, manifest.STATUS_ERROR))
-                    if message := progress.add(masks=0, failed=1):
-                        yield message
-                    continue
-                record = shards.sa1b_record(
-                    item.key, item.image_id, prepared.width, prepared.height, masks,
-                    source=item.source, source_sha256=prepared.source_sha256,
-                )
-                pending_writes.append(write_pool.submit(writer.write, item.key, prepared.jpeg, record))
-                while len(pending_writes) > 2:
-                    pending_writes.popleft().result()
-                rows.append(self._row(item, shard, prepared, len(masks), manifest.STATUS_OK))
-                if message := progress.add(masks=len(masks), failed=0):
+            for result in self._results(unit, shard, poisoned, memo):
+                if result.error is not None:
+                    errors.append(result.error)
+                else:
+                    pending_writes.append(write_pool.submit(writer.write, result.row["key"], result.jpeg, result.record))
+                    while len(pending_writes) > 2:
+                        pending_writes.popleft().result()
+                rows.append(result.row)
+                if message := progress.add(masks=result.row["num_masks"], failed=int(result.error is not None)):
                     yield message
             for write in pending_writes:
                 write.result()
@@ -155,6 +147,41 @@ class UnitWorker:
             "errors": len(errors),
             "seconds": time.perf_counter() - start,
         }
+
+    def _results(
+        self, unit: Unit, shard: str, poisoned: dict[str, str], memo: "_CarefulMemo | None"
+    ) -> Iterator["_Result"]:
+        """Each image's outcome in input order: from the memo of an earlier careful try,
+        else read, decoded and annotated now (one at a time when careful)."""
+        remembered = {i.key: memo.get(i.key) for i in unit.items} if memo else {}
+        items = [i for i in unit.items if remembered.get(i.key) is None]
+        note = (lambda key: self._note(unit.index, key)) if memo else None
+        fresh = self._loaded(tuple(items), 0 if memo else self.prefetch, poisoned, note)
+        for item in unit.items:
+            if remembered.get(item.key) is not None:
+                yield remembered[item.key]
+                continue
+            same, prepared, failure = next(fresh)
+            assert same is item
+            if failure is None:
+                self._maybe_kill(item)
+                masks, failure = self._annotate(item, prepared)
+            if failure is not None:
+                phase, reason = failure
+                result = _Result(
+                    row=self._row(item, "", None, 0, manifest.STATUS_ERROR),
+                    error={"key": item.key, "source": item.source, "phase": phase, "reason": reason},
+                )
+            else:
+                record = shards.sa1b_record(
+                    item.key, item.image_id, prepared.width, prepared.height, masks,
+                    source=item.source, source_sha256=prepared.source_sha256,
+                )
+                result = _Result(row=self._row(item, shard, prepared, len(masks), manifest.STATUS_OK),
+                                 record=record, jpeg=prepared.jpeg)
+            if memo:
+                memo.put(item.key, result)
+            yield result
 
     def _loaded(
         self, items: tuple[Item, ...], window: int, poisoned: dict[str, str], note=None
@@ -231,6 +258,42 @@ class UnitWorker:
     def _maybe_kill(self, item: Item) -> None:
         if any(fnmatch.fnmatch(item.source, pattern) for pattern in self.kill_on):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Result:
+    """One image's outcome: its manifest row, and its record and JPEG, or its error row."""
+
+    row: dict[str, Any]
+    record: dict[str, Any] | None = None
+    jpeg: bytes | None = None
+    error: dict[str, Any] | None = None
+
+
+class _CarefulMemo:
+    """Results of a careful try's finished images, kept beside its note in
+    ``.inflight/unit_<n>/`` (removed with the note at start-up and after the run), so a
+    unit with several crashing images is annotated about once, not once per crash."""
+
+    def __init__(self, output: str, unit_index: int) -> None:
+        self.fs, root = storage.filesystem(output)
+        self.directory = storage.join(root, INFLIGHT_DIR, f"unit_{unit_index:06d}")
+
+    def get(self, key: str) -> _Result | None:
+        try:
+            entry = json.loads(self.fs.cat_file(storage.join(self.directory, f"{key}.json")))
+            jpeg = self.fs.cat_file(storage.join(self.directory, f"{key}.jpg")) if entry["record"] else None
+        except FileNotFoundError:
+            return None
+        return _Result(row=entry["row"], record=entry["record"], jpeg=jpeg, error=entry["error"])
+
+    def put(self, key: str, result: _Result) -> None:
+        if result.jpeg is not None:  # the image first: the JSON (written last) marks it complete
+            with storage.atomic_open(self.fs, storage.join(self.directory, f"{key}.jpg")) as f:
+                f.write(result.jpeg)
+        entry = {"row": result.row, "record": result.record, "error": result.error}
+        with storage.atomic_open(self.fs, storage.join(self.directory, f"{key}.json")) as f:
+            f.write(json.dumps(entry).encode("utf-8"))
 
 
 class _Progress:
