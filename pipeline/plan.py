@@ -215,3 +215,38 @@ def _write_part(output: str, index: int, rows: list[dict], images_per_unit: int)
     fs, root = storage.filesystem(output)
     with storage.atomic_open(fs, storage.join(root, PLAN_DIR, PART_PATTERN.format(index))) as f:
         pq.write_table(table, f)
+
+
+@dataclass
+class Audit:
+    """A dataset checked against its plan.
+
+    lost: planned keys of committed units with no manifest row. duplicated: keys with more
+    than one manifest row. unplanned: manifest keys the plan does not know. pending:
+    planned units not committed yet (the run has not finished; nothing is lost).
+    """
+
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    unplanned: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+
+
+def audit(output: str) -> Audit | None:
+    """Compares ``output``'s manifest with its plan; None when it has no plan."""
+    from collections import Counter
+
+    from pipeline import manifest
+
+    rows = _read(output)
+    if not rows:
+        return None
+    committed = manifest.committed_units(output)
+    rows_by_key = Counter(manifest.read_table(output).column("key").to_pylist())
+    planned = {image_key(r["image_id"]): r["unit"] for r in rows}
+    return Audit(
+        lost=sorted(k for k, unit in planned.items() if unit in committed and rows_by_key[k] == 0),
+        duplicated=sorted(k for k, n in rows_by_key.items() if n > 1),
+        unplanned=sorted(k for k in rows_by_key if k not in planned),
+        pending=sorted({unit for unit in planned.values()} - committed),
+    )

@@ -240,3 +240,22 @@ def test_a_local_commit_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch)
     assert (tmp_path / "d" / "x.bin").read_bytes() == b"data"
     assert any(".x.bin.tmp-" in p for p in synced), "the file's data reaches the disk before the rename"
     assert str(tmp_path / "d") in synced, "the rename itself is made durable"
+
+
+def test_audit_against_the_plan_finds_lost_duplicated_and_pending(tmp_path):
+    inp = photos(tmp_path / "images", [f"p{n}.jpg" for n in range(5)])
+    out = str(tmp_path / "out")
+    units = plan.load_or_extend(out, enumerate_input(str(inp)), images_per_unit=2).units
+
+    def row(item):
+        return {"key": item.key, "image_id": item.image_id, "shard": "", "source": item.source, "source_sha256": "",
+                "width": 0, "height": 0, "num_masks": 0, "model_sha256": "x", "status": "ok"}
+
+    first, second = units[0].items, units[1].items
+    manifest.write_part(out, manifest.MANIFEST_DIR, 0, [row(first[0])])  # first[1] lost
+    manifest.write_part(out, manifest.MANIFEST_DIR, 1, [row(i) for i in second] + [row(second[0])])
+    found = plan.audit(out)
+    assert found.lost == [first[1].key]
+    assert found.duplicated == [second[0].key]
+    assert found.pending == [2] and found.unplanned == []
+    assert plan.audit(str(tmp_path / "nothing")) is None
