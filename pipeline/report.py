@@ -114,21 +114,27 @@ def fig_scores(summary: dict[str, Any]) -> Figure:
     return fig
 
 
+# File stem (stats/figures/<stem>.png, linked from the dataset card) -> caption, figure.
 FIGURES = {
-    "Masks per image": fig_masks_per_image,
-    "Relative mask size": fig_rel_size,
-    "Concavity": fig_concavity,
-    "Mask centres": fig_centres,
-    "Image resolution": fig_resolution,
-    "Predicted IoU and stability": fig_scores,
+    "masks_per_image": ("Masks per image", fig_masks_per_image),
+    "relative_mask_size": ("Relative mask size", fig_rel_size),
+    "concavity": ("Concavity", fig_concavity),
+    "mask_centres": ("Mask centres", fig_centres),
+    "image_resolution": ("Image resolution", fig_resolution),
+    "scores": ("Predicted IoU and stability", fig_scores),
 }
 
 
-def _png_base64(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    return base64.b64encode(buf.getvalue()).decode()
+def figure_pngs(summary: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes of every figure, keyed like ``FIGURES``."""
+    pngs = {}
+    for stem, (_, make) in FIGURES.items():
+        buf = io.BytesIO()
+        fig = make(summary)
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        pngs[stem] = buf.getvalue()
+    return pngs
 
 
 def _fmt(value: Any) -> str:
@@ -158,15 +164,18 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
             for label, ours, theirs in rows]
 
 
-def render(summary: dict[str, Any], title: str) -> str:
-    """One self-contained HTML page: summary table, figures, definitions."""
+def render(summary: dict[str, Any], title: str, pngs: dict[str, bytes] | None = None) -> str:
+    """One self-contained HTML page: summary table, figures (``pngs`` from
+    ``figure_pngs``, rendered here when not given), definitions."""
+    pngs = figure_pngs(summary) if pngs is None else pngs
     rows = "\n".join(
         f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
         for a, b, c in summary_rows(summary))
     figures = "\n".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_png_base64(make(summary))}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, make in FIGURES.items())
+        f'<figure><img alt="{html.escape(caption)}" '
+        f'src="data:image/png;base64,{base64.b64encode(pngs[stem]).decode()}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for stem, (caption, _) in FIGURES.items())
     per_bin = summary.get("concavity_per_bin", "?")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Statistics: {html.escape(title)}</title>
