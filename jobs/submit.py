@@ -8,7 +8,9 @@
 
 The entry point is always ``python -m pipeline.run <overrides> cluster=existing``: the
 job's driver runs on the cluster and joins it with ``address: auto``. The address may
-also come from RAY_ADDRESS (as for the ``ray job`` CLI).
+also come from RAY_ADDRESS (as for the ``ray job`` CLI). The overrides are checked here
+before anything is submitted (``pipeline.config_guard``: no ``_target_`` outside the
+allow-list, no config from outside conf/), and again by the entry point on the cluster.
 """
 from __future__ import annotations
 
@@ -29,11 +31,22 @@ TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
 def entrypoint(overrides: List[str]) -> str:
-    """The driver command for a stage: the overrides, plus cluster=existing unless given."""
+    """The driver command for a stage: the overrides, plus cluster=existing unless given.
+
+    Raises SystemExit for a command line ``pipeline.run`` would refuse."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.config_guard import ConfigRefused, check_command_line
+
     if not any(o.lstrip("+").startswith("stage=") for o in overrides):
         raise SystemExit("submit needs a stage, e.g. +stage=fully_auto")
     if not any(o.lstrip("+").startswith("cluster=") for o in overrides):
         overrides = [*overrides, "cluster=existing"]
+    try:
+        check_command_line(overrides)
+    except (ConfigRefused, HydraException, OmegaConfBaseException) as exc:
+        raise SystemExit(f"not submitted: {exc}") from None
     return " ".join(["python", "-m", "pipeline.run", *map(shlex.quote, overrides)])
 
 
