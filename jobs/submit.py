@@ -26,6 +26,8 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The checks run against the checkout this script ships (its conf/ and pipeline/).
+sys.path.insert(0, str(PROJECT_ROOT))
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
