@@ -114,26 +114,34 @@ def fig_scores(summary: dict[str, Any]) -> Figure:
     return fig
 
 
-# File stem (stats/figures/<stem>.png, linked from the dataset card) -> caption, figure.
 FIGURES = {
-    "masks_per_image": ("Masks per image", fig_masks_per_image),
-    "relative_mask_size": ("Relative mask size", fig_rel_size),
-    "concavity": ("Concavity", fig_concavity),
-    "mask_centres": ("Mask centres", fig_centres),
-    "image_resolution": ("Image resolution", fig_resolution),
-    "scores": ("Predicted IoU and stability", fig_scores),
+    "Masks per image": fig_masks_per_image,
+    "Relative mask size": fig_rel_size,
+    "Concavity": fig_concavity,
+    "Mask centres": fig_centres,
+    "Image resolution": fig_resolution,
+    "Predicted IoU and stability": fig_scores,
+}
+# Each figure's file, stats/figures/<stem>.png (the dataset card links them).
+FIGURE_STEMS = {
+    "Masks per image": "masks_per_image",
+    "Relative mask size": "relative_mask_size",
+    "Concavity": "concavity",
+    "Mask centres": "mask_centres",
+    "Image resolution": "image_resolution",
+    "Predicted IoU and stability": "scores",
 }
 
 
 def figure_pngs(summary: dict[str, Any]) -> dict[str, bytes]:
-    """PNG bytes of every figure, keyed like ``FIGURES``."""
+    """PNG bytes of every figure, keyed by its caption (as ``FIGURES``)."""
     pngs = {}
-    for stem, (_, make) in FIGURES.items():
+    for caption, make in FIGURES.items():
         buf = io.BytesIO()
         fig = make(summary)
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
-        pngs[stem] = buf.getvalue()
+        pngs[caption] = buf.getvalue()
     return pngs
 
 
@@ -173,9 +181,9 @@ def render(summary: dict[str, Any], title: str, pngs: dict[str, bytes] | None = 
         for a, b, c in summary_rows(summary))
     figures = "\n".join(
         f'<figure><img alt="{html.escape(caption)}" '
-        f'src="data:image/png;base64,{base64.b64encode(pngs[stem]).decode()}">'
+        f'src="data:image/png;base64,{base64.b64encode(pngs[caption]).decode()}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for stem, (caption, _) in FIGURES.items())
+        for caption in FIGURES)
     per_bin = summary.get("concavity_per_bin", "?")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Statistics: {html.escape(title)}</title>

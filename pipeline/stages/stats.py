@@ -66,8 +66,8 @@ def run(cfg: DictConfig) -> dict:
     summary = summarize(storage.url(fs, stats_dir))
     summary["concavity_per_bin"] = int(stage.concavity_per_bin)
     pngs = report.figure_pngs(summary)
-    for stem, png in pngs.items():
-        _commit(fs, storage.join(figures_dir, f"{stem}.png"), png)
+    for caption, png in pngs.items():
+        _commit(fs, storage.join(figures_dir, f"{report.FIGURE_STEMS[caption]}.png"), png)
     report_path = storage.join(stats_dir, "report.html")
     title = posixpath.basename(dataset.rstrip("/"))
     _commit(fs, report_path, report.render(summary, title=title, pngs=pngs).encode("utf-8"))
