@@ -15,7 +15,6 @@ import logging
 import posixpath
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
@@ -89,7 +88,7 @@ def dataset_meta(dataset: str) -> dict[str, Any]:
     "layout": "project" (shards/, manifest/) or "sa1b" (sa_*.tar in the root)}.
     """
     meta: dict[str, Any] = {"config": None, "model_sha256": [], "code_version": None, "sources": None}
-    fs, root = fsspec.core.url_to_fs(dataset)
+    fs, root = storage.filesystem(dataset)
     meta["layout"] = "project" if fs.exists(f"{root}/shards") else "sa1b"
     if fs.exists(f"{root}/config.yaml"):
         with fs.open(f"{root}/config.yaml", "r") as f:
