@@ -7,7 +7,8 @@ sweeper before the task function runs), the logging configs (``class``, ``()`` a
 ``logging.config.dictConfig``), Ray's ``worker_process_setup_hook``,
 ``hydra.job.env_set`` (``LD_PRELOAD`` or ``PYTHONPATH`` for every process started
 later), ``--experimental-rerun`` (a pickle), and config groups loaded from anywhere
-(``+stage=../../x``, ``hydra.searchpath``, ``--config-dir``).
+(``+stage=../../x``, ``hydra.searchpath``, ``--config-dir``). Multirun is refused too:
+each job of a sweep composes a config of its own that no check here would see.
 
 ``check_command_line`` composes the configuration a command line would run, as Hydra
 will, and refuses it before Hydra runs (``pipeline/run.py``, ``jobs/submit.py``);
@@ -104,6 +105,12 @@ def _hydra_problems(hydra: dict) -> list[str]:
     if env:
         problems.append(f"hydra.job.env_set {sorted(env)}: not allowed (a variable such as "
                         "LD_PRELOAD or PYTHONPATH runs code; set variables in the shell)")
+    if hydra.get("mode") not in (None, "RUN"):
+        problems.append(f"hydra.mode={hydra['mode']}: "
+                        f"{REFUSED_FLAGS['multirun'].split(': ', 1)[1]}")
+    if (hydra.get("sweeper") or {}).get("params"):
+        problems.append("hydra.sweeper.params: sweeps compose configs this check never sees; "
+                        "not allowed")
     if hydra.get("searchpath"):
         problems.append(f"hydra.searchpath {hydra['searchpath']}: configs come from conf/ only")
     runtime = hydra.get("runtime") or {}

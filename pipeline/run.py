@@ -13,9 +13,7 @@ import logging
 import sys
 
 import hydra
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config_guard import ConfigRefused, check_command_line
 from pipeline.stages import run_stage
@@ -33,7 +31,8 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         check_command_line(sys.argv[1:])
-    except (ConfigRefused, HydraException, OmegaConfBaseException) as exc:
+    except Exception as exc:  # noqa: BLE001  fail closed: what was not checked does not run
         # A command line that does not compose would fail in Hydra the same way.
-        sys.exit(f"pipeline.run: {exc}")
+        sys.exit(f"pipeline.run: {exc}" if isinstance(exc, ConfigRefused) else
+                 f"pipeline.run: the command line does not compose: {type(exc).__name__}: {exc}")
     main()

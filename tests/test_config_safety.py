@@ -85,6 +85,7 @@ def test_entry_point_refuses_a_hostile_logging_handler(evil_dir, dataset, tmp_pa
     ("+cluster.runtime_env.worker_process_setup_hook=evil_mod.setup", "setup hook"),
     ("+stage.x='${oc.create:\"{_target_: os.system}\"}'", "builds a config from a string"),
     ("hydra.searchpath=[file:///tmp]", "configs come from conf/ only"),
+    ("hydra.mode=MULTIRUN", "run one configuration per command"),
 ])
 def test_hostile_overrides_are_refused(override, message):
     with pytest.raises(ConfigRefused, match="refused") as refused:
@@ -110,6 +111,12 @@ def test_a_logging_factory_in_a_config_is_refused():
     """'()' cannot be written as an override key; a config file could carry it."""
     cfg = OmegaConf.create({"hydra": {"job_logging": {"handlers": {"x": {"()": "evil_mod.Handler"}}}}})
     with pytest.raises(ConfigRefused, match=r"hydra.job_logging.handlers.x.\(\): a logging factory"):
+        check_config(cfg)
+
+
+def test_sweeper_params_in_a_config_are_refused():
+    cfg = OmegaConf.create({"hydra": {"sweeper": {"params": {"stage": "../../x"}}}})
+    with pytest.raises(ConfigRefused, match="hydra.sweeper.params"):
         check_config(cfg)
 
 
