@@ -142,3 +142,15 @@ def test_export_from_s3_into_s3(s3_env, tmp_path, monkeypatch):
         f"coco-bucket/out/coco/images/{s.key}.jpg" for s in dataset.samples)
     leftovers = [p for p in fs.find("coco-bucket/out") if ".tmp-" in p or ".parts-" in p]
     assert not leftovers
+
+
+def test_reading_stages_do_not_import_other_stages():
+    """What stats, validate and export_coco share lives in pipeline/readers.py."""
+    import ast
+
+    for name in ("stats", "validate", "export_coco"):
+        module = REPO / "pipeline" / "stages" / f"{name}.py"
+        tree = ast.parse(module.read_text())
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+        assert not [m for m in imported if m and m.startswith("pipeline.stages")], module.name
