@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import tarfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -108,12 +109,17 @@ def iter_records(url: str, images: bool = False) -> Iterator[Record]:
     or broken member costs that key only.
     """
     key, parts = None, {}
-    for member_key, ext, data in iter_members(url, ("json", "jpg") if images else ("json",)):
-        if member_key != key:
-            if key is not None and "json" in parts:
-                yield _record(key, parts)
-            key, parts = member_key, {}
-        parts[ext] = data
+    try:
+        for member_key, ext, data in iter_members(url, ("json", "jpg") if images else ("json",)):
+            if member_key != key:
+                if key is not None and "json" in parts:
+                    yield _record(key, parts)
+                key, parts = member_key, {}
+            parts[ext] = data
+    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+        # The tar itself is broken: nothing after this point can be read.
+        raise ValueError(f"shard {url} is unreadable after key {key!r} (run +stage=validate): "
+                         f"{type(exc).__name__}: {exc}") from exc
     if key is not None and "json" in parts:
         yield _record(key, parts)
 

@@ -154,3 +154,4 @@ def test_reading_stages_do_not_import_other_stages():
         imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
         assert not [m for m in imported if m and m.startswith("pipeline.stages")], module.name
+
