@@ -54,12 +54,21 @@ ERRORS_SCHEMA = pa.schema(
 def write_part(url: str, directory: str, unit_index: int, rows: Iterable[dict[str, Any]]) -> None:
     """Atomically writes ``<url>/<directory>/part_<unit>.parquet`` from ``rows``.
 
-    The schema is chosen by ``directory`` (MANIFEST_DIR or ERRORS_DIR).
+    The schema is chosen by ``directory`` (MANIFEST_DIR or ERRORS_DIR). An errors part
+    with no rows is not written (and a previous run's part for the unit is removed):
+    Hugging Face ``datasets`` fails on a Parquet file whose only row group is empty, and
+    ``read_table`` reads an absent part as no rows. A manifest part is always written:
+    it is the unit's commit marker.
     """
     schema = MANIFEST_SCHEMA if directory == MANIFEST_DIR else ERRORS_SCHEMA
     table = pa.Table.from_pylist(list(rows), schema=schema)
     fs, root = storage.filesystem(url)
-    with storage.atomic_open(fs, storage.join(root, directory, PART_PATTERN.format(unit_index))) as f:
+    path = storage.join(root, directory, PART_PATTERN.format(unit_index))
+    if directory == ERRORS_DIR and not table.num_rows:
+        if fs.exists(path):
+            fs.rm(path)
+        return
+    with storage.atomic_open(fs, path) as f:
         pq.write_table(table, f)
 
 
