@@ -8,11 +8,8 @@ objects, not a local folder named ``s3:``.
 from __future__ import annotations
 
 import contextlib
-import json
 import posixpath
-import tarfile
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
@@ -22,7 +19,6 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.paths import user_path
-from pipeline.shards import iter_members
 
 T = TypeVar("T")
 
@@ -58,81 +54,6 @@ def output_or_none(cfg: DictConfig) -> str | None:
     composed outside a Hydra run has no ``${hydra:runtime.output_dir}``)."""
     output = OmegaConf.select(cfg, "output", throw_on_resolution_failure=False)
     return user_path(str(output)).rstrip("/") if output else None
-
-
-# --- records ---------------------------------------------------------------------------
-def record_problem(record: Any) -> str | None:
-    """Why ``record`` (a parsed JSON member) is not an SA-1B record, or None if it is one
-    as far as the readers need: an ``image`` with integer id and size, and a list of
-    annotations with an integer ``id`` and a ``segmentation`` holding ``size`` and
-    ``counts``. RLE, bbox and area are left to ``+stage=validate``."""
-    if not isinstance(record, dict):
-        return f"not an SA-1B record: a JSON {type(record).__name__}, not an object"
-    image = record.get("image")
-    if not isinstance(image, dict):
-        return "not an SA-1B record: no 'image' object"
-    for name in ("image_id", "width", "height"):
-        if not isinstance(image.get(name), int) or isinstance(image.get(name), bool):
-            return f"not an SA-1B record: image.{name} is {image.get(name)!r}, not an integer"
-    if image["width"] < 1 or image["height"] < 1:
-        return f"not an SA-1B record: image size {image['width']}x{image['height']}"
-    annotations = record.get("annotations")
-    if not isinstance(annotations, list):
-        return f"not an SA-1B record: 'annotations' is {type(annotations).__name__}, not a list"
-    for i, ann in enumerate(annotations):
-        segmentation = ann.get("segmentation") if isinstance(ann, dict) else None
-        if not isinstance(segmentation, dict) or "size" not in segmentation \
-                or "counts" not in segmentation:
-            return f"not an SA-1B record: annotation {i} has no segmentation with size and counts"
-        if not isinstance(ann.get("id"), int):
-            return f"not an SA-1B record: annotation {i} has no integer id"
-    return None
-
-
-@dataclass
-class Record:
-    """One key of a shard: its parsed SA-1B ``record`` and (if asked) ``jpg`` bytes, or
-    ``problem``, the reason it is skipped (``record`` is None then)."""
-
-    key: str
-    record: dict | None
-    jpg: bytes | None
-    problem: str | None = None
-
-
-def iter_records(url: str, images: bool = False) -> Iterator[Record]:
-    """Every key of a shard that has a ``.json`` member, in tar order.
-
-    Reads only ``.json`` and (with ``images``) ``.jpg`` members, like
-    ``shards.iter_shard``; unlike it, a member that does not parse or is not an SA-1B
-    record comes back with its ``problem`` instead of ending the shard, so one foreign
-    or broken member costs that key only.
-    """
-    key, parts = None, {}
-    try:
-        for member_key, ext, data in iter_members(url, ("json", "jpg") if images else ("json",)):
-            if member_key != key:
-                if key is not None and "json" in parts:
-                    yield _record(key, parts)
-                key, parts = member_key, {}
-            parts[ext] = data
-    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
-        # The tar itself is broken: nothing after this point can be read.
-        raise ValueError(f"shard {url} is unreadable after key {key!r} (run +stage=validate): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    if key is not None and "json" in parts:
-        yield _record(key, parts)
-
-
-def _record(key: str, parts: dict[str, bytes]) -> Record:
-    try:
-        record = json.loads(parts["json"])
-    except ValueError as exc:
-        return Record(key, None, None, f"{key}.json is not valid JSON: {exc}")
-    problem = record_problem(record)
-    if problem:
-        return Record(key, None, None, problem)
-    return Record(key, record, parts.get("jpg"))
 
 
 # --- committing a table ----------------------------------------------------------------

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 
 from pipeline import storage
-from pipeline.readers import record_problem
+from pipeline.shards import record_problem
 from pipeline.shards import iter_members
 
 log = logging.getLogger(__name__)

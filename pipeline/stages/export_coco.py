@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 
 from pipeline import storage
 from pipeline.dataset import committed_shards
-from pipeline.readers import dataset_paths, iter_records, map_shards
+from pipeline.readers import dataset_paths, map_shards
+from pipeline.shards import iter_shard
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> Shar
                        storage.url(fs, f"{stem}.annotations"))
     images_fs, images_root = storage.filesystem(images_dir) if images_dir else (None, None)
     with fs.open(f"{stem}.images", "w") as images, fs.open(f"{stem}.annotations", "w") as annotations:
-        for sample in iter_records(path, images=bool(images_dir)):
+        for sample in iter_shard(path, images=bool(images_dir), problems=True):
             if sample.problem is None:
                 try:
                     entry, anns = coco_entries(sample.record, sample.key)
