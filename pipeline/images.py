@@ -16,6 +16,7 @@ so preparing an image peaks at about 10 bytes a pixel whatever its depth (was 14
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class PreparedImage:
         resizing or blurring, its own compressed data (without its metadata segments
         unless ``strip_metadata`` was off), else a fresh encoding of ``rgb``.
     original_size: (width, height) of the input as decoded, before any rotation/resize.
+    source_sha256: hex sha256 of the input's bytes (its content identity).
     blurred_regions: faces and licence plates blurred by the privacy step; None when
         the step is off.
     """
@@ -60,6 +62,7 @@ class PreparedImage:
     rgb: np.ndarray
     jpeg: bytes
     original_size: tuple[int, int]
+    source_sha256: str = ""
     blurred_regions: int | None = None
 
     @property
@@ -159,7 +162,10 @@ def prepare_image(
         buffer = io.BytesIO()
         converted.save(buffer, format="JPEG", quality=jpeg_quality)
         stored = buffer.getvalue()
-    return PreparedImage(rgb=rgb, jpeg=stored, original_size=(width, height), blurred_regions=blurred)
+    return PreparedImage(
+        rgb=rgb, jpeg=stored, original_size=(width, height),
+        source_sha256=hashlib.sha256(data).hexdigest(), blurred_regions=blurred,
+    )
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Input enumeration: any accepted input -> deterministic keys -> fixed units.
+"""Input enumeration: any accepted input -> named entries, in a deterministic order.
 
 Accepted inputs (local paths or any fsspec URL):
   - a directory, searched recursively for images (and WebDataset / SA-1B ``.tar`` shards);
@@ -7,24 +7,23 @@ Accepted inputs (local paths or any fsspec URL):
     relative paths are relative to the list's own directory;
   - one ``.tar`` shard; every image member becomes an item, read back by byte range.
 
-Enumeration is a pure function of the input: files are sorted (lists keep their order),
-so the same input always gives the same keys, image ids and units.
+Enumeration is a pure function of the input: files are sorted (lists keep their order).
+An entry's ``name`` (its path relative to the input) is its identity; which image id,
+key and unit it gets is decided once, by the run's recorded plan (``pipeline.plan``).
 
 One bad entry never stops the enumeration. What cannot be read or must not be opened (a
 FIFO, a device, a socket, a symbolic link leading out of the input, a damaged tar, a list
-line with an unusable URL scheme) becomes an ``Item`` with ``problem`` set, which the
+line with an unusable URL scheme) becomes an ``Entry`` with ``problem`` set, which the
 worker records as an error row without opening it. Entries that are not inputs at all
 (other extensions, symbolic links to folders) are skipped and the driver's log says which
-and why. Names that are not valid UTF-8 are shown with backslash escapes in keys and
+and why. Names that are not valid UTF-8 are shown with backslash escapes in names and
 sources, while ``url`` keeps the real name so the file still opens.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
-import re
 import stat
 import tarfile
 from collections import defaultdict
@@ -57,21 +56,20 @@ class ReadRefused(ValueError):
     short); ``str(error)`` is the reason."""
 
 
-@dataclass(frozen=True, slots=True)  # slots: a million items must stay cheap on the driver
-class Item:
-    """One input image.
+@dataclass(frozen=True, slots=True)  # slots: a million entries must stay cheap on the driver
+class Entry:
+    """One input image as enumerated.
 
-    key: unique, deterministic WebDataset ``__key__`` (no dots, no slashes).
-    image_id: dataset-unique positive integer, its 1-based position in the enumeration.
+    name: its identity, the path relative to the input (for a tar member:
+        ``<tar>/<member>``; for a list line: the line as written).
     url: the file to read (for a tar member: the tar itself).
     member: name of the member inside ``url`` when it is a tar, else None.
     offset, size: byte range of the member's data inside the tar.
-    problem: why the item must not be opened (set at enumeration); the worker writes it
-        as the item's error row.
+    problem: why the entry must not be opened, found at enumeration (None: readable); the
+        worker writes it as the entry's error row.
     """
 
-    key: str
-    image_id: int
+    name: str
     url: str
     member: str | None = None
     offset: int | None = None
@@ -85,79 +83,50 @@ class Item:
         return printable(self.url if self.member is None else f"{self.url}#{self.member}")
 
 
+@dataclass(frozen=True, slots=True)
+class Item(Entry):
+    """An entry placed by the plan: ``image_id`` (dataset-unique, stable across resumes)
+    and ``key``, its name in the shard (``sa_<image_id>``)."""
+
+    key: str = ""
+    image_id: int = 0
+
+
 @dataclass(frozen=True)
 class Unit:
-    """A fixed slice of the input that becomes exactly one shard, ``sa_<index>.tar``."""
+    """A fixed slice of the plan that becomes exactly one shard, ``sa_<index>.tar``."""
 
     index: int
     items: tuple[Item, ...]
 
 
-def make_key(relative_name: str) -> str:
-    """A readable, unique WebDataset key for an input named ``relative_name``.
-
-    The stem keeps keys readable; the hash of the full relative name keeps them unique
-    when two folders hold files of the same name. 64 bits make a collision among a
-    billion images about a 3% chance, so ``enumerate_input`` still checks.
-    """
-    stem = posixpath.basename(relative_name).split(".")[0]
-    # WebDataset splits a member name at the first dot of its basename: no dots, slashes.
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:40] or "image"
-    digest = hashlib.sha1(relative_name.encode("utf-8")).hexdigest()[:16]
-    return f"{slug}-{digest}"
-
-
-def split_units(items: list[Item], images_per_unit: int) -> list[Unit]:
-    """Cuts the enumeration into consecutive units of ``images_per_unit`` items."""
-    if images_per_unit < 1:
-        raise ValueError(f"images_per_unit must be >= 1, got {images_per_unit}")
-    return [
-        Unit(index=i // images_per_unit, items=tuple(items[i : i + images_per_unit]))
-        for i in range(0, len(items), images_per_unit)
-    ]
-
-
-def enumerate_input(url: str, exclude: str | None = None, follow_symlinks: bool = False) -> list[Item]:
-    """Lists every image of ``url`` as an ``Item``, in a deterministic order.
+def enumerate_input(url: str, exclude: str | None = None, follow_symlinks: bool = False) -> list[Entry]:
+    """Lists every image of ``url`` as an ``Entry``, in a deterministic order.
 
     ``exclude`` is a directory to skip (the run's own output when it lies inside the
     input), compared by resolved path. ``follow_symlinks`` follows symbolic links that
     lead out of a directory or glob input (``stage.follow_symlinks``); links inside it
-    are always followed. Raises ``InputError`` when the input does not exist or holds no
-    image; a bad entry becomes an item with ``problem`` set instead.
+    are always followed. A name listed twice is listed once. Raises ``InputError`` when
+    the input does not exist or holds no image; a bad entry becomes an entry with
+    ``problem`` set instead.
     """
     fs, path = filesystem(url)
     skipped = _Skipped(url)
-    names = list(_names(fs, url, path, exclude, follow_symlinks, skipped))
-    items: list[Item] = []
-    seen: dict[str, str] = {}
-    for relative, file_url, problem in names:
+    entries: list[Entry] = []
+    seen: set[str] = set()
+    for relative, file_url, problem in _names(fs, url, path, exclude, follow_symlinks, skipped):
         if problem is None and file_url.lower().endswith(TAR_EXTENSIONS):
-            entries = _tar_entries(fs, relative, file_url, skipped)
+            found = _tar_entries(fs, relative, file_url, skipped)
         else:
-            entries = [(relative, file_url, None, problem)]
-        for name, entry_url, member, problem in entries:
-            key = make_key(name)
-            if key in seen:
-                if seen[key] == name:
-                    continue  # a list naming the same file twice: annotate it once
-                raise InputError(f"key collision: {seen[key]!r} and {name!r} both map to {key}")
-            seen[key] = name
-            items.append(
-                Item(
-                    key=key,
-                    image_id=len(items) + 1,
-                    url=entry_url,
-                    member=None if member is None else member.name,
-                    offset=None if member is None else member.offset_data,
-                    size=None if member is None else member.size,
-                    problem=problem,
-                )
-            )
+            found = [Entry(relative, file_url, problem=problem)]
+        for entry in found:
+            if entry.name not in seen:  # a list naming the same file twice: annotate it once
+                seen.add(entry.name)
+                entries.append(entry)
     skipped.report()
-    if not items:
+    if not entries:
         raise InputError(f"no images found in {url!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return items
+    return entries
 
 
 def printable(name: str) -> str:
@@ -452,15 +421,13 @@ def _scheme_problem(scheme: str) -> str | None:
 
 
 # --- tars ------------------------------------------------------------------------------
-def _tar_entries(
-    fs: AbstractFileSystem, relative: str, url: str, skipped: "_Skipped"
-) -> list[tuple[str, str, tarfile.TarInfo | None, str | None]]:
-    """``(name, url, member, problem)`` for each image member of a tar; a tar that cannot
-    be (fully) listed adds one entry for itself carrying the reason."""
+def _tar_entries(fs: AbstractFileSystem, relative: str, url: str, skipped: "_Skipped") -> list[Entry]:
+    """An entry for each image member of a tar; a tar that cannot be (fully) listed adds
+    one entry for itself carrying the reason."""
     members, problem = _tar_members(fs, url)
-    entries = [(printable(f"{relative}/{m.name}"), url, m, p) for m, p in members]
+    entries = [Entry(printable(f"{relative}/{m.name}"), url, m.name, m.offset_data, m.size, p) for m, p in members]
     if problem is not None:
-        entries.append((relative, url, None, problem))
+        entries.append(Entry(relative, url, problem=problem))
     elif not members:
         skipped.add("tar holding no image member", url)
     return entries
@@ -552,7 +519,7 @@ def _glob_root(pattern: str) -> str:
 
 
 # --- reading ---------------------------------------------------------------------------
-def read_item(item: Item, max_bytes: int | None = None) -> bytes:
+def read_item(item: Entry, max_bytes: int | None = None) -> bytes:
     """The encoded bytes of ``item``: the whole file, or its member's range in a tar.
 
     Raises ``ReadRefused`` for a file larger than ``max_bytes`` (checked before reading
@@ -578,7 +545,7 @@ def read_item(item: Item, max_bytes: int | None = None) -> bytes:
         return _whole_member(f.read(item.size), item)
 
 
-def _read_local(path: str, item: Item, max_bytes: int | None) -> bytes:
+def _read_local(path: str, item: Entry, max_bytes: int | None) -> bytes:
     # stat before opening: a device or FIFO is refused without being opened at all...
     kind = _special_kind(os.stat(path).st_mode)
     if kind is not None:
@@ -604,7 +571,7 @@ def _check_size(size: int, max_bytes: int | None) -> None:
         )
 
 
-def _whole_member(data: bytes, item: Item) -> bytes:
+def _whole_member(data: bytes, item: Entry) -> bytes:
     if len(data) != item.size:
         raise ReadRefused(f"tar member cut short: {len(data)} of its {item.size} bytes are in the file (truncated tar)")
     return data

@@ -224,7 +224,7 @@ def test_every_kind_of_bad_or_unusual_input_gets_a_record_or_an_error_row(compos
     rotated = by_source["rotated_6.jpg"]
     assert (rotated["width"], rotated["height"]) == (48, 64)
     assert (by_source["large.jpg"]["width"], by_source["large.jpg"]["height"]) == (192, 128)
-    assert errors["fifo.jpg"]["stage"] == "enumerate" and errors["link_outside.jpg"]["stage"] == "enumerate"
+    assert errors["fifo.jpg"]["phase"] == "enumerate" and errors["link_outside.jpg"]["phase"] == "enumerate"
     # The privacy step blurred the face (x 37-95, y 25-83 at this size) before storing it.
     from pipeline.images import prepare_image
 
@@ -249,12 +249,13 @@ class HangingFileSystem(fsspec.AbstractFileSystem):
 
 @pytest.fixture
 def annotator(tiny_checkpoint, tmp_path):
-    from pipeline.annotator import Annotator
+    from pipeline.worker import UnitWorker
 
     def make(**image_cfg):
-        return Annotator(
-            model_cfg={"arch": "vit_tiny", "checkpoint": str(tiny_checkpoint), "device": "cpu"},
-            amg_cfg={"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+        model = {"arch": "vit_tiny", "checkpoint": str(tiny_checkpoint), "device": "cpu"}
+        amg = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+        return UnitWorker(
+            source={"kind": "grid", "model": model, "amg": amg},
             image_cfg=image_cfg,
             output=str(tmp_path / "out"),
             model_sha256="test",
@@ -267,9 +268,8 @@ def annotator(tiny_checkpoint, tmp_path):
 def test_a_stuck_read_gets_an_error_row_and_the_unit_finishes(annotator, tmp_path):
     fsspec.register_implementation("hang", HangingFileSystem, clobber=True)
     (tmp_path / "ok.jpg").write_bytes(good_corpus()["plain.jpg"])
-    stuck = Item(key="stuck", image_id=1, url="hang://mount/stuck.jpg")
-    (good,) = enumerate_input(str(tmp_path / "ok.jpg"))
-    good = Item(key="good", image_id=2, url=good.url)
+    stuck = Item(name="stuck.jpg", url="hang://mount/stuck.jpg", key="sa_1", image_id=1)
+    good = Item(name="ok.jpg", url=str(tmp_path / "ok.jpg"), key="sa_2", image_id=2)
     worker = annotator(read_timeout_s=0.5, decode_timeout_s=30, short_side=None)
     try:
         start = time.monotonic()
@@ -279,7 +279,7 @@ def test_a_stuck_read_gets_an_error_row_and_the_unit_finishes(annotator, tmp_pat
         HangingFileSystem.release.set()  # lets the abandoned thread end
     assert summary["images"] == 2 and summary["errors"] == 1
     (error,) = manifest.read_table(str(tmp_path / "out"), manifest.ERRORS_DIR).to_pylist()
-    assert error["source"] == "hang://mount/stuck.jpg" and error["stage"] == "read"
+    assert error["source"] == "hang://mount/stuck.jpg" and error["phase"] == "read"
     assert "stage.image.read_timeout_s=0.5" in error["reason"]
     rows = {r["source"]: r for r in manifest.read_table(str(tmp_path / "out")).to_pylist()}
     assert rows[good.source]["status"] == manifest.STATUS_OK
@@ -288,7 +288,7 @@ def test_a_stuck_read_gets_an_error_row_and_the_unit_finishes(annotator, tmp_pat
 def test_a_decode_over_its_time_limit_gets_an_error_row(annotator, tmp_path):
     noise = np.random.default_rng(0).integers(0, 255, (2000, 3000, 3), dtype=np.uint8)
     (tmp_path / "slow.png").write_bytes(encode(Image.fromarray(noise), "PNG", compress_level=1))
-    (item,) = enumerate_input(str(tmp_path / "slow.png"))
+    item = Item(name="slow.png", url=str(tmp_path / "slow.png"), key="sa_1", image_id=1)
     worker = annotator(decode_timeout_s=0.01, short_side=1500)
     prepared, failure = worker._load(item, {})
     assert prepared is None and failure[0] == "decode" and "stage.image.decode_timeout_s=0.01" in failure[1]
@@ -298,7 +298,8 @@ def test_a_decode_over_its_time_limit_gets_an_error_row(annotator, tmp_path):
 
 def test_items_with_a_problem_are_never_opened(annotator, tmp_path):
     os.mkfifo(tmp_path / "fifo.jpg")
-    (item,) = enumerate_input(str(tmp_path))
+    (entry,) = enumerate_input(str(tmp_path))
+    item = Item(name=entry.name, url=entry.url, problem=entry.problem, key="sa_1", image_id=1)
     prepared, failure = annotator()._load(item, {})
     assert prepared is None and failure == ("enumerate", item.problem) and "FIFO" in failure[1]
 
