@@ -259,3 +259,20 @@ def test_audit_against_the_plan_finds_lost_duplicated_and_pending(tmp_path):
     assert found.duplicated == [second[0].key]
     assert found.pending == [2] and found.unplanned == []
     assert plan.audit(str(tmp_path / "nothing")) is None
+
+
+def test_validate_reports_images_lost_against_the_plan(compose_config, tmp_path, tiny_checkpoint, ray_local, capsys):
+    import pyarrow.parquet as pq
+
+    inp = photos(tmp_path / "images", [f"p{n}.jpg" for n in range(4)])
+    out = tmp_path / "out"
+    run_stage(compose_config(*overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=2")))
+    run_stage(compose_config("+stage=validate", f"input={out}", "output=null"))  # clean: no exit
+    part = out / "manifest" / "part_000001.parquet"
+    table = pq.read_table(part)
+    lost = table.column("key")[1].as_py()
+    pq.write_table(table.slice(0, 1), part)  # a committed unit that forgot an image
+    with pytest.raises(SystemExit):
+        run_stage(compose_config("+stage=validate", f"input={out}", "output=null"))
+    printed = capsys.readouterr().out
+    assert any(lost in line and "(lost)" in line for line in printed.splitlines()), printed

@@ -27,7 +27,7 @@ import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline import storage
+from pipeline import plan, storage
 from pipeline.dataset import committed_shards
 from pipeline.readers import TableSink, dataset_paths, map_shards, output_or_none
 
@@ -325,6 +325,23 @@ def _shard_label(value: object) -> str:
     return Path(str(value)).name
 
 
+def check_plan(dataset: str) -> list[Problem]:
+    """The manifest against the run's recorded plan (``pipeline.plan.audit``): images of
+    committed units missing from the manifest (lost), keys listed twice, keys the plan
+    never gave out. Units not committed yet are no problem (the run is unfinished; it is
+    printed so nobody mistakes a partial dataset for a whole one)."""
+    found = plan.audit(dataset)
+    if found is None:
+        return []
+    if found.pending:
+        print(f"validate: {len(found.pending)} planned unit(s) not committed yet (rerun the stage to finish): "
+              f"{found.pending[:10]}")
+    return ([Problem("", key, "plan", "planned in a committed unit but missing from the manifest (lost)")
+             for key in found.lost]
+            + [Problem("", key, "plan", "listed more than once in the manifest (duplicated)") for key in found.duplicated]
+            + [Problem("", key, "plan", "in the manifest but not in the run's plan") for key in found.unplanned])
+
+
 def check_manifest(dataset: str, checks: list[ShardCheck], ok_status: str) -> list[Problem]:
     """Manifest parts against shards: one part per shard, same keys, same fields."""
     fs, root = storage.filesystem(dataset)
@@ -382,6 +399,7 @@ def run(cfg: DictConfig) -> dict:
     problems = [p for c in checks for p in c.problems]
     problems += check_unique(checks)
     problems += check_manifest(dataset, checks, stage.manifest_ok_status)
+    problems += check_plan(dataset)
     by_check: dict[str, int] = defaultdict(int)
     for i, problem in enumerate(problems):
         by_check[problem.check] += 1
