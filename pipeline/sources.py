@@ -28,7 +28,7 @@ import stat
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import fsspec
 import pyarrow as pa
