@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
 from pipeline.ground_truth import held_out
-from pipeline.model import load_sam, resolve_device
+from pipeline.model import load_sam
 from pipeline.paths import user_path
 
 EVAL_FILE = "eval.json"
@@ -49,7 +49,7 @@ def evaluate_model(
     from sam_core.metrics import amg_matches, prompt_ious, resolution_ceiling
 
     eval_cfg, amg_cfg = held_out_config(eval_cfg), _plain(amg_cfg)
-    sam = load_sam(arch, checkpoint).to(resolve_device(device)).eval()
+    sam = load_sam({"arch": arch, "checkpoint": checkpoint, "device": device}).eval()
     predictor = sam_core.SamPredictor(sam)
     overrides = {k: v for k, v in eval_cfg["amg"].items() if v is not None}
     generator = sam_core.SamAutomaticMaskGenerator(sam, **{**amg_cfg, **overrides, "output_mode": "coco_rle"})

@@ -13,9 +13,6 @@ from pipeline.stages import STAGES
 from tests.conftest import REPO
 
 COMPOSING_STAGES = {"loop"}
-# Being moved out by the stats engineer (issue 20, item 8): strict, so these marks must
-# go when their imports do.
-PENDING = {"validate": "imports pipeline.stages.stats", "export_coco": "imports pipeline.stages.stats"}
 
 
 def imports(path: Path, top_level_only: bool = False) -> set[str]:
@@ -46,10 +43,7 @@ def stage_imports(path: Path) -> set[str]:
             if name.startswith("pipeline.stages.") and name.rsplit(".", 1)[1] in STAGES}
 
 
-@pytest.mark.parametrize("stage", [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=PENDING[s])) if s in PENDING else s
-    for s in sorted(STAGES)
-])
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_stage_imports_no_other_stage_unless_it_composes_them(stage):
     path = REPO / "pipeline" / "stages" / f"{stage}.py"
     others = stage_imports(path) - {stage}

@@ -265,8 +265,8 @@ def test_registered_config_is_read_without_resolvers(tmp_path, monkeypatch):
     assert registry.registered_arch(checkpoint) == "${oc.env:SECRET_FOR_TEST}"
     from pipeline.model import load_sam
 
-    with pytest.raises(ValueError, match="unknown model arch"):
-        load_sam(registry.registered_arch(checkpoint), checkpoint)
+    with pytest.raises(ValueError, match="unknown model.arch"):
+        load_sam({"arch": registry.registered_arch(checkpoint), "checkpoint": checkpoint})
     (version / "config.yaml").write_text("stage:\n  arch: !!python/name:os.system\n")
     with pytest.raises(yaml.YAMLError):
         registry.read_config(str(version))

@@ -39,7 +39,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed = int(config["seed"])
     torch.manual_seed(seed)
     # A start model trained at another input size (e.g. vit_tiny -> vit_tiny_512) fits.
-    sam = load_sam(config["arch"], config["init_checkpoint"], resize=True)
+    sam = load_sam({"arch": config["arch"], "checkpoint": config["init_checkpoint"], "device": "cpu"}, resize=True)
     model = InteractiveSam(sam, InteractiveConfig(**config["interactive"]))
     optim = config["optim"]
     steps = int(config["steps"])
