@@ -185,8 +185,8 @@ def test_job_on_two_nodes_survives_losing_a_node(two_node_cluster, tmp_path, tin
 def test_readme_cluster_walkthrough_as_written(tmp_path):
     """README, "Clusters": `python jobs/local_cluster.py --nodes 2 --num-cpus 1`, then
     `python jobs/submit.py --address <printed> submit --wait +stage=fully_auto input=...
-    output=...` with nothing else: the default model, one unit, so one actor, which must
-    fit on a 1-CPU node (it used to ask for the cluster's 2 CPUs and wait 10 minutes)."""
+    output=...` with nothing else (the default model): every image once. A job whose
+    actors ask for more CPUs than one node has would wait 10 minutes instead."""
     import re
     import threading
 
@@ -212,7 +212,17 @@ def test_readme_cluster_walkthrough_as_written(tmp_path):
         assert "SUCCEEDED" in submit.stdout
         assert len(check_dataset(out, str(inp))) == 4
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["units"] == 1 and [a["restarts"] for a in summary["actors"]] == [0]
+        assert all(a["restarts"] == 0 for a in summary["actors"])
+        # A job of one unit gets one actor: it must ask for what one node holds (1 CPU),
+        # not for the cluster's 2 CPUs, which no node has.
+        gcs = re.search(r"address='([^']+)'", hint).group(1)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys, ray; from omegaconf import OmegaConf; from pipeline.cluster import "
+             "pool_size; ray.init(address=sys.argv[1], log_to_driver=False); size = pool_size(OmegaConf.create("
+             "{'num_actors': None, 'cpus_per_actor': 1}), 1); print('pool', size.actors, size.num_cpus)", gcs],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert re.findall(r"^pool (\S+) (\S+)$", probe.stdout, re.M) == [("1", "1")], probe.stdout + probe.stderr
     finally:
         cluster.send_signal(signal.SIGINT)  # Ctrl-C, as the README says
         try:
