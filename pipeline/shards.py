@@ -20,6 +20,10 @@ SHARDS_DIR = "shards"
 # Annotation ids are image_id * stride + index: unique across the dataset and the same
 # on every rerun. Dense SA-1B settings give at most 3 masks x 3072 prompts per image.
 ANNOTATION_ID_STRIDE = 1_000_000
+# Optional per-mask fields, written only when a mask has them (the annotate stage): who
+# made the mask and how (manual, model_assisted, automatic_accepted, automatic_edited),
+# with how many clicks and seconds of work. SA-1B readers ignore keys they do not know.
+OPTIONAL_MASK_FIELDS = ("provenance", "clicks", "seconds", "annotator")
 
 
 def shard_name(unit_index: int) -> str:
@@ -42,7 +46,8 @@ def sa1b_record(
     Returns ``{"image": {image_id, width, height, file_name}, "annotations": [...]}``,
     each annotation with: id, segmentation ({"size": [h, w], "counts": str}), bbox
     [x, y, w, h], area (int), predicted_iou, stability_score, crop_box [x, y, w, h]
-    and point_coords [[x, y]], all plain JSON types.
+    and point_coords [[x, y]], all plain JSON types; plus any of OPTIONAL_MASK_FIELDS
+    the mask has.
     """
     annotations = []
     for index, mask in enumerate(masks):
@@ -61,6 +66,7 @@ def sa1b_record(
                 "stability_score": float(mask["stability_score"]),
                 "crop_box": [float(v) for v in mask["crop_box"]],
                 "point_coords": [[float(x), float(y)] for x, y in mask["point_coords"]],
+                **{name: mask[name] for name in OPTIONAL_MASK_FIELDS if name in mask},
             }
         )
     return {

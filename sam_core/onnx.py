@@ -128,6 +128,9 @@ def export(model: Sam, path: str, return_single_mask: bool = False, opset: int =
         # The tracer flags the modules' Python-level shape checks, which it freezes; with
         # one image embedding and batch 1 they are constants, not data-dependent branches.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The TorchScript exporter is deprecated in favour of torch.export, which cannot
+        # trace the image-size-dependent output (see below); it still ships and works.
+        warnings.simplefilter("ignore", DeprecationWarning)
         _export(wrapper, inputs, path, opset)
 
 
