@@ -1,0 +1,90 @@
+// Masks in the page: row-major Uint8Array (1 = object) of the image size, exchanged with
+// the server as uncompressed column-major RLE counts (zeros first, COCO's order).
+
+export function decodeCounts(counts, height, width) {
+  const mask = new Uint8Array(height * width);
+  let p = 0, value = 0;
+  for (const run of counts) {
+    if (value) {
+      for (let i = p; i < p + run; i++) {
+        const x = (i / height) | 0, y = i - x * height; // column-major position
+        mask[y * width + x] = 1;
+      }
+    }
+    p += run; value ^= 1;
+  }
+  return mask;
+}
+
+export function encodeCounts(mask, height, width) {
+  const counts = [];
+  let value = 0, run = 0;
+  for (let x = 0; x < width; x++) {
+    for (let y = 0; y < height; y++) {
+      const v = mask[y * width + x];
+      if (v !== value) { counts.push(run); run = 0; value = v; }
+      run++;
+    }
+  }
+  counts.push(run);
+  return counts;
+}
+
+// [x0, y0, x1, y1] (exclusive) of the set pixels, or null for an empty mask.
+export function bounds(mask, height, width) {
+  let x0 = width, y0 = height, x1 = -1, y1 = -1;
+  for (let y = 0; y < height; y++) {
+    const base = y * width;
+    for (let x = 0; x < width; x++) {
+      if (mask[base + x]) { if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; y1 = y; }
+    }
+  }
+  return x1 < 0 ? null : [x0, y0, x1 + 1, y1 + 1];
+}
+
+// A distinct colour per mask (golden-angle hues), [r, g, b].
+export function colour(index) {
+  const hue = (index * 137.508) % 360, s = 0.75, l = 0.55;
+  const k = (n) => (n + hue / 30) % 12, a = s * Math.min(l, 1 - l);
+  const f = (n) => l - a * Math.max(-1, Math.min(k(n) - 3, Math.min(9 - k(n), 1)));
+  return [f(0), f(8), f(4)].map((v) => Math.round(v * 255));
+}
+
+// Paints masks into an RGBA canvas of the image size: each mask's pixels in its colour
+// at `alpha`, within its bounds only (large images with many masks stay fast); with
+// `edge`, its boundary pixels opaque white, so the selected mask stands out.
+export function paint(canvas, items, height, width) {
+  canvas.width = width; canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(width, height);
+  const px = new Uint32Array(image.data.buffer);
+  const white = 0xffffffff;
+  for (const { mask, rgb, alpha, box, edge } of items) {
+    if (!box) continue;
+    const value = ((alpha & 255) << 24) | (rgb[2] << 16) | (rgb[1] << 8) | rgb[0]; // little-endian RGBA
+    for (let y = box[1]; y < box[3]; y++) {
+      const base = y * width;
+      for (let x = box[0]; x < box[2]; x++) {
+        const i = base + x;
+        if (!mask[i]) continue;
+        const boundary = edge && (x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
+          !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width]);
+        px[i] = boundary ? white : value;
+      }
+    }
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
+// Sets (value 1) or clears (0) a disc of radius r around (cx, cy); returns the box touched.
+export function stamp(mask, height, width, cx, cy, r, value) {
+  const x0 = Math.max(0, Math.floor(cx - r)), x1 = Math.min(width, Math.ceil(cx + r) + 1);
+  const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(height, Math.ceil(cy + r) + 1);
+  for (let y = y0; y < y1; y++) {
+    for (let x = x0; x < x1; x++) {
+      const dx = x + 0.5 - cx, dy = y + 0.5 - cy;
+      if (dx * dx + dy * dy <= r * r) mask[y * width + x] = value;
+    }
+  }
+  return [x0, y0, x1, y1];
+}
