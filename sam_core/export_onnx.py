@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from .build import sam_model_registry
-from .onnx import INPUT_NAMES, OUTPUT_NAMES, dummy_inputs, export
+from .onnx import INPUT_NAMES, LOW_RES_INPUT_NAMES, LOW_RES_OUTPUT_NAMES, OUTPUT_NAMES, dummy_inputs, export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--return-single-mask", action="store_true",
                         help="output only the best mask (the official option of the same name)")
+    parser.add_argument("--low-res-only", action="store_true",
+                        help="no orig_im_size input and no masks output: the caller upsamples low_res_masks "
+                             "(what the annotation tool's page does)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (not args.random_weights):
@@ -37,23 +40,27 @@ def main(argv: list[str] | None = None) -> int:
     directory = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(directory, exist_ok=True)
     start = time.perf_counter()
-    export(sam, args.output, return_single_mask=args.return_single_mask, opset=args.opset)
+    upscale = not args.low_res_only
+    export(sam, args.output, return_single_mask=args.return_single_mask, opset=args.opset, upscale=upscale)
     seconds = time.perf_counter() - start
-    _smoke_test(sam, args.output)
+    _smoke_test(sam, args.output, upscale)
     size = os.path.getsize(args.output)
-    print(f"wrote {args.output} ({size / 1e6:.1f} MB, {seconds:.1f} s): inputs {', '.join(INPUT_NAMES)}; "
-          f"outputs {', '.join(OUTPUT_NAMES)}; image embedding {tuple(dummy_inputs(sam)['image_embeddings'].shape)}")
+    inputs, outputs = (INPUT_NAMES, OUTPUT_NAMES) if upscale else (LOW_RES_INPUT_NAMES, LOW_RES_OUTPUT_NAMES)
+    print(f"wrote {args.output} ({size / 1e6:.1f} MB, {seconds:.1f} s): inputs {', '.join(inputs)}; "
+          f"outputs {', '.join(outputs)}; image embedding {tuple(dummy_inputs(sam)['image_embeddings'].shape)}")
     return 0
 
 
-def _smoke_test(sam, path: str) -> None:
+def _smoke_test(sam, path: str, upscale: bool) -> None:
     """Runs the written file once with onnxruntime, with 1 and 4 points."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for n in (1, 4):
         feeds = {k: v.numpy() for k, v in dummy_inputs(sam, n).items()}
-        masks, scores, _ = session.run(None, feeds)
+        if not upscale:
+            del feeds["orig_im_size"]
+        scores = session.run(["iou_predictions"], feeds)[0]
         if not np.isfinite(scores).all():
             raise RuntimeError(f"{path}: the exported graph returned non-finite IoU predictions for {n} point(s)")
 

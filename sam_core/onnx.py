@@ -16,6 +16,10 @@ Outputs:
   low_res_masks     1 x K x 4h x 4w logits, reusable as mask_input
 K = 4 (index 0: the single-mask output, 1..3: the three ambiguity-aware masks), or 1
 with ``return_single_mask``. N is dynamic.
+
+With ``upscale=False`` the graph has neither ``orig_im_size`` nor ``masks``: the caller
+upsamples the one low-res mask it wants (``upscale_low_res``, or the annotation tool's
+page), instead of the graph resizing all K masks to the image size on every call.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .modeling import Sam
 
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 OUTPUT_NAMES = ("masks", "iou_predictions", "low_res_masks")
+LOW_RES_INPUT_NAMES, LOW_RES_OUTPUT_NAMES = INPUT_NAMES[:-1], OUTPUT_NAMES[1:]
 # Point labels beyond the encoder's own: box corners carry their learned offsets 2 and 3.
 LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = 2, 3
 
@@ -41,11 +46,12 @@ class SamOnnxModel(nn.Module):
         output; the same rule as SamPredictor's multimask_output advice.
     """
 
-    def __init__(self, model: Sam, return_single_mask: bool = False) -> None:
+    def __init__(self, model: Sam, return_single_mask: bool = False, upscale: bool = True) -> None:
         super().__init__()
         self.model = model
         self.img_size = model.image_encoder.img_size
         self.return_single_mask = return_single_mask
+        self.upscale = upscale
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         encoder = self.model.prompt_encoder
@@ -87,7 +93,7 @@ class SamOnnxModel(nn.Module):
         point_labels: torch.Tensor,
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
-        orig_im_size: torch.Tensor,
+        orig_im_size: torch.Tensor | None = None,
     ):
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
@@ -99,6 +105,8 @@ class SamOnnxModel(nn.Module):
         )
         if self.return_single_mask:
             low_res, scores = self._select_single(low_res, scores, point_coords.shape[1])
+        if not self.upscale:
+            return scores, low_res
         return self._upscale(low_res, orig_im_size), scores, low_res
 
 
@@ -117,11 +125,23 @@ def dummy_inputs(model: Sam, num_points: int = 3) -> dict[str, torch.Tensor]:
     }
 
 
-def export(model: Sam, path: str, return_single_mask: bool = False, opset: int = 17) -> None:
+def upscale_low_res(low_res: torch.Tensor, img_size: int, orig_size: tuple[int, int]) -> torch.Tensor:
+    """K x S x S low-res logits -> K x H x W logits, as ``Sam.postprocess_masks``."""
+    h, w = orig_size
+    scale = img_size / max(h, w)
+    resized = (int(h * scale + 0.5), int(w * scale + 0.5))
+    masks = F.interpolate(low_res[None], (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : resized[0], : resized[1]]
+    return F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)[0]
+
+
+def export(model: Sam, path: str, return_single_mask: bool = False, opset: int = 17, upscale: bool = True) -> None:
     """Writes the ONNX graph of ``SamOnnxModel(model)`` to ``path`` (weights inside, one
-    file), with a dynamic number of points."""
-    wrapper = SamOnnxModel(model.eval(), return_single_mask=return_single_mask).eval()
+    file), with a dynamic number of points; ``upscale=False``: the low-res graph."""
+    wrapper = SamOnnxModel(model.eval(), return_single_mask=return_single_mask, upscale=upscale).eval()
     inputs = dummy_inputs(model)
+    if not upscale:
+        del inputs["orig_im_size"]
     # The TorchScript exporter: orig_im_size is data that sets output shapes, which the
     # dynamo exporter cannot trace without guards on every image size.
     with warnings.catch_warnings():
@@ -131,16 +151,16 @@ def export(model: Sam, path: str, return_single_mask: bool = False, opset: int =
         # The TorchScript exporter is deprecated in favour of torch.export, which cannot
         # trace the image-size-dependent output (see below); it still ships and works.
         warnings.simplefilter("ignore", DeprecationWarning)
-        _export(wrapper, inputs, path, opset)
+        _export(wrapper, inputs, path, opset, OUTPUT_NAMES if upscale else LOW_RES_OUTPUT_NAMES)
 
 
-def _export(wrapper: nn.Module, inputs: dict[str, torch.Tensor], path: str, opset: int) -> None:
+def _export(wrapper: nn.Module, inputs: dict[str, torch.Tensor], path: str, opset: int, outputs) -> None:
     torch.onnx.export(
         wrapper,
         tuple(inputs.values()),
         path,
-        input_names=list(INPUT_NAMES),
-        output_names=list(OUTPUT_NAMES),
+        input_names=list(inputs),
+        output_names=list(outputs),
         dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
         opset_version=opset,
         do_constant_folding=True,

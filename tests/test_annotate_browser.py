@@ -41,6 +41,7 @@ class Stage:
         command = [sys.executable, "-m", "pipeline.run", "+stage=annotate", f"input={images}", f"output={output}",
                    "stage.port=0", "stage.images_per_unit=1", f"hydra.run.dir={tmp / 'hydra'}", *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.output = output
         self.process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         deadline = time.monotonic() + 180
@@ -74,6 +75,17 @@ def scenes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stage(scenes, tmp_path_factory):
+    """One stage for the module: starting it (a process, the model, the export) is most
+    of these tests' time."""
+    root, _ = scenes
+    tmp = tmp_path_factory.mktemp("stage")
+    started = Stage(tmp, root / "images", tmp / "out")
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -100,113 +112,93 @@ def wait_saved(page, count: int) -> None:
     page.wait_for_function(f"document.getElementById('status').textContent.startsWith('saved {count} mask')", timeout=30_000)
 
 
-def test_click_accept_brush_next_and_saved_record(browser, scenes, tmp_path):
+def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
     root, truth = scenes
-    stage = Stage(tmp_path, root / "images", tmp_path / "out")
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)  # CSP: for Playwright's own eval
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-        page.goto(stage.url)
-        page.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
-        view = page.evaluate("window.sam.state.view")
-        assert view["key"] == "sa_1" and view["editable"]
-        page.fill("#annotator", "tester")
-        page.locator("#annotator").press("Enter")
+    output = stage.output
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)  # CSP: for Playwright's own eval
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(stage.url)
+    page.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
+    view = page.evaluate("window.sam.state.view")
+    assert view["key"] == "sa_1" and view["editable"]
+    page.fill("#annotator", "tester")
+    page.locator("#annotator").press("Enter")
 
-        # Click the centre of the largest object: the decoder in the page answers.
-        gt = max(truth_masks(truth, Path(view["source"]).name), key=lambda m: m.sum())
-        (x, y), _ = next_click(gt, None)
-        page.mouse.click(*screen_point(page, x + 0.5, y + 0.5))
-        page.wait_for_function("window.sam.stats.clicks.length === 1 && window.sam.state.current.mask", timeout=30_000)
-        candidate = page.evaluate("window.sam.state.current.candidate")
-        page.keyboard.press("Enter")
-        wait_saved(page, 1)
-        if SCREENSHOT:
-            page.keyboard.press("Tab")  # select it, so that the screenshot shows a selected mask
-            page.screenshot(path=SCREENSHOT)
-            page.keyboard.press("Escape")
+    # Click the centre of the largest object: the decoder in the page answers.
+    gt = max(truth_masks(truth, Path(view["source"]).name), key=lambda m: m.sum())
+    (x, y), _ = next_click(gt, None)
+    page.mouse.click(*screen_point(page, x + 0.5, y + 0.5))
+    page.wait_for_function("window.sam.stats.clicks.length === 1 && window.sam.state.current.mask", timeout=30_000)
+    candidate = page.evaluate("window.sam.state.current.candidate")
+    page.keyboard.press("Enter")
+    wait_saved(page, 1)
+    if SCREENSHOT:
+        page.keyboard.press("Tab")  # select it, so that the screenshot shows a selected mask
+        page.screenshot(path=SCREENSHOT)
+        page.keyboard.press("Escape")
 
-        # Correct it with the brush: a stroke across an empty corner, then accept.
-        page.keyboard.press("Tab")
-        page.keyboard.press("d")
-        brush = page.evaluate("window.sam.state.brush")
-        start, end = (20.0, 236.0), (60.0, 236.0)
-        page.mouse.move(*screen_point(page, *start))
-        page.mouse.down()
-        page.mouse.move(*screen_point(page, *end), steps=8)
-        page.mouse.up()
-        page.keyboard.press("Enter")
-        wait_saved(page, 1)
-        clicked = page.evaluate("window.sam.state.masks[0].point_coords")
+    # Correct it with the brush: a stroke across an empty corner, then accept.
+    page.keyboard.press("Tab")
+    page.keyboard.press("d")
+    brush = page.evaluate("window.sam.state.brush")
+    start, end = (20.0, 236.0), (60.0, 236.0)
+    page.mouse.move(*screen_point(page, *start))
+    page.mouse.down()
+    page.mouse.move(*screen_point(page, *end), steps=8)
+    page.mouse.up()
+    page.keyboard.press("Enter")
+    wait_saved(page, 1)
+    clicked = page.evaluate("window.sam.state.masks[0].point_coords")
 
-        # Next image, then mark the first done: its unit is committed.
-        page.keyboard.press("n")
-        page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
-        page.keyboard.press("p")
-        page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_1'", timeout=60_000)
-        page.keyboard.press("m")
-        page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
-        assert not errors, errors
+    # Next image, then mark the first done: its unit is committed.
+    page.keyboard.press("n")
+    page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
+    page.keyboard.press("p")
+    page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_1'", timeout=60_000)
+    page.keyboard.press("m")
+    page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
+    assert not errors, errors
 
-        (sample,) = list(iter_samples(str(tmp_path / "out")))
-        assert sample.key == "sa_1"
-        (ann,) = sample.record["annotations"]
-        assert ann["provenance"] == "model_assisted" and ann["annotator"] == "tester" and ann["clicks"] == 1
-        assert 0 < ann["seconds"] < 600
-        saved = mask_utils.decode(ann["segmentation"]).astype(bool)
+    (sample,) = list(iter_samples(str(output)))
+    assert sample.key == "sa_1"
+    (ann,) = sample.record["annotations"]
+    assert ann["provenance"] == "model_assisted" and ann["annotator"] == "tester" and ann["clicks"] == 1
+    assert 0 < ann["seconds"] < 600
+    saved = mask_utils.decode(ann["segmentation"]).astype(bool)
 
-        # The expected mask: the same ONNX decoder in Python, on the embedding the page got.
-        api = httpx.Client(base_url=stage.base, headers={"X-Token": stage.token})
-        response = api.get("/api/images/sa_1/embedding")
-        shape = tuple(int(v) for v in response.headers["X-Embedding-Shape"].split(","))
-        embedding = np.frombuffer(response.content, "<f2").reshape(shape).astype(np.float32)
-        config = api.get("/api/config").json()["model"]
-        decoder = Decoder(api.get(config["decoder_url"]).content, config["img_size"], config["mask_input_size"])
-        coords = np.array(clicked, float)
-        masks, scores, _ = _decode_float_point(decoder, embedding, coords[0], (256, 256))
-        best = 1 + int(np.argmax(scores[1:]))
-        assert candidate == best
-        expected = masks[best]
-        # The stroke: every pixel within the brush radius of the segment (the page
-        # stamps discs along it), nothing beyond it outside the clicked mask.
-        yy, xx = np.mgrid[0:256, 0:256] + 0.5
-        t = np.clip(((xx - start[0]) * (end[0] - start[0])) / ((end[0] - start[0]) ** 2), 0, 1)
-        distance = np.hypot(xx - (start[0] + t * (end[0] - start[0])), yy - start[1])
-        assert saved[distance <= brush / 2 - 1].all()
-        assert not saved[(distance > brush / 2 + 1) & ~expected].any()
-        far = distance > brush / 2 + 1
-        agreement = (saved[far] == expected[far]).mean()
-        assert agreement >= 0.999, f"the page's mask agrees with the Python decoder on {agreement:.5f} of pixels"
-    finally:
-        stage.stop()
+    # The expected mask: the same ONNX decoder in Python, on the embedding the page got.
+    api = httpx.Client(base_url=stage.base, headers={"X-Token": stage.token})
+    response = api.get("/api/images/sa_1/embedding")
+    shape = tuple(int(v) for v in response.headers["X-Embedding-Shape"].split(","))
+    embedding = np.frombuffer(response.content, "<f2").reshape(shape).astype(np.float32)
+    config = api.get("/api/config").json()["model"]
+    decoder = Decoder(api.get(config["decoder_url"]).content, config["img_size"], config["mask_input_size"])
+    scores, low_res = decoder(embedding, [tuple(clicked[0])], [1], (256, 256), None)
+    best = 1 + int(np.argmax(scores[1:]))
+    assert candidate == best
+    expected = decoder.mask(low_res[best], (256, 256))
+    # The stroke: every pixel within the brush radius of the segment (the page
+    # stamps discs along it), nothing beyond it outside the clicked mask.
+    yy, xx = np.mgrid[0:256, 0:256] + 0.5
+    t = np.clip(((xx - start[0]) * (end[0] - start[0])) / ((end[0] - start[0]) ** 2), 0, 1)
+    distance = np.hypot(xx - (start[0] + t * (end[0] - start[0])), yy - start[1])
+    assert saved[distance <= brush / 2 - 1].all()
+    assert not saved[(distance > brush / 2 + 1) & ~expected].any()
+    far = distance > brush / 2 + 1
+    agreement = (saved[far] == expected[far]).mean()
+    assert agreement >= 0.999, f"the page's mask agrees with the Python decoder on {agreement:.5f} of pixels"
 
 
-def _decode_float_point(decoder: Decoder, embedding: np.ndarray, xy: np.ndarray, size: tuple[int, int]):
-    """The decoder on one positive click at a sub-pixel position (the page's own)."""
-    coords = decoder.transform.apply_coords(np.array([xy, [0.0, 0.0]]), size)
-    side = decoder.mask_input_size
-    feeds = {"image_embeddings": embedding, "point_coords": coords[None].astype(np.float32),
-             "point_labels": np.array([[1, -1]], np.float32), "mask_input": np.zeros((1, 1, side, side), np.float32),
-             "has_mask_input": np.array([0.0], np.float32), "orig_im_size": np.array(size, np.float32)}
-    masks, scores, low = decoder.session.run(None, feeds)
-    return masks[0] > 0, scores[0], low[0]
-
-
-def test_page_and_api_refuse_requests_without_the_token(browser, scenes, tmp_path):
-    root, _ = scenes
-    stage = Stage(tmp_path, root / "images", tmp_path / "out")
-    try:
-        page = browser.new_page()
-        response = page.goto(stage.base + "/")
-        assert response.status == 401 and "sa_" not in page.content()
-        response = page.goto(stage.base + "/?token=wrong")
-        assert response.status == 403
-        for path in ("/api/config", "/api/images/sa_1/image.jpg", "/api/images/sa_1/embedding", "/static/app.js"):
-            assert page.request.get(stage.base + path).status == 401, path
-        # With the token the page opens, and the cookie it sets lets the API through.
-        assert page.goto(stage.url).status == 200
-        assert page.request.get(stage.base + "/api/config").status == 200
-    finally:
-        stage.stop()
+def test_page_and_api_refuse_requests_without_the_token(browser, stage):
+    page = browser.new_page()
+    response = page.goto(stage.base + "/")
+    assert response.status == 401 and "sa_" not in page.content()
+    response = page.goto(stage.base + "/?token=wrong")
+    assert response.status == 403
+    for path in ("/api/config", "/api/images/sa_1/image.jpg", "/api/images/sa_1/embedding", "/static/app.js"):
+        assert page.request.get(stage.base + path).status == 401, path
+    # With the token the page opens, and the cookie it sets lets the API through.
+    assert page.goto(stage.url).status == 200
+    assert page.request.get(stage.base + "/api/config").status == 200

@@ -16,6 +16,7 @@ import torch
 from pipeline.synthetic import make_scene
 from sam_core import SamPredictor, sam_model_registry
 from sam_core.export_onnx import main as export_main
+from sam_core.onnx import LOW_RES_INPUT_NAMES, upscale_low_res
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "sam_vit_tiny_512_synthetic.pth"
@@ -168,3 +169,33 @@ def test_export_refuses_missing_weights(tmp_path):
         export_main(["--arch", "vit_tiny", "--output", str(tmp_path / "x.onnx")])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         export_main(["--arch", "vit_tiny", "--checkpoint", str(tmp_path / "none.pth"), "--output", str(tmp_path / "x.onnx")])
+
+
+def test_low_res_graph_and_its_upscaling_match_pytorch(tmp_path_factory, image):
+    """The annotation tool's graph: no orig_im_size, no masks; upscale_low_res of its
+    low-res logits gives the predictor's masks."""
+    predictor = SamPredictor(sam_model_registry["vit_tiny_512"](checkpoint=str(DEFAULT_MODEL)))
+    predictor.set_image(image)
+    session = _exported(tmp_path_factory, "vit_tiny_512", DEFAULT_MODEL, "--low-res-only")
+    assert [i.name for i in session.get_inputs()] == list(LOW_RES_INPUT_NAMES)
+    assert [o.name for o in session.get_outputs()] == ["iou_predictions", "low_res_masks"]
+    for case in ("one_click", "six_clicks", "box_and_clicks"):
+        prompt = CASES[case]
+        coords, labels = np.zeros((0, 2)), np.zeros(0)
+        if "points" in prompt:
+            coords, labels = np.array(prompt["points"], float), np.array(prompt["labels"], float)
+        if "box" in prompt:
+            coords, labels = np.concatenate([coords, np.reshape(prompt["box"], (2, 2))]), np.concatenate([labels, [2, 3]])
+        else:
+            coords, labels = np.concatenate([coords, [[0, 0]]]), np.concatenate([labels, [-1]])
+        feeds = {"image_embeddings": predictor.get_image_embedding().numpy(),
+                 "point_coords": predictor.transform.apply_coords(coords, predictor.original_size)[None].astype(np.float32),
+                 "point_labels": labels[None].astype(np.float32), "mask_input": np.zeros((1, 1, 128, 128), np.float32),
+                 "has_mask_input": np.zeros(1, np.float32)}
+        scores, low_res = session.run(None, feeds)
+        masks = upscale_low_res(torch.from_numpy(low_res[0]), 512, predictor.original_size).numpy() > 0
+        kwargs = dict(point_coords=np.array(prompt["points"]) if "points" in prompt else None,
+                      point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
+                      box=np.array(prompt["box"]) if "box" in prompt else None)
+        multi, multi_scores, _ = predictor.predict(**kwargs, multimask_output=True)
+        assert_agree(masks[1:], scores[0, 1:], multi, multi_scores)

@@ -87,10 +87,11 @@ def load_sam(arch: str, checkpoint: str | None, device: str = "auto") -> sam_cor
 
 
 def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache_dir: str) -> str:
-    """The ONNX decoder of ``sam`` in ``cache_dir``, exported once per (arch, checkpoint
-    sha256) and written atomically; random weights are exported on every call."""
+    """The ONNX decoder of ``sam`` for the page, in ``cache_dir``: the low-res graph (the
+    page upsamples the one mask it shows), exported once per (arch, checkpoint sha256)
+    and written atomically; random weights are exported on every call."""
     os.makedirs(cache_dir, exist_ok=True)
-    name = f"{arch}-{identity[:16]}.onnx" if identity != RANDOM_WEIGHTS else f"{arch}-random-{os.getpid()}.onnx"
+    name = f"{arch}-{identity[:16]}-lowres.onnx" if identity != RANDOM_WEIGHTS else f"{arch}-random-{os.getpid()}-lowres.onnx"
     path = os.path.join(cache_dir, name)
     if identity != RANDOM_WEIGHTS and os.path.isfile(path):
         return path
@@ -99,7 +100,7 @@ def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache
     cpu = next(sam.parameters()).device.type == "cpu"
     try:
         # The export traces on the CPU; a copy keeps the GPU model where it is.
-        export(sam if cpu else _cpu_copy(sam, arch), temp)
+        export(sam if cpu else _cpu_copy(sam, arch), temp, upscale=False)
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):

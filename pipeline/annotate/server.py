@@ -293,7 +293,9 @@ class BackgroundServer:
     """Runs an ASGI app with uvicorn in a thread; ``url`` once ``start`` returns."""
 
     def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        # Open keep-alive connections (a browser left open) must not hold up a stop.
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="annotate-server", daemon=True)
         self.host = host
 

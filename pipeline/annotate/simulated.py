@@ -29,10 +29,12 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 import onnxruntime
+import torch
 from pycocotools import mask as mask_utils
 
 from pipeline.annotate.rle import counts_from_mask, mask_from_counts
 from pipeline.clicks import mask_iou, next_click
+from sam_core.onnx import upscale_low_res
 from sam_core.transforms import ResizeLongestSide
 
 Truth = Callable[[dict[str, Any]], "np.ndarray | None"]  # image view -> N x H x W bool
@@ -53,30 +55,36 @@ class MaskResult:
 
 
 class Decoder:
-    """The browser's decoder in Python: the exported ONNX graph under onnxruntime."""
+    """The page's decoder in Python: the server's low-res ONNX graph under onnxruntime,
+    and the upsampling of the chosen mask to the image size (as the page does)."""
 
     def __init__(self, onnx_bytes: bytes, img_size: int, mask_input_size: int) -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # as the browser's single-threaded WebAssembly
         self.session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.img_size = img_size
         self.transform = ResizeLongestSide(img_size)
         self.mask_input_size = mask_input_size
 
-    def __call__(self, embedding: np.ndarray, points: list[tuple[int, int]], labels: list[int],
-                 size: tuple[int, int], previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(masks 4xHxW bool, predicted IoUs 4, low-res logits 4xhxw) for the clicks."""
-        coords = self.transform.apply_coords(np.array(points + [(0, 0)], float), size)
+    def __call__(self, embedding: np.ndarray, points: list[tuple[float, float]], labels: list[int],
+                 size: tuple[int, int], previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted IoUs 4, low-res logits 4 x S x S) for the clicks, (x, y) in pixels."""
+        coords = self.transform.apply_coords(np.array(list(points) + [(0, 0)], float), size)
         side = self.mask_input_size
         feeds = {
             "image_embeddings": embedding,
             "point_coords": coords[None].astype(np.float32),
-            "point_labels": np.array([labels + [-1]], np.float32),
+            "point_labels": np.array([list(labels) + [-1]], np.float32),
             "mask_input": (previous if previous is not None else np.zeros((side, side)))[None, None].astype(np.float32),
             "has_mask_input": np.array([0.0 if previous is None else 1.0], np.float32),
-            "orig_im_size": np.array(size, np.float32),
         }
-        masks, scores, low_res = self.session.run(None, feeds)
-        return masks[0] > 0, scores[0], low_res[0]
+        scores, low_res = self.session.run(None, feeds)
+        return scores[0], low_res[0]
+
+    def mask(self, low_res: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """One low-res mask -> H x W bool, as ``Sam.postprocess_masks`` then > 0."""
+        logits = upscale_low_res(torch.from_numpy(low_res)[None], self.img_size, size)
+        return logits[0].numpy() > 0
 
 
 class SimulatedAnnotator:
@@ -162,12 +170,12 @@ class SimulatedAnnotator:
             points.append(xy)
             labels.append(label)
             start = time.perf_counter()
-            masks, scores, low_res = self.decoder(embedding, points, labels, size, logits)
-            seconds.append(time.perf_counter() - start)
+            scores, low_res = self.decoder(embedding, points, labels, size, logits)
             # One click: the best of the three ambiguity-aware masks, as the browser shows
             # first; more: the single-mask output, refined from the previous logits.
             index = 1 + int(np.argmax(scores[1:])) if k == 1 else 0
-            pred, logits = masks[index], low_res[index]
+            pred, logits = self.decoder.mask(low_res[index], size), low_res[index]
+            seconds.append(time.perf_counter() - start)
             ious.append(mask_iou(pred, gt))
             if ious[-1] >= self.target_iou:
                 break

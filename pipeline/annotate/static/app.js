@@ -1,7 +1,7 @@
 // The annotation tool: one image at a time from the server's queue; clicks and boxes
 // answered by the decoder in the page; masks accepted, corrected with a brush, saved to
 // the server on every change.
-import { Decoder, upsample } from "/static/decoder.js";
+import { Decoder } from "/static/decoder.js";
 import { bounds, colour, decodeCounts, encodeCounts, paint, stamp } from "/static/masks.js";
 
 const $ = (id) => document.getElementById(id);
@@ -196,7 +196,7 @@ async function decode(t0) {
 
 function useCandidate(c, res, k, multimask) {
   c.result = res; c.candidate = multimask ? k : null; c.lowRes = res.lowRes[k];
-  c.mask = upsample(res.logits(k), res.frame[0], res.frame[1], state.H, state.W);
+  c.mask = state.decoder.mask(res.lowRes[k], state.H, state.W);
   c.prompted = true;
   refresh({ current: true });
 }

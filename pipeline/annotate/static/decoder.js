@@ -51,8 +51,7 @@ export class Decoder {
 
   // points: [[x, y], ...] in image pixels, labels 1/0; box: [x0, y0, x1, y1] or null;
   // previous: low-res logits (Float32Array) of the answer being refined, or null.
-  // Returns {scores[4], lowRes[4] (Float32Array), logits(k) -> the k-th mask's logits in
-  // the input frame, frame: [h, w]}.
+  // Returns {scores[4], lowRes[4] (Float32Array S x S)}; mask(lowRes[k]) makes one mask.
   async run(points, labels, box, previous, height, width) {
     const [h, w] = this.resized(height, width);
     const sx = w / width, sy = h / height;
@@ -67,61 +66,65 @@ export class Decoder {
       point_labels: new ort.Tensor("float32", Float32Array.from(codes), [1, n]),
       mask_input: previous ? new ort.Tensor("float32", previous, [1, 1, side, side]) : this.emptyMask,
       has_mask_input: new ort.Tensor("float32", Float32Array.of(previous ? 1 : 0), [1]),
-      // The graph's masks in the input frame (its last resize is then the identity); the
-      // page upsamples only the one mask it shows (upsample below), not all four.
-      orig_im_size: new ort.Tensor("float32", Float32Array.of(h, w), [2]),
     };
     const out = await this.session.run(feeds);
-    const masks = out.masks.data, low = out.low_res_masks.data, plane = h * w, lowPlane = side * side;
+    const low = out.low_res_masks.data, plane = side * side;
     return {
       scores: Array.from(out.iou_predictions.data),
-      lowRes: [0, 1, 2, 3].map((k) => low.slice(k * lowPlane, (k + 1) * lowPlane)),
-      logits: (k) => masks.subarray(k * plane, (k + 1) * plane),
-      frame: [h, w],
+      lowRes: [0, 1, 2, 3].map((k) => low.slice(k * plane, (k + 1) * plane)),
     };
+  }
+
+  // One low-res mask -> the image-size mask (Uint8Array, 1 = object): exactly
+  // Sam.postprocess_masks (bilinear to the square input frame, crop the padding,
+  // bilinear to the image size) and > 0. The graph leaves this to the page so that only
+  // the mask shown is upsampled, not all four.
+  mask(lowRes, height, width) {
+    const [h, w] = this.resized(height, width), side = this.maskSize;
+    const frame = resize(lowRes, side, side, this.imgSize, this.imgSize, h, w);
+    return threshold(h === height && w === width ? frame : resize(frame, h, w, height, width, height, width));
   }
 }
 
-// Bilinear resize (PyTorch's align_corners=False) of h x w logits to height x width,
-// thresholded at 0: exactly Sam.postprocess_masks' last step, for one mask. Separable:
-// each source row is resized along x once, then rows are blended.
-export function upsample(logits, h, w, height, width) {
-  const out = new Uint8Array(height * width);
-  if (h === height && w === width) {
-    for (let i = 0; i < out.length; i++) out[i] = logits[i] > 0 ? 1 : 0;
-    return out;
-  }
-  const axis = (inSize, outSize) => {
-    const i0 = new Int32Array(outSize), i1 = new Int32Array(outSize), f = new Float32Array(outSize);
+// Bilinear resize with PyTorch's align_corners=False of an inH x inW plane to outH x outW,
+// keeping only the top-left cropH x cropW of the result. Separable: each source row is
+// resized along x once, then rows are blended.
+export function resize(src, inH, inW, outH, outW, cropH, cropW) {
+  const axis = (inSize, outSize, count) => {
+    const i0 = new Int32Array(count), i1 = new Int32Array(count), f = new Float32Array(count);
     const scale = inSize / outSize;
-    for (let o = 0; o < outSize; o++) {
-      const src = Math.max(scale * (o + 0.5) - 0.5, 0);
-      const lo = Math.floor(src);
-      i0[o] = lo; i1[o] = lo < inSize - 1 ? lo + 1 : lo; f[o] = src - lo;
+    for (let o = 0; o < count; o++) {
+      const at = Math.max(scale * (o + 0.5) - 0.5, 0);
+      const lo = Math.floor(at);
+      i0[o] = lo; i1[o] = lo < inSize - 1 ? lo + 1 : lo; f[o] = at - lo;
     }
     return { i0, i1, f };
   };
-  const X = axis(w, width), Y = axis(h, height);
+  const X = axis(inW, outW, cropW), Y = axis(inH, outH, cropH);
   const rows = new Map();
   const row = (r) => {
     let v = rows.get(r);
     if (!v) {
-      v = new Float32Array(width);
-      const base = r * w;
-      for (let x = 0; x < width; x++) {
-        const a = logits[base + X.i0[x]], b = logits[base + X.i1[x]];
+      v = new Float32Array(cropW);
+      const base = r * inW;
+      for (let x = 0; x < cropW; x++) {
+        const a = src[base + X.i0[x]], b = src[base + X.i1[x]];
         v[x] = a + (b - a) * X.f[x];
       }
       rows.set(r, v);
     }
     return v;
   };
-  for (let y = 0; y < height; y++) {
-    const top = row(Y.i0[y]), bottom = row(Y.i1[y]), f = Y.f[y], base = y * width;
-    for (let x = 0; x < width; x++) {
-      const v = top[x] + (bottom[x] - top[x]) * f;
-      out[base + x] = v > 0 ? 1 : 0;
-    }
+  const out = new Float32Array(cropH * cropW);
+  for (let y = 0; y < cropH; y++) {
+    const top = row(Y.i0[y]), bottom = row(Y.i1[y]), f = Y.f[y], base = y * cropW;
+    for (let x = 0; x < cropW; x++) out[base + x] = top[x] + (bottom[x] - top[x]) * f;
   }
+  return out;
+}
+
+function threshold(logits) {
+  const out = new Uint8Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = logits[i] > 0 ? 1 : 0;
   return out;
 }
