@@ -83,6 +83,7 @@ def measure(url: str, clicks: int, chromium: str) -> dict:
         info = page.evaluate("({threads: navigator.hardwareConcurrency, isolated: self.crossOriginIsolated, ua: navigator.userAgent})")
         browser.close()
     mask = [r["mask_ms"] for r in records]
+    phases = {f"{name}_median": statistics.median(r[name] for r in records) for name in ("before_ms", "run_ms", "upsample_ms")}
     painted = [r["painted_ms"] for r in records]
     return {
         "clicks": len(records), "image": f"{view['width']}x{view['height']}",
@@ -90,7 +91,7 @@ def measure(url: str, clicks: int, chromium: str) -> dict:
         "painted_ms_median": statistics.median(painted), "painted_ms_p95": percentile(painted, 95),
         "decoder_run_ms_median": statistics.median(decoder_ms), "decoder_run_ms_p95": percentile(decoder_ms, 95),
         "decoder_run_ms_min": min(decoder_ms),
-        "browser": info,
+        "phases": phases, "browser": info,
     }
 
 

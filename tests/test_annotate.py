@@ -146,8 +146,13 @@ def test_two_annotators_never_share_an_image(serve, tmp_path):
     body = {"client": "b", "masks": [{"uid": "m1", "counts": mask, "provenance": "manual"}]}
     assert api.put(f"/api/images/{a['key']}", json=body).status_code == 409
     assert api.get(f"/api/images/{a['key']}", params={"client": "b"}).json()["editable"] is False
+    assert api.post("/api/renew", json={"client": "b", "key": a["key"]}).status_code == 409
     # A lease that is not renewed expires: then the image can go to someone else.
-    time.sleep(1.7)
+    time.sleep(1.0)
+    assert api.post("/api/renew", json={"client": "a", "key": a["key"]}).json() == {"renewed": True}
+    time.sleep(1.0)
+    assert api.post("/api/lease", json={"client": "b", "key": a["key"]}).status_code == 409  # renewed: still a's
+    time.sleep(0.7)
     assert api.post("/api/lease", json={"client": "b", "key": a["key"]}).status_code == 200
     assert api.put(f"/api/images/{a['key']}", json={**body, "client": "a"}).status_code == 409
 

@@ -202,3 +202,40 @@ def test_page_and_api_refuse_requests_without_the_token(browser, stage):
     # With the token the page opens, and the cookie it sets lets the API through.
     assert page.goto(stage.url).status == 200
     assert page.request.get(stage.base + "/api/config").status == 200
+
+
+def test_prefilled_masks_select_delete_accept_all(browser, tmp_path):
+    """A fully_auto-style dataset as input: its masks open as automatic; delete one
+    picked with the Select tool, accept the rest with Shift+A, mark done."""
+    from .dataset_factory import make_dataset
+
+    source = make_dataset(tmp_path / "auto", num_shards=1, images_per_shard=1, masks_per_image=(4,), sizes=((96, 128),))
+    stage = Stage(tmp_path, tmp_path / "auto", tmp_path / "out")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+        page.goto(stage.url)
+        page.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
+        assert page.evaluate("window.sam.state.masks.map(m => m.provenance)") == ["automatic"] * 4
+        masks = [m.astype(bool) for m in source.samples[0].masks]
+        # A pixel of mask 1 that no later mask covers: the Select tool picks mask 1 there.
+        free = masks[1] & ~np.any(masks[2:], axis=0)
+        ys, xs = np.nonzero(free)
+        page.keyboard.press("v")
+        page.mouse.click(*screen_point(page, xs[len(xs) // 2] + 0.5, ys[len(ys) // 2] + 0.5))
+        assert page.evaluate("window.sam.state.selected") == 1
+        page.keyboard.press("Delete")
+        wait_saved(page, 3)
+        page.keyboard.press("Shift+A")
+        page.wait_for_function("window.sam.state.masks.every(m => m.provenance === 'automatic_accepted')", timeout=10_000)
+        page.keyboard.press("m")
+        page.wait_for_function("document.getElementById('status').textContent.includes('no more images')", timeout=30_000)
+        (sample,) = list(iter_samples(str(tmp_path / "out")))
+        anns = sample.record["annotations"]
+        assert [a["provenance"] for a in anns] == ["automatic_accepted"] * 3
+        saved = [mask_utils.decode(a["segmentation"]).astype(bool) for a in anns]
+        for got, want in zip(saved, [masks[0], masks[2], masks[3]]):
+            assert np.array_equal(got, want)
+        originals = source.samples[0].record["annotations"]
+        assert [a["predicted_iou"] for a in anns] == [originals[i]["predicted_iou"] for i in (0, 2, 3)]
+    finally:
+        stage.stop()

@@ -55,7 +55,7 @@ class LeaseRequest(BaseModel):
     key: str | None = Field(None, pattern=KEY_PATTERN)
 
 
-class ReleaseRequest(BaseModel):
+class LeaseKey(BaseModel):
     client: Name
     key: str = Field(pattern=KEY_PATTERN)
 
@@ -259,8 +259,13 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
         entry = session.lease(body.client, after=body.after, step=body.step, key=body.key)
         return None if entry is None else ImageView(**session.view(entry.key, body.client))
 
+    @app.post("/api/renew")
+    def renew(body: LeaseKey) -> dict:
+        session.renew(body.key, body.client)
+        return {"renewed": True}
+
     @app.post("/api/release")
-    def release(body: ReleaseRequest) -> dict:
+    def release(body: LeaseKey) -> dict:
         session.release(body.key, body.client)
         return {"released": True}
 

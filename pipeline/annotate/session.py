@@ -170,6 +170,11 @@ class Session:
                 ahead.append(other.key)
         self.images.prefetch(ahead)
 
+    def renew(self, key: str, client: str) -> None:
+        """Extends ``client``'s lease on ``key``; Conflict when it has lost it."""
+        if self.entry(key).unit in self.store.committed or not self.leases.acquire(key, client):
+            raise Conflict(f"{key} is no longer leased to this annotator")
+
     def release(self, key: str, client: str) -> None:
         self.leases.release(key, client)
 

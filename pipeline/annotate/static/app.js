@@ -2,7 +2,7 @@
 // answered by the decoder in the page; masks accepted, corrected with a brush, saved to
 // the server on every change.
 import { Decoder } from "/static/decoder.js";
-import { bounds, colour, decodeCounts, encodeCounts, paint, stamp } from "/static/masks.js";
+import { bounds, colour, countsBounds, countsHas, decodeCounts, encodeCounts, paint, prefixSums, stamp } from "/static/masks.js";
 
 const $ = (id) => document.getElementById(id);
 const canvas = $("view"), stageEl = $("stage");
@@ -44,8 +44,15 @@ async function api(method, path, body) {
 }
 
 // --- the document: masks, the current edit, undo ---------------------------------------
+// The bitmap of a mask, decoded from its counts the first time it is needed.
+function bitmap(m) {
+  if (!m.mask) m.mask = decodeCounts(m.counts, state.H, state.W);
+  return m.mask;
+}
+
 function newCurrent(source = null) {
   const base = source === null ? null : state.masks[source];
+  if (base) bitmap(base);
   return {
     source: base ? base.uid : null, points: [], labels: [], box: null,
     mask: base ? base.mask : null, lowRes: null, result: null, candidate: null,
@@ -78,8 +85,8 @@ function restore(from, to) {
 }
 
 function maskObject(fields) {
-  const box = bounds(fields.mask, state.H, state.W);
-  return { counts: null, ...fields, box };
+  if (fields.mask) return { ...fields, counts: null, box: bounds(fields.mask, state.H, state.W) };
+  return { ...fields, mask: null, box: countsBounds(fields.counts, state.H) };
 }
 
 function accept() {
@@ -171,16 +178,19 @@ async function decode(t0) {
       // One click: the three ambiguity-aware masks, the best first; otherwise the
       // single-mask output refined from the previous answer's logits.
       const multimask = c.points.length === 1 && !c.box;
+      const runStart = performance.now();
       const res = await state.decoder.run(c.points, c.labels, c.box, multimask ? null : c.lowRes, state.H, state.W);
+      const runEnd = performance.now();
       if (state.current !== c) break;
       const k = multimask ? [2, 3].reduce((best, i) => (res.scores[i] > res.scores[best] ? i : best), 1) : 0;
       useCandidate(c, res, k, multimask);
       const ready = performance.now();
       if (t0 !== undefined) {
         const start = t0, points = c.points.length + (c.box ? 2 : 0);
+        const phases = { before_ms: runStart - start, run_ms: runEnd - runStart, upsample_ms: ready - runEnd };
         // Painted: after the frame that shows the mask has been drawn.
         requestAnimationFrame(() => setTimeout(() => {
-          stats.clicks.push({ mask_ms: ready - start, painted_ms: performance.now() - start, points });
+          stats.clicks.push({ mask_ms: ready - start, painted_ms: performance.now() - start, points, ...phases });
         }, 0));
         t0 = undefined;
       }
@@ -278,7 +288,7 @@ async function show(view) {
   const shape = response.headers.get("X-Embedding-Shape").split(",").map(Number);
   state.decoder.setEmbedding(await response.arrayBuffer(), shape);
   Object.assign(state, { view, image, H: view.height, W: view.width, selected: null, current: null, undo: [], redo: [] });
-  state.masks = view.masks.map((m) => maskObject({ ...m, mask: decodeCounts(m.counts, view.height, view.width) }));
+  state.masks = view.masks.map((m) => maskObject({ ...m }));
   $("image-name").textContent = `${view.key} (${view.index + 1} / ${view.total})${view.done ? " · done" : ""}${view.editable ? "" : " · read-only"}`;
   fit();
   refresh({ all: true, current: true });
@@ -317,7 +327,7 @@ function draw() {
   if (dirty.all) {
     const editing = state.current && state.current.source;
     const items = state.masks.map((m, i) => ({
-      mask: m.mask, box: m.box, rgb: m.provenance === "automatic" ? [240, 195, 109] : colour(i),
+      mask: m.mask, counts: m.counts, box: m.box, rgb: m.provenance === "automatic" ? [240, 195, 109] : colour(i),
       alpha: i === state.selected ? 170 : m.provenance === "automatic" ? 90 : 115,
     })).filter((_, i) => state.masks[i].uid !== editing);
     paint(overlayAll, items, H, W);
@@ -422,7 +432,13 @@ canvas.addEventListener("pointerdown", (event) => {
   else if (state.tool === "box") state.drag = { box: [p[0], p[1], p[0], p[1]] };
   else if (state.tool === "brush" || state.tool === "eraser") { state.drag = { paint: state.tool === "brush" ? 1 : 0 }; strokeStart(p[0], p[1], state.drag.paint); }
   else if (state.tool === "select") {
-    const index = state.masks.map((m, i) => i).reverse().find((i) => state.masks[i].mask[Math.floor(p[1]) * state.W + Math.floor(p[0])]);
+    const [x, y] = [Math.floor(p[0]), Math.floor(p[1])];
+    const hit = (m) => {
+      if (m.mask) return m.mask[y * state.W + x] === 1;
+      m.prefix ||= prefixSums(m.counts);
+      return countsHas(m.prefix, state.H, x, y);
+    };
+    const index = state.masks.map((m, i) => i).reverse().find((i) => hit(state.masks[i]));
     select(index === undefined ? null : index);
   }
 });
@@ -486,7 +502,7 @@ $("annotator").addEventListener("change", (e) => localStorage.setItem("sam-annot
 function heartbeat() {
   const view = state.view;
   if (view && view.editable) {
-    api("POST", "/api/lease", { client: state.client, key: view.key }).catch((e) => {
+    api("POST", "/api/renew", { client: state.client, key: view.key }).catch((e) => {
       if (e.status === 409) { view.editable = false; status("the lease on this image was lost: open the next one", true); }
     });
   }
