@@ -82,14 +82,15 @@ export class Decoder {
   mask(lowRes, height, width) {
     const [h, w] = this.resized(height, width), side = this.maskSize;
     const frame = resize(lowRes, side, side, this.imgSize, this.imgSize, h, w);
-    return threshold(h === height && w === width ? frame : resize(frame, h, w, height, width, height, width));
+    return h === height && w === width ? threshold(frame) : resize(frame, h, w, height, width, height, width, true);
   }
 }
 
 // Bilinear resize with PyTorch's align_corners=False of an inH x inW plane to outH x outW,
-// keeping only the top-left cropH x cropW of the result. Separable: each source row is
-// resized along x once, then rows are blended.
-export function resize(src, inH, inW, outH, outW, cropH, cropW) {
+// keeping only the top-left cropH x cropW of the result; with `binary`, thresholded at 0
+// into a Uint8Array in the same pass. Separable: the source rows are resized along x
+// once, then blended along y.
+export function resize(src, inH, inW, outH, outW, cropH, cropW, binary = false) {
   const axis = (inSize, outSize, count) => {
     const i0 = new Int32Array(count), i1 = new Int32Array(count), f = new Float32Array(count);
     const scale = inSize / outSize;
@@ -101,24 +102,29 @@ export function resize(src, inH, inW, outH, outW, cropH, cropW) {
     return { i0, i1, f };
   };
   const X = axis(inW, outW, cropW), Y = axis(inH, outH, cropH);
-  const rows = new Map();
-  const row = (r) => {
-    let v = rows.get(r);
-    if (!v) {
-      v = new Float32Array(cropW);
-      const base = r * inW;
-      for (let x = 0; x < cropW; x++) {
-        const a = src[base + X.i0[x]], b = src[base + X.i1[x]];
-        v[x] = a + (b - a) * X.f[x];
-      }
-      rows.set(r, v);
+  const rowsUsed = Math.min(inH, Y.i1[cropH - 1] + 1);
+  const rows = new Float32Array(rowsUsed * cropW);
+  for (let r = 0; r < rowsUsed; r++) {
+    const base = r * inW, at = r * cropW;
+    for (let x = 0; x < cropW; x++) {
+      const a = src[base + X.i0[x]];
+      rows[at + x] = a + (src[base + X.i1[x]] - a) * X.f[x];
     }
-    return v;
-  };
-  const out = new Float32Array(cropH * cropW);
+  }
+  const out = binary ? new Uint8Array(cropH * cropW) : new Float32Array(cropH * cropW);
   for (let y = 0; y < cropH; y++) {
-    const top = row(Y.i0[y]), bottom = row(Y.i1[y]), f = Y.f[y], base = y * cropW;
-    for (let x = 0; x < cropW; x++) out[base + x] = top[x] + (bottom[x] - top[x]) * f;
+    const top = Y.i0[y] * cropW, bottom = Y.i1[y] * cropW, f = Y.f[y], base = y * cropW;
+    if (binary) {
+      for (let x = 0; x < cropW; x++) {
+        const a = rows[top + x];
+        out[base + x] = a + (rows[bottom + x] - a) * f > 0 ? 1 : 0;
+      }
+    } else {
+      for (let x = 0; x < cropW; x++) {
+        const a = rows[top + x];
+        out[base + x] = a + (rows[bottom + x] - a) * f;
+      }
+    }
   }
   return out;
 }

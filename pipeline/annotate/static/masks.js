@@ -87,9 +87,16 @@ export function colour(index) {
 // at `alpha`, within its bounds only (large images with many masks stay fast); with
 // `edge`, its boundary pixels opaque white, so the selected mask stands out.
 export function paint(canvas, items, height, width) {
-  canvas.width = width; canvas.height = height;
+  if (canvas.width !== width || canvas.height !== height) { canvas.width = width; canvas.height = height; }
   const ctx = canvas.getContext("2d");
-  const image = ctx.createImageData(width, height);
+  ctx.clearRect(0, 0, width, height);
+  // Only the union of the masks' boxes is written: one small mask on a large image
+  // costs its box, not the image.
+  const boxes = items.map((item) => item.box).filter(Boolean);
+  if (!boxes.length) return;
+  const X0 = Math.min(...boxes.map((b) => b[0])), Y0 = Math.min(...boxes.map((b) => b[1]));
+  const bw = Math.max(...boxes.map((b) => b[2])) - X0, bh = Math.max(...boxes.map((b) => b[3])) - Y0;
+  const image = ctx.createImageData(bw, bh);
   const px = new Uint32Array(image.data.buffer);
   const white = 0xffffffff;
   for (const { mask, counts, rgb, alpha, box, edge } of items) {
@@ -98,23 +105,28 @@ export function paint(canvas, items, height, width) {
     if (!mask) { // straight from the runs: masks nobody edits are never decoded
       let p = 0;
       for (let r = 0; r < counts.length; r++) {
-        if (r % 2 === 1) for (let i = p; i < p + counts[r]; i++) { const x = (i / height) | 0; px[(i - x * height) * width + x] = value; }
+        if (r % 2 === 1) {
+          for (let i = p; i < p + counts[r]; i++) {
+            const x = (i / height) | 0, y = i - x * height;
+            px[(y - Y0) * bw + x - X0] = value;
+          }
+        }
         p += counts[r];
       }
       continue;
     }
     for (let y = box[1]; y < box[3]; y++) {
-      const base = y * width;
+      const base = y * width, row = (y - Y0) * bw - X0;
       for (let x = box[0]; x < box[2]; x++) {
         const i = base + x;
         if (!mask[i]) continue;
         const boundary = edge && (x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
           !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width]);
-        px[i] = boundary ? white : value;
+        px[row + x] = boundary ? white : value;
       }
     }
   }
-  ctx.putImageData(image, 0, 0);
+  ctx.putImageData(image, X0, Y0);
 }
 
 // Sets (value 1) or clears (0) a disc of radius r around (cx, cy); returns the box touched.
