@@ -32,11 +32,12 @@ TOKEN = "test-token-0123456789"
 class Served:
     """A session and its server; ``api`` is an httpx client carrying the token."""
 
-    def __init__(self, input_spec: Path, output: Path, checkpoint: Path, images_per_unit: int = 2, lease_s: float = 60.0):
+    def __init__(self, input_spec: Path, output: Path, checkpoint: Path, decoder_cache: Path,
+                 images_per_unit: int = 2, lease_s: float = 60.0):
         self.plan = plan_queue(str(input_spec), str(output), images_per_unit)
         sam = load_sam("vit_tiny", str(checkpoint), "cpu")
         identity = model_identity(str(checkpoint))
-        decoder = exported_decoder(sam, "vit_tiny", identity, str(output / "annotate" / "decoder"))
+        decoder = exported_decoder(sam, "vit_tiny", identity, str(decoder_cache))
         model = ModelInfo("vit_tiny", identity, 256, (1, 128, 16, 16), decoder)
         image_cfg = {"short_side": 1500, "max_pixels": 10_000_000, "min_side": 16, "jpeg_quality": 95}
         self.session = Session(self.plan, str(output), sam, model, image_cfg, lease_s=lease_s)
@@ -49,12 +50,18 @@ class Served:
         self.session.close()
 
 
+@pytest.fixture(scope="module")
+def decoder_cache(tmp_path_factory) -> Path:
+    """One export of the test model's decoder for the module (exported_decoder caches it)."""
+    return tmp_path_factory.mktemp("decoder")
+
+
 @pytest.fixture
-def serve(tiny_checkpoint):
+def serve(tiny_checkpoint, decoder_cache):
     opened = []
 
     def start(input_spec: Path, output: Path, **kwargs) -> Served:
-        served = Served(input_spec, output, tiny_checkpoint, **kwargs)
+        served = Served(input_spec, output, tiny_checkpoint, decoder_cache, **kwargs)
         opened.append(served)
         return served
 
@@ -203,6 +210,18 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     # Masks of the wrong size are refused, and nothing is saved.
     bad = {"client": "a", "masks": [{"uid": "x", "counts": [10, 5], "provenance": "manual"}]}
     assert api.put("/api/images/sa_3", json=bad).status_code == 422
+
+
+def test_next_images_are_embedded_ahead(serve, tmp_path):
+    served = serve(image_folder(tmp_path / "in", count=4), tmp_path / "out")
+    served.api.post("/api/lease", json={"client": "a"}).raise_for_status()
+    futures = served.session.images._futures
+    assert list(futures) == ["sa_1", "sa_2", "sa_3"]  # this image and stage.lookahead (2) more
+    for key in ("sa_2", "sa_3"):
+        embedding = futures[key].result(timeout=60)
+        assert embedding.dtype == np.float16 and embedding.shape == (1, 128, 16, 16)
+    # What the browser then asks for is already there: the same array, not recomputed.
+    assert served.session.embedding("sa_2") is futures["sa_2"].result()
 
 
 def test_bad_image_is_recorded_and_skipped(serve, tmp_path):
