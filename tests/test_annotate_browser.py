@@ -159,6 +159,30 @@ def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
     page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_1'", timeout=60_000)
     page.keyboard.press("m")
     page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
+
+    # On the next image: a box, its mask, undo and redo, candidates, zoom and fit.
+    page.keyboard.press("b")
+    page.mouse.move(*screen_point(page, 40, 40))
+    page.mouse.down()
+    page.mouse.move(*screen_point(page, 140, 120), steps=4)
+    page.mouse.up()
+    page.wait_for_function("window.sam.stats.clicks.length === 2 && window.sam.state.current.box", timeout=30_000)
+    assert page.evaluate("window.sam.state.current.clicks") == 2  # a box counts as its two corners
+    page.keyboard.press("Control+z")
+    assert page.evaluate("window.sam.state.current === null")
+    page.keyboard.press("Control+Shift+z")
+    assert page.evaluate("window.sam.state.current.box.map(Math.round)") == [40, 40, 140, 120]
+    page.keyboard.press("Escape")
+    page.keyboard.press("c")
+    page.mouse.click(*screen_point(page, 200.5, 60.5))
+    page.wait_for_function("window.sam.stats.clicks.length === 3 && window.sam.state.current.mask", timeout=30_000)
+    page.keyboard.press("3")
+    assert page.evaluate("window.sam.state.current.candidate") == 3
+    fitted = page.evaluate("window.sam.state.zoom.s")
+    page.keyboard.press("+")
+    assert page.evaluate("window.sam.state.zoom.s") > fitted * 1.2
+    page.keyboard.press("0")
+    assert abs(page.evaluate("window.sam.state.zoom.s") - fitted) < 1e-6
     assert not errors, errors
 
     (sample,) = list(iter_samples(str(output)))

@@ -2,11 +2,11 @@
 // answered by the decoder in the page; masks accepted, corrected with a brush, saved to
 // the server on every change.
 import { Decoder } from "/static/decoder.js";
-import { bounds, colour, countsBounds, countsHas, decodeCounts, encodeCounts, paint, prefixSums, stamp } from "/static/masks.js";
+import { bounds, countsBounds, countsHas, decodeCounts, encodeCounts, prefixSums, stamp } from "/static/masks.js";
+import { Renderer } from "/static/render.js";
 
 const $ = (id) => document.getElementById(id);
 const canvas = $("view"), stageEl = $("stage");
-const overlayAll = document.createElement("canvas"), overlayCurrent = document.createElement("canvas");
 
 const state = {
   config: null, decoder: null, view: null, image: null, H: 0, W: 0,
@@ -311,97 +311,11 @@ async function updateProgress() {
   } catch (e) { /* the next update will tell */ }
 }
 
-// --- drawing -------------------------------------------------------------------------------
-let frame = 0;
-const dirty = { all: false, current: false };
-
-function refresh(what = {}) {
-  dirty.all ||= !!what.all; dirty.current ||= !!what.current;
-  if (!frame) frame = requestAnimationFrame(draw);
-}
-
-function draw() {
-  frame = 0;
-  if (!state.image) return;
-  const { H, W } = state;
-  if (dirty.all) {
-    const editing = state.current && state.current.source;
-    const items = state.masks.map((m, i) => ({
-      mask: m.mask, counts: m.counts, box: m.box, rgb: m.provenance === "automatic" ? [240, 195, 109] : colour(i),
-      alpha: i === state.selected ? 170 : m.provenance === "automatic" ? 90 : 115,
-    })).filter((_, i) => state.masks[i].uid !== editing);
-    paint(overlayAll, items, H, W);
-    listMasks();
-  }
-  if (dirty.current) {
-    const c = state.current;
-    paint(overlayCurrent, c && c.mask ? [{ mask: c.mask, box: bounds(c.mask, H, W), rgb: [64, 224, 255], alpha: 150, edge: true }] : [], H, W);
-    $("candidates").hidden = !(c && c.candidate !== null);
-    document.querySelectorAll("[data-candidate]").forEach((b) => b.classList.toggle("active", c && Number(b.dataset.candidate) === c.candidate));
-  }
-  dirty.all = dirty.current = false;
-  const dpr = window.devicePixelRatio || 1;
-  const cw = stageEl.clientWidth, ch = stageEl.clientHeight;
-  if (canvas.width !== cw * dpr || canvas.height !== ch * dpr) { canvas.width = cw * dpr; canvas.height = ch * dpr; }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(1, 0, 0, 1, 0, 0);
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const { s, tx, ty } = state.zoom;
-  ctx.setTransform(dpr * s, 0, 0, dpr * s, dpr * tx, dpr * ty);
-  ctx.imageSmoothingEnabled = s < 2;
-  ctx.drawImage(state.image, 0, 0);
-  ctx.drawImage(overlayAll, 0, 0);
-  ctx.drawImage(overlayCurrent, 0, 0);
-  const c = state.current;
-  if (c) {
-    c.points.forEach(([x, y], i) => {
-      ctx.beginPath(); ctx.arc(x, y, 5 / s, 0, 2 * Math.PI);
-      ctx.fillStyle = c.labels[i] === 1 ? "#3ddc84" : "#ff5252"; ctx.fill();
-      ctx.lineWidth = 1.5 / s; ctx.strokeStyle = "#000"; ctx.stroke();
-    });
-    if (c.box) drawBox(ctx, c.box, "#40e0ff");
-  }
-  if (state.drag && state.drag.box) drawBox(ctx, state.drag.box, "#ffffff");
-}
-
-function drawBox(ctx, [x0, y0, x1, y1], colourName) {
-  ctx.lineWidth = 2 / state.zoom.s; ctx.strokeStyle = colourName;
-  ctx.strokeRect(Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0));
-}
-
-function listMasks() {
-  const list = $("masks");
-  list.replaceChildren(...state.masks.map((m, i) => {
-    const li = document.createElement("li");
-    li.classList.toggle("selected", i === state.selected);
-    const swatch = document.createElement("span");
-    swatch.className = "swatch";
-    swatch.style.background = m.provenance === "automatic" ? "rgb(240,195,109)" : `rgb(${colour(i).join(",")})`;
-    const label = document.createElement("span");
-    label.textContent = `${m.provenance}${m.clicks ? ` · ${m.clicks} clicks` : ""}`;
-    if (m.provenance === "automatic") label.className = "auto";
-    const del = document.createElement("button");
-    del.className = "del"; del.textContent = "×"; del.title = "delete";
-    del.addEventListener("click", (e) => { e.stopPropagation(); select(i); remove(); });
-    li.append(swatch, label, del);
-    li.addEventListener("click", () => select(i));
-    return li;
-  }));
-  $("mask-count").textContent = `(${state.masks.length})`;
-}
-
-function fit() {
-  const cw = stageEl.clientWidth, ch = stageEl.clientHeight;
-  const s = Math.min(cw / state.W, ch / state.H) * 0.98;
-  state.zoom = { s, tx: (cw - state.W * s) / 2, ty: (ch - state.H * s) / 2 };
-  refresh();
-}
-
-function zoomAt(factor, cx, cy) {
-  const z = state.zoom, s = Math.min(64, Math.max(0.05, z.s * factor)), f = s / z.s;
-  state.zoom = { s, tx: cx - (cx - z.tx) * f, ty: cy - (cy - z.ty) * f };
-  refresh();
-}
+// --- drawing: render.js ------------------------------------------------------------------
+const renderer = new Renderer(state, canvas, stageEl, { select, remove });
+const refresh = (what) => renderer.refresh(what);
+const fit = () => renderer.fit();
+const zoomAt = (factor, cx, cy) => renderer.zoomAt(factor, cx, cy);
 
 // --- input ---------------------------------------------------------------------------------
 function imagePoint(event) {
