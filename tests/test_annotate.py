@@ -315,3 +315,8 @@ def test_simulated_annotator_through_the_stage(tmp_path):
         np.testing.assert_allclose(ious, reported, atol=1e-6)
     validate = run_stage(compose("validate", tmp_path / "out"))
     assert validate["problems"] == 0, validate
+    run_stage(compose("export_coco", tmp_path / "out"))
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(tmp_path / "out" / "coco" / "instances.json"))
+    assert len(coco.getAnnIds()) == report["masks"] and len(coco.getImgIds()) == 2
