@@ -67,7 +67,7 @@ class MemorySampler(threading.Thread):
             workers = 0
             for child in me.children(recursive=True):
                 try:
-                    if "Annotator" in " ".join(child.cmdline()):
+                    if "UnitWorker" in " ".join(child.cmdline()):
                         workers += child.memory_info().rss
                 except psutil.Error:
                     pass

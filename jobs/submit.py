@@ -8,7 +8,9 @@
 
 The entry point is always ``python -m pipeline.run <overrides> cluster=existing``: the
 job's driver runs on the cluster and joins it with ``address: auto``. The address may
-also come from RAY_ADDRESS (as for the ``ray job`` CLI).
+also come from RAY_ADDRESS (as for the ``ray job`` CLI). The overrides are checked here
+before anything is submitted (``pipeline.config_guard``: no ``_target_`` outside the
+allow-list, no config from outside conf/), and again by the entry point on the cluster.
 """
 from __future__ import annotations
 
@@ -24,16 +26,26 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The checks run against the checkout this script ships (its conf/ and pipeline/).
+sys.path.insert(0, str(PROJECT_ROOT))
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
 def entrypoint(overrides: List[str]) -> str:
-    """The driver command for a stage: the overrides, plus cluster=existing unless given."""
+    """The driver command for a stage: the overrides, plus cluster=existing unless given.
+
+    Raises SystemExit for a command line ``pipeline.run`` would refuse."""
+    from pipeline.config_guard import check_command_line
+
     if not any(o.lstrip("+").startswith("stage=") for o in overrides):
         raise SystemExit("submit needs a stage, e.g. +stage=fully_auto")
     if not any(o.lstrip("+").startswith("cluster=") for o in overrides):
         overrides = [*overrides, "cluster=existing"]
+    try:
+        check_command_line(overrides)
+    except Exception as exc:  # noqa: BLE001  what does not pass the check is not submitted
+        raise SystemExit(f"not submitted: {exc}") from None
     return " ".join(["python", "-m", "pipeline.run", *map(shlex.quote, overrides)])
 
 

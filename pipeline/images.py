@@ -6,6 +6,7 @@ mode, SA-1B resizing) happens here, once, before annotation. Every refusal raise
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -28,11 +29,13 @@ class PreparedImage:
     jpeg: the bytes to store; the original bytes when the input was a JPEG that needed
         no rotation, colour conversion or resizing, else a fresh encoding of ``rgb``.
     original_size: (width, height) of the input as decoded, before any rotation/resize.
+    source_sha256: hex sha256 of the input's bytes (its content identity).
     """
 
     rgb: np.ndarray
     jpeg: bytes
     original_size: tuple[int, int]
+    source_sha256: str = ""
 
     @property
     def width(self) -> int:
@@ -115,7 +118,10 @@ def prepare_image(
         buffer = io.BytesIO()
         converted.save(buffer, format="JPEG", quality=jpeg_quality)
         stored = buffer.getvalue()
-    return PreparedImage(rgb=np.asarray(converted), jpeg=stored, original_size=(width, height))
+    return PreparedImage(
+        rgb=np.asarray(converted), jpeg=stored, original_size=(width, height),
+        source_sha256=hashlib.sha256(data).hexdigest(),
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -4,6 +4,9 @@
 marker. It has one row per input image of the unit, annotated or not, so a complete
 dataset lists every enumerated key exactly once. ``errors/part_%06d.parquet`` holds the
 reason for each image whose status is "error".
+
+Columns are documented beside each schema; ``key`` is ``sa_<image_id>`` and ``source``
+is the input the image came from.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ STATUS_ERROR = "error"
 
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),
+        ("key", pa.string()),  # sa_<image_id>: the sample's name in its shard
         ("image_id", pa.int64()),
         ("shard", pa.string()),  # shard file name, "" when the image failed
-        ("source", pa.string()),
+        ("source", pa.string()),  # the input it came from (a path or URL, url#member in a tar)
+        ("source_sha256", pa.string()),  # of the input's bytes; "" when they could not be read
         ("width", pa.int32()),  # of the stored image; 0 when the image failed
         ("height", pa.int32()),
         ("num_masks", pa.int32()),
@@ -41,7 +45,7 @@ ERRORS_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("source", pa.string()),
-        ("stage", pa.string()),
+        ("phase", pa.string()),  # where it failed: enumerate, read, decode, annotate, isolated
         ("reason", pa.string()),
     ]
 )
@@ -50,12 +54,21 @@ ERRORS_SCHEMA = pa.schema(
 def write_part(url: str, directory: str, unit_index: int, rows: Iterable[dict[str, Any]]) -> None:
     """Atomically writes ``<url>/<directory>/part_<unit>.parquet`` from ``rows``.
 
-    The schema is chosen by ``directory`` (MANIFEST_DIR or ERRORS_DIR).
+    The schema is chosen by ``directory`` (MANIFEST_DIR or ERRORS_DIR). An errors part
+    with no rows is not written (and a previous run's part for the unit is removed):
+    Hugging Face ``datasets`` fails on a Parquet file whose only row group is empty, and
+    ``read_table`` reads an absent part as no rows. A manifest part is always written:
+    it is the unit's commit marker.
     """
     schema = MANIFEST_SCHEMA if directory == MANIFEST_DIR else ERRORS_SCHEMA
     table = pa.Table.from_pylist(list(rows), schema=schema)
     fs, root = storage.filesystem(url)
-    with storage.atomic_open(fs, storage.join(root, directory, PART_PATTERN.format(unit_index))) as f:
+    path = storage.join(root, directory, PART_PATTERN.format(unit_index))
+    if directory == ERRORS_DIR and not table.num_rows:
+        if fs.exists(path):
+            fs.rm(path)
+        return
+    with storage.atomic_open(fs, path) as f:
         pq.write_table(table, f)
 
 

@@ -1,9 +1,7 @@
-"""Builds the automatic mask generator from ``cfg.model`` and ``cfg.amg``.
+"""Builds the SAM model from ``cfg.model``, checked against the identity the run recorded.
 
 ``cfg.model``: arch (a key of ``sam_model_registry``), checkpoint (local path, or null for
 random weights, only useful for benchmarks), device ("auto", "cpu", "cuda", "cuda:1").
-``cfg.amg``: the keyword arguments of ``SamAutomaticMaskGenerator``; the pipeline always
-asks for compressed COCO RLE, the format SA-1B stores.
 """
 from __future__ import annotations
 
@@ -40,21 +38,40 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_generator(model_cfg: Mapping[str, Any] | DictConfig, amg_cfg: Mapping[str, Any] | DictConfig):
-    """Returns a ``sam_core.SamAutomaticMaskGenerator`` on the configured device."""
-    model_cfg = _plain(model_cfg)
+def load_sam(model_cfg: Mapping[str, Any] | DictConfig, expected_sha256: str | None = None) -> "sam_core.modeling.Sam":
+    """The configured SAM on its device, in eval mode.
+
+    ``expected_sha256``: the identity the driver recorded (``model_identity``); the bytes
+    loaded are checked against it (``sam_core.ChecksumError`` if the file changed since).
+    """
+    model_cfg = plain(model_cfg)
     arch = model_cfg["arch"]
     if arch not in sam_core.sam_model_registry:
         raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
     checkpoint = model_cfg.get("checkpoint")
     if checkpoint is not None:
         require_checkpoint(checkpoint)
-    sam = sam_core.sam_model_registry[arch](checkpoint=checkpoint)
-    sam.to(resolve_device(model_cfg.get("device", "auto")))
-    return sam_core.SamAutomaticMaskGenerator(sam, **{**_plain(amg_cfg), "output_mode": "coco_rle"})
+    elif expected_sha256 not in (None, RANDOM_WEIGHTS):
+        raise ValueError(f"model.checkpoint is null but the run recorded model {expected_sha256}")
+    sha = None if expected_sha256 == RANDOM_WEIGHTS else expected_sha256
+    sam = sam_core.sam_model_registry[arch](checkpoint=checkpoint, expected_sha256=sha)
+    return sam.to(resolve_device(model_cfg.get("device", "auto")))
 
 
-def _plain(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+def build_generator(
+    model_cfg: Mapping[str, Any] | DictConfig,
+    amg_cfg: Mapping[str, Any] | DictConfig,
+    expected_sha256: str | None = None,
+) -> sam_core.SamAutomaticMaskGenerator:
+    """The automatic mask generator, asked for compressed COCO RLE (what SA-1B stores)."""
+    sam = load_sam(model_cfg, expected_sha256)
+    return sam_core.SamAutomaticMaskGenerator(sam, **{**plain(amg_cfg), "output_mode": "coco_rle"})
+
+
+def plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
+    """A plain dict of a config node (resolved), or of a mapping."""
+    if cfg is None:
+        return {}
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)

@@ -122,13 +122,27 @@ FIGURES = {
     "Image resolution": fig_resolution,
     "Predicted IoU and stability": fig_scores,
 }
+# Each figure's file, stats/figures/<stem>.png (the dataset card links them).
+FIGURE_STEMS = {
+    "Masks per image": "masks_per_image",
+    "Relative mask size": "relative_mask_size",
+    "Concavity": "concavity",
+    "Mask centres": "mask_centres",
+    "Image resolution": "image_resolution",
+    "Predicted IoU and stability": "scores",
+}
 
 
-def _png_base64(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    return base64.b64encode(buf.getvalue()).decode()
+def figure_pngs(summary: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes of every figure, keyed by its caption (as ``FIGURES``)."""
+    pngs = {}
+    for caption, make in FIGURES.items():
+        buf = io.BytesIO()
+        fig = make(summary)
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        pngs[caption] = buf.getvalue()
+    return pngs
 
 
 def _fmt(value: Any) -> str:
@@ -158,15 +172,18 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
             for label, ours, theirs in rows]
 
 
-def render(summary: dict[str, Any], title: str) -> str:
-    """One self-contained HTML page: summary table, figures, definitions."""
+def render(summary: dict[str, Any], title: str, pngs: dict[str, bytes] | None = None) -> str:
+    """One self-contained HTML page: summary table, figures (``pngs`` from
+    ``figure_pngs``, rendered here when not given), definitions."""
+    pngs = figure_pngs(summary) if pngs is None else pngs
     rows = "\n".join(
         f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
         for a, b, c in summary_rows(summary))
     figures = "\n".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_png_base64(make(summary))}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, make in FIGURES.items())
+        f'<figure><img alt="{html.escape(caption)}" '
+        f'src="data:image/png;base64,{base64.b64encode(pngs[caption]).decode()}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption in FIGURES)
     per_bin = summary.get("concavity_per_bin", "?")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Statistics: {html.escape(title)}</title>

@@ -3,9 +3,17 @@
 Each unit runs as one streaming actor call that yields progress (a few messages a
 second) and then its summary. When an actor dies, it is replaced and its running unit
 retried from scratch, one image at a time ("careful"), so the next crash names the
-image that caused it. An image blamed for ``max_image_crashes`` crashes is poisoned:
-the next attempt records it as failed without touching it, and the unit completes.
-Retries per unit are bounded.
+image that caused it. An image blamed for ``max_image_crashes`` crashes is isolated
+(poisoned): the next attempt records it as failed without touching it. Isolation is
+reported through ``on_isolate`` (the stage persists it in the output, so a rerun starts
+with it excluded).
+
+The retry budget is sized by what is found: a careful try that dies on a named image
+is progress (that image is one crash closer to isolation, and there are finitely many
+images), so it is not counted; only crashes that name no image count against
+``max_unit_retries``. A unit with any number of crashing images therefore finishes
+once only good images remain. A worker that Ray's memory monitor killed names no image
+either: its death says nothing about the image it was on.
 
 Work goes only to actors that are up: an actor (first or replacement) gets units once
 its ``ready()`` call has returned. A replacement that cannot be placed (its node is
@@ -78,6 +86,9 @@ class UnitScheduler:
     on_progress(images, masks, failed) is called for every progress message (with negative
     counts when a failed try's progress is taken back). suspect(unit) names the key a
     careful try of ``unit`` was processing when its worker died (None if unknown).
+    poisoned: keys isolated before (key -> reason), skipped from the start; on_isolate(key,
+    unit, reason) is called when a key is isolated. check() is called about once a second
+    and may raise to stop the run (e.g. the output's lease was lost).
     placement_timeout_s: how long the run may go on with no actor up (none placed, or
     all lost and their replacements pending) before it fails with PlacementError.
     """
@@ -92,6 +103,9 @@ class UnitScheduler:
         on_progress: Callable[[int, int, int], None] = lambda images, masks, failed: None,
         suspect: Callable[[Unit], str | None] = lambda unit: None,
         placement_timeout_s: float = 600.0,
+        poisoned: dict[str, str] | None = None,
+        on_isolate: Callable[[str, Unit, str], None] = lambda key, unit, reason: None,
+        check: Callable[[], None] = lambda: None,
     ) -> None:
         self.suspect = suspect
         self.spawn = spawn
@@ -106,7 +120,9 @@ class UnitScheduler:
         self.max_image_crashes = max_image_crashes
         self.on_progress = on_progress
         self.crashes: dict[str, int] = defaultdict(int)
-        self.outcome = Outcome(actors=[ActorStats() for _ in range(actors)])
+        self.outcome = Outcome(actors=[ActorStats() for _ in range(actors)], poisoned=dict(poisoned or {}))
+        self.on_isolate = on_isolate
+        self.check = check
         # Per slot, its calls in submission order: the first is the one running.
         self.running: list[deque] = [deque() for _ in range(actors)]
         self.calls: dict[Any, tuple[int, Attempt]] = {}
@@ -146,6 +162,7 @@ class UnitScheduler:
         start = time.perf_counter()
         queue: deque[Attempt] = deque(Attempt(u) for u in units)
         while queue or self.calls:
+            self.check()
             self._submit(queue)
             starting = [ref for ref in self.starting if ref is not None]
             ready, _ = ray.wait(list(self.calls) + starting, num_returns=1, timeout=1.0)
@@ -207,7 +224,7 @@ class UnitScheduler:
             while queue and len(self.running[slot]) < self.in_flight:
                 attempt = queue.popleft()
                 call = actor.process_unit.options(num_returns="streaming").remote(
-                    attempt.unit, attempt.careful, dict(self.outcome.poisoned)
+                    attempt.unit, attempt.careful, self._poisoned_in(attempt.unit)
                 )
                 self.running[slot].append(call)
                 self.calls[call] = (slot, attempt)
@@ -250,13 +267,16 @@ class UnitScheduler:
                 queue.appendleft(attempt)  # never started on that actor: not its fault
                 continue
             self._take_back(attempt)
-            key = self.suspect(attempt.unit) if attempt.careful else None
-            if key:
+            memory = killed_for_memory(error)
+            key = self.suspect(attempt.unit) if attempt.careful and not memory else None
+            blamed = bool(key) and key not in self.outcome.poisoned
+            if blamed:
                 self._blame(key, attempt.unit)
             log.warning(
-                "worker %d died during unit %d (try %d); replacing it", slot, attempt.unit.index, attempt.number + 1
+                "worker %d died during unit %d (try %d%s)%s; replacing it", slot, attempt.unit.index,
+                attempt.number + 1, f", on {key}" if key else "", " killed for memory" if memory else "",
             )
-            self._retry(attempt, queue, careful=True, reason=f"worker died repeatedly: {error}")
+            self._retry(attempt, queue, careful=True, reason=f"worker died repeatedly: {error}", counts=not blamed)
         self._replace(slot)
 
     def _replace(self, slot: int) -> None:
@@ -277,13 +297,19 @@ class UnitScheduler:
             self.outcome.poisoned[key] = reason
             source = next(i.source for i in unit.items if i.key == key)
             log.error("isolating %s: %s", source, reason)
+            self.on_isolate(key, unit, reason)
 
-    def _retry(self, attempt: Attempt, queue: deque[Attempt], careful: bool, reason: str) -> None:
-        if attempt.number >= self.max_unit_retries:
+    def _retry(self, attempt: Attempt, queue: deque[Attempt], careful: bool, reason: str, counts: bool = True) -> None:
+        """Queues the unit again; ``counts``: whether this try uses up the retry budget."""
+        if counts and attempt.number >= self.max_unit_retries:
             self.outcome.failed[attempt.unit.index] = reason
             log.error("giving up on unit %d after %d tries: %s", attempt.unit.index, attempt.number + 1, reason)
             return
-        queue.appendleft(Attempt(attempt.unit, number=attempt.number + 1, careful=careful))
+        queue.appendleft(Attempt(attempt.unit, number=attempt.number + int(counts), careful=careful))
+
+    def _poisoned_in(self, unit: Unit) -> dict[str, str]:
+        poisoned = self.outcome.poisoned
+        return {i.key: poisoned[i.key] for i in unit.items if i.key in poisoned}
 
     def _take_back(self, attempt: Attempt) -> None:
         if attempt.images:
@@ -292,3 +318,9 @@ class UnitScheduler:
     def _forget(self, call: Any) -> None:
         slot, _ = self.calls.pop(call)
         self.running[slot].remove(call)
+
+
+def killed_for_memory(error: Exception) -> bool:
+    """Whether Ray says it killed the worker to free memory (its memory monitor)."""
+    text = str(error).lower()
+    return "memory monitor" in text or "due to memory pressure" in text or "out of memory" in text

@@ -1,11 +1,15 @@
 """SA-1B records and WebDataset shards: build, write with an atomic commit, read back.
 
-A shard ``shards/sa_%06d.tar`` holds, per image, ``<key>.jpg`` and ``<key>.json``
-side by side, exactly like the released SA-1B tars.
+A shard ``shards/sa_%06d.tar`` holds, per image, ``sa_<image_id>.jpg`` and
+``sa_<image_id>.json`` side by side, exactly like the released SA-1B tars (SAM 2's
+SA-1B loader parses the id from the name). This module owns member names, the key rule
+and reading; which shards of a dataset are committed is ``pipeline.dataset``'s.
 """
 from __future__ import annotations
 
 import json
+import logging
+import tarfile
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Iterator, Sequence
@@ -15,15 +19,13 @@ from webdataset.tariterators import tar_file_iterator
 
 from pipeline import storage
 
+log = logging.getLogger(__name__)
+
 SHARD_PATTERN = "sa_{:06d}.tar"
 SHARDS_DIR = "shards"
 # Annotation ids are image_id * stride + index: unique across the dataset and the same
 # on every rerun. Dense SA-1B settings give at most 3 masks x 3072 prompts per image.
 ANNOTATION_ID_STRIDE = 1_000_000
-# Optional per-mask fields, written only when a mask has them (the annotate stage): who
-# made the mask and how (manual, model_assisted, automatic_accepted, automatic_edited),
-# with how many clicks and seconds of work. SA-1B readers ignore keys they do not know.
-OPTIONAL_MASK_FIELDS = ("provenance", "clicks", "seconds", "annotator")
 
 
 def shard_name(unit_index: int) -> str:
@@ -38,16 +40,28 @@ def annotation_id(image_id: int, index: int) -> int:
     return image_id * ANNOTATION_ID_STRIDE + index
 
 
+# The keys a mask record of the generator (coco_rle) has, converted to plain JSON types
+# by sa1b_record; any other key of a mask record is stored as it is.
+_MASK_KEYS = ("segmentation", "bbox", "area", "predicted_iou", "stability_score", "crop_box", "point_coords")
+
+
 def sa1b_record(
-    key: str, image_id: int, width: int, height: int, masks: Sequence[dict[str, Any]]
+    key: str,
+    image_id: int,
+    width: int,
+    height: int,
+    masks: Sequence[dict[str, Any]],
+    **image_fields: Any,
 ) -> dict[str, Any]:
     """The SA-1B per-image JSON for ``masks`` as returned by the generator in coco_rle mode.
 
-    Returns ``{"image": {image_id, width, height, file_name}, "annotations": [...]}``,
-    each annotation with: id, segmentation ({"size": [h, w], "counts": str}), bbox
-    [x, y, w, h], area (int), predicted_iou, stability_score, crop_box [x, y, w, h]
-    and point_coords [[x, y]], all plain JSON types; plus any of OPTIONAL_MASK_FIELDS
-    the mask has.
+    Returns ``{"image": {image_id, width, height, file_name, **image_fields},
+    "annotations": [...]}``, each annotation with: id, segmentation ({"size": [h, w],
+    "counts": str}), bbox [x, y, w, h], area (int), predicted_iou, stability_score,
+    crop_box [x, y, w, h] and point_coords [[x, y]], all plain JSON types, then the
+    mask record's other keys (e.g. category_id, score) unchanged.
+    ``image_fields``: extra keys of the image entry (this project writes ``source`` and
+    ``source_sha256``, the input's path and the sha256 of its bytes).
     """
     annotations = []
     for index, mask in enumerate(masks):
@@ -66,7 +80,7 @@ def sa1b_record(
                 "stability_score": float(mask["stability_score"]),
                 "crop_box": [float(v) for v in mask["crop_box"]],
                 "point_coords": [[float(x), float(y)] for x, y in mask["point_coords"]],
-                **{name: mask[name] for name in OPTIONAL_MASK_FIELDS if name in mask},
+                **{k: v for k, v in mask.items() if k not in _MASK_KEYS},
             }
         )
     return {
@@ -75,6 +89,7 @@ def sa1b_record(
             "width": width,
             "height": height,
             "file_name": f"{key}.jpg",
+            **image_fields,
         },
         "annotations": annotations,
     }
@@ -127,32 +142,44 @@ def split_member(name: str) -> tuple[str, str]:
 
 @dataclass
 class Sample:
-    """One image of a shard: its key, its parsed SA-1B record and (if asked) JPEG bytes."""
+    """One image of a shard: its key, its parsed SA-1B record and (if asked) JPEG bytes.
+
+    ``problem``: why the key's JSON is not a usable SA-1B record (then ``record`` is
+    None); only yielded by ``iter_shard(..., problems=True)``.
+    """
 
     key: str
-    record: dict[str, Any]
+    record: dict[str, Any] | None
     jpg: bytes | None
     shard: str  # the shard's URL
+    problem: str | None = None
 
 
-def iter_shard(url: str, images: bool = True) -> Iterator[Sample]:
+def iter_shard(url: str, images: bool = True, problems: bool = False) -> Iterator[Sample]:
     """Yields the samples of a shard in order, reading only what the project uses.
 
     Only ``.json`` (parsed with ``json.loads``) and, when ``images``, ``.jpg`` members
     are read; every other member (``.pyd``, ``.pth``, ...) is skipped unread, so a shard
     from anyone can never make a reader unpickle or execute anything. A key without a
-    JSON record is skipped (it carries no annotations); a JSON member that does not
-    parse raises ``ValueError`` naming the shard and the member.
+    JSON record is skipped (it carries no annotations). A JSON member that does not
+    parse or is not an SA-1B record (``record_problem``) costs that key only: it is
+    logged and skipped, or, with ``problems``, yielded with its ``problem``. A tar that
+    breaks raises ``ValueError`` naming the shard and the last key read.
     """
     key, parts = None, {}
-    for member_key, ext, data in iter_members(url, ("json", "jpg") if images else ("json",)):
-        if member_key != key:
-            if key is not None and "json" in parts:
-                yield _sample(url, key, parts)
-            key, parts = member_key, {}
-        parts[ext] = data
+    try:
+        for member_key, ext, data in iter_members(url, ("json", "jpg") if images else ("json",)):
+            if member_key != key:
+                if key is not None and "json" in parts:
+                    yield from _sample(url, key, parts, problems)
+                key, parts = member_key, {}
+            parts[ext] = data
+    except (OSError, EOFError, tarfile.TarError) as e:
+        raise ValueError(
+            f"shard {url} is unreadable after key {key!r} (run +stage=validate): {type(e).__name__}: {e}"
+        ) from e
     if key is not None and "json" in parts:
-        yield _sample(url, key, parts)
+        yield from _sample(url, key, parts, problems)
 
 
 def iter_members(url: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, str, bytes]]:
@@ -165,11 +192,43 @@ def iter_members(url: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, s
             yield key, ext, member["data"]
 
 
-def _sample(url: str, key: str, parts: dict[str, bytes]) -> Sample:
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` (a parsed JSON member) is not an SA-1B record, or None if it is one
+    as far as the readers need: an ``image`` with integer id and size, and a list of
+    annotations with an integer ``id`` and a ``segmentation`` holding ``size`` and
+    ``counts``. RLE, bbox and area are left to ``+stage=validate``."""
+    if not isinstance(record, dict):
+        return f"not an SA-1B record: a JSON {type(record).__name__}, not an object"
+    image = record.get("image")
+    if not isinstance(image, dict):
+        return "not an SA-1B record: no 'image' object"
+    for name in ("image_id", "width", "height"):
+        if not isinstance(image.get(name), int) or isinstance(image.get(name), bool):
+            return f"not an SA-1B record: image.{name} is {image.get(name)!r}, not an integer"
+    if image["width"] < 1 or image["height"] < 1:
+        return f"not an SA-1B record: image size {image['width']}x{image['height']}"
+    annotations = record.get("annotations")
+    if not isinstance(annotations, list):
+        return f"not an SA-1B record: 'annotations' is {type(annotations).__name__}, not a list"
+    for i, ann in enumerate(annotations):
+        segmentation = ann.get("segmentation") if isinstance(ann, dict) else None
+        if not isinstance(segmentation, dict) or "size" not in segmentation \
+                or "counts" not in segmentation:
+            return f"not an SA-1B record: annotation {i} has no segmentation with size and counts"
+        if not isinstance(ann.get("id"), int):
+            return f"not an SA-1B record: annotation {i} has no integer id"
+    return None
+
+
+def _sample(url: str, key: str, parts: dict[str, bytes], problems: bool) -> Iterator[Sample]:
     try:
         record = json.loads(parts["json"])
+        problem = record_problem(record)
     except ValueError as e:
-        raise ValueError(f"{url}: member {key}.json is not valid JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{url}: member {key}.json is not a JSON object")
-    return Sample(key=key, record=record, jpg=parts.get("jpg"), shard=url)
+        problem = f"{key}.json is not valid JSON: {e}"
+    if problem is None:
+        yield Sample(key=key, record=record, jpg=parts.get("jpg"), shard=url)
+    elif problems:
+        yield Sample(key=key, record=None, jpg=None, shard=url, problem=problem)
+    else:
+        log.warning("%s: skipping %s: %s", url, key, problem)

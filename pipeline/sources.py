@@ -1,4 +1,4 @@
-"""Input enumeration: any accepted input -> deterministic keys -> fixed units.
+"""Input enumeration: any accepted input -> named entries, in a deterministic order.
 
 Accepted inputs (local paths or any fsspec URL):
   - a directory, searched recursively for images (and WebDataset / SA-1B ``.tar`` shards);
@@ -7,14 +7,13 @@ Accepted inputs (local paths or any fsspec URL):
     relative paths are relative to the list's own directory;
   - one ``.tar`` shard; every image member becomes an item, read back by byte range.
 
-Enumeration is a pure function of the input: files are sorted (lists keep their order),
-so the same input always gives the same keys, image ids and units.
+Enumeration is a pure function of the input: files are sorted (lists keep their order).
+An entry's ``name`` (its path relative to the input) is its identity; which image id,
+key and unit it gets is decided once, by the run's recorded plan (``pipeline.plan``).
 """
 from __future__ import annotations
 
-import hashlib
 import posixpath
-import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -36,23 +35,24 @@ class InputError(ValueError):
     """The input cannot be used at all; raised before any work starts."""
 
 
-@dataclass(frozen=True, slots=True)  # slots: a million items must stay cheap on the driver
-class Item:
-    """One input image.
+@dataclass(frozen=True, slots=True)  # slots: a million entries must stay cheap on the driver
+class Entry:
+    """One input image as enumerated.
 
-    key: unique, deterministic WebDataset ``__key__`` (no dots, no slashes).
-    image_id: dataset-unique positive integer, its 1-based position in the enumeration.
+    name: its identity, the path relative to the input (for a tar member:
+        ``<tar>/<member>``; for a list line: the line as written).
     url: the file to read (for a tar member: the tar itself).
     member: name of the member inside ``url`` when it is a tar, else None.
     offset, size: byte range of the member's data inside the tar.
+    problem: why the entry cannot be read, found before opening it (None: readable).
     """
 
-    key: str
-    image_id: int
+    name: str
     url: str
     member: str | None = None
     offset: int | None = None
     size: int | None = None
+    problem: str | None = None
 
     @property
     def source(self) -> str:
@@ -60,74 +60,48 @@ class Item:
         return self.url if self.member is None else f"{self.url}#{self.member}"
 
 
+@dataclass(frozen=True, slots=True)
+class Item(Entry):
+    """An entry placed by the plan: ``image_id`` (dataset-unique, stable across resumes)
+    and ``key``, its name in the shard (``sa_<image_id>``)."""
+
+    key: str = ""
+    image_id: int = 0
+
+
 @dataclass(frozen=True)
 class Unit:
-    """A fixed slice of the input that becomes exactly one shard, ``sa_<index>.tar``."""
+    """A fixed slice of the plan that becomes exactly one shard, ``sa_<index>.tar``."""
 
     index: int
     items: tuple[Item, ...]
 
 
-def make_key(relative_name: str) -> str:
-    """A readable, unique WebDataset key for an input named ``relative_name``.
-
-    The stem keeps keys readable; the hash of the full relative name keeps them unique
-    when two folders hold files of the same name. 64 bits make a collision among a
-    billion images about a 3% chance, so ``enumerate_input`` still checks.
-    """
-    stem = posixpath.basename(relative_name).split(".")[0]
-    # WebDataset splits a member name at the first dot of its basename: no dots, slashes.
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:40] or "image"
-    digest = hashlib.sha1(relative_name.encode("utf-8")).hexdigest()[:16]
-    return f"{slug}-{digest}"
-
-
-def split_units(items: list[Item], images_per_unit: int) -> list[Unit]:
-    """Cuts the enumeration into consecutive units of ``images_per_unit`` items."""
-    if images_per_unit < 1:
-        raise ValueError(f"images_per_unit must be >= 1, got {images_per_unit}")
-    return [
-        Unit(index=i // images_per_unit, items=tuple(items[i : i + images_per_unit]))
-        for i in range(0, len(items), images_per_unit)
-    ]
-
-
-def enumerate_input(url: str, exclude: str | None = None) -> list[Item]:
-    """Lists every image of ``url`` as an ``Item``, in a deterministic order.
+def enumerate_input(url: str, exclude: str | None = None) -> list[Entry]:
+    """Lists every image of ``url`` as an ``Entry``, in a deterministic order.
 
     ``exclude`` is a directory to skip (the run's own output when it lies inside the
-    input). Raises ``InputError`` when the input does not exist or holds no image.
+    input). A name listed twice is listed once. Raises ``InputError`` when the input does
+    not exist or holds no image.
     """
     fs, path = filesystem(url)
-    names = list(_names(fs, url, path, exclude))
-    items: list[Item] = []
-    seen: dict[str, str] = {}
-    for relative, file_url in names:
+    entries: list[Entry] = []
+    seen: set[str] = set()
+    for relative, file_url in _names(fs, url, path, exclude):
         if file_url.lower().endswith(TAR_EXTENSIONS):
-            members = _tar_members(fs, file_url)
-            entries = [(f"{relative}/{m.name}", file_url, m) for m in members]
+            found = [
+                Entry(f"{relative}/{m.name}", file_url, m.name, m.offset_data, m.size)
+                for m in _tar_members(fs, file_url)
+            ]
         else:
-            entries = [(relative, file_url, None)]
-        for name, entry_url, member in entries:
-            key = make_key(name)
-            if key in seen:
-                if seen[key] == name:
-                    continue  # a list naming the same file twice: annotate it once
-                raise InputError(f"key collision: {seen[key]!r} and {name!r} both map to {key}")
-            seen[key] = name
-            items.append(
-                Item(
-                    key=key,
-                    image_id=len(items) + 1,
-                    url=entry_url,
-                    member=None if member is None else member.name,
-                    offset=None if member is None else member.offset_data,
-                    size=None if member is None else member.size,
-                )
-            )
-    if not items:
+            found = [Entry(relative, file_url)]
+        for entry in found:
+            if entry.name not in seen:  # a list naming the same file twice: annotate it once
+                seen.add(entry.name)
+                entries.append(entry)
+    if not entries:
         raise InputError(f"no images found in {url!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return items
+    return entries
 
 
 def _names(
@@ -226,7 +200,7 @@ def _glob_root(pattern: str) -> str:
     return "/".join(fixed) or "/"
 
 
-def read_item(item: Item) -> bytes:
+def read_item(item: Entry) -> bytes:
     """The encoded bytes of ``item``: the whole file, or its member's range in a tar."""
     fs, path = filesystem(item.url)
     with fs.open(path, "rb") as f:

@@ -21,19 +21,18 @@ import logging
 import posixpath
 import time
 import zlib
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import cv2
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
-from tqdm import tqdm
 
+from pipeline import storage
+from pipeline.shards import record_problem
 from pipeline.shards import iter_members
 
 log = logging.getLogger(__name__)
@@ -92,10 +91,6 @@ SHARD_SCHEMA = pa.schema(
         ("total_cpu_s", pa.float64()),
     ]
 )
-
-
-def shard_name(path: str) -> str:
-    return posixpath.basename(path)
 
 
 def _float_column(annotations: list[dict], name: str) -> list[float]:
@@ -240,7 +235,7 @@ def shard_stats(path: str, concavity_per_bin: int = 64, seed: int = 0) -> ShardS
     # done here so that start-up is not billed to the per-mask throughput.
     pa.array([0])
     total_start = time.thread_time()
-    name = shard_name(path)
+    name = posixpath.basename(path)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     reservoir = _Reservoir(concavity_per_bin, rng)
     mask_parts: list[dict[str, np.ndarray]] = []
@@ -255,6 +250,10 @@ def shard_stats(path: str, concavity_per_bin: int = 64, seed: int = 0) -> ShardS
         start = time.thread_time()
         try:
             record = json.loads(data)
+            problem = record_problem(record)
+            if problem:
+                skipped.append((key, problem))
+                continue
             columns = image_mask_columns(record)
             image = record["image"]
         except Exception as exc:  # a broken record must not hide the rest of the shard
@@ -295,7 +294,7 @@ def shard_stats(path: str, concavity_per_bin: int = 64, seed: int = 0) -> ShardS
     arrays["concavity"] = conc
     masks = pa.table({c: arrays[c] for c in MASK_SCHEMA.names}).cast(MASK_SCHEMA)
     images = pa.table(image_rows).cast(IMAGE_SCHEMA)
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = storage.filesystem(path)
     size = int(fs.size(fs_path))
     shard = pa.table(
         {"shard": [name], "images": [images.num_rows], "masks": [rows], "bytes": [size],
@@ -303,62 +302,6 @@ def shard_stats(path: str, concavity_per_bin: int = 64, seed: int = 0) -> ShardS
          "total_cpu_s": [time.thread_time() - total_start]}
     ).cast(SHARD_SCHEMA)
     return ShardStats(masks=masks, images=images, shard=shard, skipped=skipped)
-
-
-T = TypeVar("T")
-
-
-def map_shards(
-    fn: Callable[..., T],
-    shards: list[str],
-    *,
-    parallel: str = "auto",
-    min_shards_for_ray: int = 4,
-    cluster: Any = None,
-    desc: str = "shards",
-    **kwargs: Any,
-) -> Iterator[T]:
-    """Yields ``fn(shard, **kwargs)`` for each shard, in shard order.
-
-    ``parallel``: "local" runs in this process; "ray" runs one Ray task per shard (a
-    bounded window of tasks in flight, so results stream to the writer instead of
-    piling up in the object store); "auto" picks Ray from ``min_shards_for_ray`` shards,
-    below which starting Ray costs more than it saves. ``cluster`` is ``cfg.cluster``
-    (address, num_cpus, runtime_env), used when Ray is not already connected.
-    """
-    if parallel not in ("auto", "local", "ray"):
-        raise ValueError(f"parallel must be auto, local or ray, not {parallel!r}")
-    use_ray = parallel == "ray" or (parallel == "auto" and len(shards) >= min_shards_for_ray)
-    if not use_ray:
-        for shard in tqdm(shards, desc=desc, unit="shard"):
-            yield fn(shard, **kwargs)
-        return
-    yield from _map_shards_ray(fn, shards, cluster=cluster, desc=desc, **kwargs)
-
-
-def _map_shards_ray(fn: Callable[..., T], shards: list[str], *, cluster: Any, desc: str,
-                    **kwargs: Any) -> Iterator[T]:
-    import ray
-
-    from pipeline.cluster import connect
-
-    started_here = connect(cluster if cluster is not None else {})
-    try:
-        task = ray.remote(num_cpus=1, max_retries=2)(fn)
-        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        pending: deque = deque()
-        with tqdm(total=len(shards), desc=f"{desc} (ray)", unit="shard") as bar:
-            for shard in shards:
-                pending.append(task.remote(shard, **kwargs))
-                if len(pending) >= window:
-                    yield ray.get(pending.popleft())
-                    bar.update()
-            while pending:
-                yield ray.get(pending.popleft())
-                bar.update()
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 # Bins of the report, fixed so that per-batch histograms add up across a dataset of any
@@ -372,7 +315,8 @@ CENTRE_BINS = 50
 
 
 def summarize(stats_dir: str | Path, batch_size: int = 1 << 20) -> dict[str, Any]:
-    """Aggregates ``masks.parquet``, ``images.parquet`` and ``shards.parquet``.
+    """Aggregates ``masks.parquet``, ``images.parquet`` and ``shards.parquet`` of
+    ``stats_dir`` (a folder or an fsspec URL); a table that is absent has no rows.
 
     Returns a dict with:
     - ``images``, ``masks``, ``shards``, ``bytes``, ``skipped``: totals;
@@ -390,10 +334,10 @@ def summarize(stats_dir: str | Path, batch_size: int = 1 << 20) -> dict[str, Any
     - ``table_cpu_s``, ``masks_per_s_per_core``: CPU seconds spent on the per-mask
       table and the resulting throughput per core.
     """
-    stats_dir = Path(stats_dir)
-    images = pq.read_table(stats_dir / "images.parquet",
-                           columns=["width", "height", "num_masks", "covered_fraction"])
-    shards = pq.read_table(stats_dir / "shards.parquet")
+    fs, root = storage.filesystem(str(stats_dir))
+    images = _read(fs, storage.join(root, "images.parquet"), IMAGE_SCHEMA,
+                   ["width", "height", "num_masks", "covered_fraction"])
+    shards = _read(fs, storage.join(root, "shards.parquet"), SHARD_SCHEMA)
     num_masks = images["num_masks"].to_numpy()
     width, height = images["width"].to_numpy(), images["height"].to_numpy()
 
@@ -407,8 +351,7 @@ def summarize(stats_dir: str | Path, batch_size: int = 1 << 20) -> dict[str, Any
     conc_by_size = np.zeros((n_size_bins, len(CONCAVITY_EDGES) - 1), np.int64)
     columns = ["rel_size", "center_x", "center_y", "concavity", "predicted_iou",
                "stability_score"]
-    masks_file = pq.ParquetFile(stats_dir / "masks.parquet")
-    for batch in masks_file.iter_batches(batch_size=batch_size, columns=columns):
+    for batch in _batches(fs, storage.join(root, "masks.parquet"), batch_size, columns):
         rel = batch.column("rel_size").to_numpy(zero_copy_only=False)
         rel_hist += np.histogram(rel, REL_SIZE_EDGES)[0]
         cx = batch.column("center_x").to_numpy(zero_copy_only=False)
@@ -461,6 +404,22 @@ def summarize(stats_dir: str | Path, batch_size: int = 1 << 20) -> dict[str, Any
         "table_cpu_s": table_cpu,
         "masks_per_s_per_core": total_masks / table_cpu if table_cpu > 0 else float("nan"),
     }
+
+
+def _read(fs: Any, path: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """A stats table, or an empty one: a table with no rows is not written (see
+    ``readers.TableSink``)."""
+    if not fs.exists(path):
+        schema = pa.schema([schema.field(c) for c in columns]) if columns else schema
+        return schema.empty_table()
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _batches(fs: Any, path: str, batch_size: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def _percent(counts: np.ndarray) -> np.ndarray:

@@ -2,13 +2,16 @@
 
 A file that others may read (a shard, a manifest part) is always written under a hidden
 temporary name in its final directory and renamed into place once complete. On a local
-disk the rename is atomic; on object stores the final object only appears once the copy
-is complete. Readers (webdataset, pyarrow.dataset) skip hidden names, so nothing
-half-written is ever visible under its final name.
+disk the rename is atomic, and the file and then its directory are fsynced around it, so
+a commit survives a power cut (the rename of an unsynced file can reach the disk before
+its data); on object stores the final object only appears once the copy is complete.
+Readers (webdataset, pyarrow.dataset) skip hidden names, so nothing half-written is ever
+visible under its final name.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import uuid
 from typing import BinaryIO, Iterator
@@ -31,7 +34,7 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
 
 def url(fs: AbstractFileSystem, path: str) -> str:
     """The URL to hand to another process for ``path``: plain paths stay plain."""
-    return path if "file" in fs.protocol else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def join(root: str, *parts: str) -> str:
@@ -49,13 +52,34 @@ def atomic_open(fs: AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
     fs.makedirs(directory, exist_ok=True)
     temp = posixpath.join(directory, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
     try:
-        with fs.open(temp, "wb") as f:
-            yield f
-        fs.mv(temp, path)
+        if is_local(fs):
+            with open(temp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+            fsync_directory(directory)
+        else:
+            with fs.open(temp, "wb") as f:
+                yield f
+            fs.mv(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             fs.rm(temp)
         raise
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    return "file" in fs.protocol
+
+
+def fsync_directory(directory: str) -> None:
+    """Makes a rename into ``directory`` durable (POSIX: the entry lives in the directory)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_temps(fs: AbstractFileSystem, directory: str) -> int:

@@ -14,13 +14,14 @@ from .build import (
     build_sam_vit_tiny_512,
     sam_model_registry,
 )
-from .checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointError, ChecksumError, checkpoint_sha256, load_checkpoint, read_state_dict
 from .inputs import as_rgb_uint8
 from .predictor import SamPredictor
 
 __all__ = [
     "AMG_PRESETS",
     "CheckpointError",
+    "ChecksumError",
     "ENCODER_SIZES",
     "SamAutomaticMaskGenerator",
     "SamPredictor",

@@ -46,6 +46,7 @@ def _build_sam(
     vit_patch_size: int = 16,
     checkpoint: Optional[str] = None,
     arch: str = "sam",
+    expected_sha256: Optional[str] = None,
 ) -> Sam:
     embedding_size = image_size // vit_patch_size
     sam = Sam(
@@ -79,13 +80,13 @@ def _build_sam(
     )
     sam.eval()
     if checkpoint is not None:
-        load_checkpoint(sam, checkpoint, arch=arch)
+        load_checkpoint(sam, checkpoint, arch=arch, expected_sha256=expected_sha256)
     return sam
 
 
 def _builder(arch: str) -> Callable[..., Sam]:
-    def build(checkpoint: Optional[str] = None) -> Sam:
-        return _build_sam(**ENCODER_SIZES[arch], checkpoint=checkpoint, arch=arch)
+    def build(checkpoint: Optional[str] = None, expected_sha256: Optional[str] = None) -> Sam:
+        return _build_sam(**ENCODER_SIZES[arch], checkpoint=checkpoint, arch=arch, expected_sha256=expected_sha256)
 
     build.__name__ = f"build_sam_{arch}"
     build.__doc__ = f"SAM with the {arch} image encoder; weights from ``checkpoint`` if given."

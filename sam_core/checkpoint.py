@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +23,36 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded into the requested model."""
 
 
-def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+class ChecksumError(CheckpointError):
+    """A checkpoint whose bytes are not the ones expected (its sha256 differs)."""
+
+
+def read_state_dict(path: Union[str, os.PathLike], expected_sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Reads a state dict with ``weights_only=True``: a pickle that would construct
-    arbitrary objects (and so could run code) is refused, never executed."""
+    arbitrary objects (and so could run code) is refused, never executed.
+
+    ``expected_sha256``: the bytes are read once, hashed and loaded from memory, so the
+    weights loaded are exactly the file that was checked (a file replaced under the same
+    path between a driver's check and a worker's load raises ``ChecksumError``).
+    """
     path = Path(path)
     if not path.is_file():
         published = "\n".join(f"  {name}: {url}" for name, url in OFFICIAL_CHECKPOINTS.items())
         raise FileNotFoundError(
             f"checkpoint not found: {path}\nThe official SAM checkpoints are published at:\n{published}"
         )
+    source: Union[Path, io.BytesIO] = path
+    if expected_sha256 is not None:
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ChecksumError(
+                f"{path}: sha256 is {actual}, expected {expected_sha256}: the checkpoint was replaced "
+                "after the run recorded it; the dataset would mix two models"
+            )
+        source = io.BytesIO(data)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: refused to load; its pickle contains objects other than tensors "
@@ -91,15 +111,20 @@ def resize_positions(state: Dict[str, torch.Tensor], model: nn.Module) -> list[s
 
 
 def load_checkpoint(
-    model: nn.Module, path: Union[str, os.PathLike], arch: str = "the model", resize: bool = False
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    arch: str = "the model",
+    resize: bool = False,
+    expected_sha256: Optional[str] = None,
 ) -> nn.Module:
     """Loads ``path`` into ``model`` strictly: missing keys, unexpected keys and shape
     mismatches raise CheckpointError naming them and the architecture the file fits.
 
     ``resize`` first fits a file of the same architecture at another input size
     (``resize_positions``), e.g. to fine-tune a 256-px model at 512 px.
+    ``expected_sha256``: see ``read_state_dict``.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, expected_sha256)
     if resize:
         resize_positions(state, model)
     expected = model.state_dict()

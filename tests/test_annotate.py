@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from .dataset_factory import compose, make_dataset
 from jobs.local_cluster import free_port
 from pipeline import manifest
+from pipeline.annotate.app import build
 from pipeline.annotate.embeddings import exported_decoder, load_sam
 from pipeline.annotate.queue import plan_queue
 from pipeline.annotate.rle import counts_from_mask, mask_from_counts
@@ -23,6 +24,7 @@ from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.simulated import SimulatedAnnotator, coco_truth, write_scenes
 from pipeline.dataset import iter_samples
+from pipeline.lease import LeaseHeld
 from pipeline.model import model_identity
 from pipeline.stages import run_stage
 
@@ -289,6 +291,9 @@ def test_simulated_annotator_through_the_stage(tmp_path):
         except httpx.TransportError:
             assert time.monotonic() < deadline, "the stage's server did not come up"
             time.sleep(0.2)
+    # One writer per output: a second server (or any run) on it is refused while it runs.
+    with pytest.raises(LeaseHeld):
+        build(cfg)
     report = SimulatedAnnotator(url, TOKEN, coco_truth(truth_path), max_clicks=8).run()
     stage.join(60)
     assert not stage.is_alive() and summary["units_committed"] == 2

@@ -132,7 +132,7 @@ def wait_for_job(client, job_id: str, timeout: float = 300):
 def actor_nodes(cluster: LocalRayCluster) -> set[str]:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "Annotator")], limit=100,
+    actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "UnitWorker")], limit=100,
                          raise_on_missing_output=False)
     return {a.node_id for a in actors if a.node_id}
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -11,7 +14,8 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.stages import run_stage
 
-from .dataset_factory import compose, make_dataset
+from .dataset_factory import REPO, compose, make_dataset
+from .test_stats import FOREIGN, add_members, blocking_shard, wait_until_read
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,83 @@ def test_extracted_images_match_records(export):
     for s in dataset.samples:
         image = cv2.imread(str(images_dir / f"{s.key}.jpg"))
         assert image is not None and image.shape == s.image.shape
+
+
+def test_foreign_json_members_are_skipped_and_reported(tmp_path, caplog):
+    dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=2)
+    add_members(dataset.shard_path(1), FOREIGN)
+    summary = run_stage(compose("export_coco", dataset.root, tmp_path / "out",
+                                overrides=["stage.parallel=local", "stage.extract_images=true"]))
+    assert summary["skipped"] == 4
+    coco = COCO(summary["path"])
+    assert len(coco.getImgIds()) == summary["images"] == len(dataset.samples)
+    for key in ("caption_1", "listed", "flat", "cut"):
+        assert any(m.startswith(f"skipped shard sa_000001.tar key {key}: ") for m in caplog.messages), key
+    assert not (tmp_path / "out" / "coco" / "images" / "caption_1.jpg").exists()
+
+
+def test_killed_export_is_cleaned_up_by_the_rerun(tmp_path):
+    """SIGKILL mid-export (blocked on the 2nd of 3 shards): no instances.json, and the
+    rerun removes the parts folder and temporary JSON the killed run left."""
+    dataset = make_dataset(tmp_path / "dataset", num_shards=3, images_per_shard=2)
+    fifo = dataset.shard_path(1)
+    shard = blocking_shard(dataset, 1)
+    command = [sys.executable, "-m", "pipeline.run", "+stage=export_coco", f"input={dataset.root}",
+               "stage.parallel=local", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    writer = wait_until_read(fifo, process)
+    process.kill()
+    process.wait(timeout=60)
+    os.close(writer)
+    coco_dir = dataset.root / "coco"
+    left = sorted(p.name for p in coco_dir.iterdir())
+    assert any(n.startswith(".parts-") for n in left) and any(".tmp-" in n for n in left), left
+    assert "instances.json" not in left
+
+    fifo.unlink()
+    fifo.write_bytes(shard)
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(p.name for p in coco_dir.iterdir()) == ["instances.json"]
+    coco = COCO(str(coco_dir / "instances.json"))
+    assert len(coco.getAnnIds()) == sum(len(s.masks) for s in dataset.samples)
+
+
+def test_export_from_s3_into_s3(s3_env, tmp_path, monkeypatch):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("coco-bucket")
+    dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=2)
+    fs.put(str(dataset.root) + "/", "coco-bucket/dataset/", recursive=True)
+    # What a killed export leaves on an object store.
+    fs.pipe({"coco-bucket/out/coco/.parts-dead/sa_000000.tar.images": b"{}",
+             "coco-bucket/out/coco/.instances.json.tmp-dead": b"{"})
+    monkeypatch.chdir(tmp_path)
+    summary = run_stage(compose("export_coco", "s3://coco-bucket/dataset", "s3://coco-bucket/out",
+                                overrides=["stage.parallel=local", "stage.extract_images=true"]))
+    assert summary["path"] == "s3://coco-bucket/out/coco/instances.json"
+    assert not (tmp_path / "s3:").exists()
+    fs.invalidate_cache()
+    local = tmp_path / "instances.json"
+    fs.get("coco-bucket/out/coco/instances.json", str(local))
+    assert len(COCO(str(local)).getImgIds()) == len(dataset.samples)
+    assert sorted(fs.ls("coco-bucket/out/coco/images")) == sorted(
+        f"coco-bucket/out/coco/images/{s.key}.jpg" for s in dataset.samples)
+    leftovers = [p for p in fs.find("coco-bucket/out") if ".tmp-" in p or ".parts-" in p]
+    assert not leftovers
+
+
+def test_reading_stages_do_not_import_other_stages():
+    """What stats, validate and export_coco share lives in pipeline/readers.py."""
+    import ast
+
+    for name in ("stats", "validate", "export_coco"):
+        module = REPO / "pipeline" / "stages" / f"{name}.py"
+        tree = ast.parse(module.read_text())
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+        assert not [m for m in imported if m and m.startswith("pipeline.stages")], module.name
+

@@ -41,9 +41,11 @@ def check_dataset(out: Path, inp: str) -> dict[str, dict]:
     one sample in the shard it names, and no shard holds anything else; every shard is
     a complete tar; every mask decodes to its image's size; ids are unique.
     """
-    keys = [i.key for i in enumerate_input(inp, exclude=str(out))]
+    sources = [e.source for e in enumerate_input(inp, exclude=str(out))]
     table = manifest.read_table(str(out)).to_pylist()
-    assert Counter(r["key"] for r in table) == Counter(keys), "manifest must list every input once"
+    assert Counter(r["source"] for r in table) == Counter(sources), "manifest must list every input once"
+    assert len({r["key"] for r in table}) == len(table)
+    assert all(r["key"] == f"sa_{r['image_id']}" for r in table), "SA-1B names: sa_<image_id>"
     ok_rows = {r["key"]: r for r in table if r["status"] == manifest.STATUS_OK}
     records: dict[str, dict] = {}
     for shard in sorted((out / "shards").iterdir()):
@@ -160,7 +162,7 @@ def test_existing_sa1b_tars_are_reannotated(compose_config, tmp_path, tiny_check
     summary = run_stage(compose_config(*overrides(tmp_path / "sa1b" / "sa_000042.tar", out, tiny_checkpoint)))
     assert summary["images_ok"] == 2
     records = check_dataset(out, str(tmp_path / "sa1b" / "sa_000042.tar"))
-    assert sorted(k.split("-")[0] for k in records) == ["sa_1", "sa_2"]
+    assert sorted(records) == ["sa_1", "sa_2"]  # SA-1B ids are kept
 
 
 def test_poison_input_is_isolated_and_the_run_goes_on(compose_config, tmp_path, tiny_checkpoint, ray_local):
@@ -176,7 +178,7 @@ def test_poison_input_is_isolated_and_the_run_goes_on(compose_config, tmp_path, 
     assert summary["actors"][0]["restarts"] == 3  # pipelined try, then two careful tries
     assert len(summary["isolated"]) == 1
     (error,) = manifest.read_table(str(out), manifest.ERRORS_DIR).to_pylist()
-    assert error["source"].endswith("poison.jpg") and error["stage"] == "isolated"
+    assert error["source"].endswith("poison.jpg") and error["phase"] == "isolated"
     assert "died 2 times" in error["reason"]
     check_dataset(out, str(inp))
 
@@ -216,7 +218,7 @@ def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_onc
             for process in _descendants(driver.pid):
                 family.add(process.pid)
                 try:
-                    if "Annotator.process_unit" in " ".join(process.cmdline()):
+                    if "UnitWorker.process_unit" in " ".join(process.cmdline()):
                         return process
                 except psutil.Error:
                     pass
@@ -249,14 +251,15 @@ def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_onc
 def test_progress_is_batched_and_adds_up(compose_config, image_folder, tmp_path, tiny_checkpoint, monkeypatch, careful):
     """Progress messages sum to the unit's summary; normal tries batch them (one message
     per image cost as much as a small model), careful tries report every image."""
-    from pipeline import annotator
-    from pipeline.sources import split_units
+    from pipeline import plan, worker as worker_module
 
     inp = image_folder(with_bad=True)
-    cfg = OmegaConf.to_container(compose_config(*overrides(inp, tmp_path / "out", tiny_checkpoint)), resolve=True)
-    monkeypatch.setattr(annotator, "PROGRESS_PERIOD_S", 3600.0)  # batch everything in normal tries
-    worker = annotator.Annotator(cfg["model"], cfg["amg"], cfg["stage"]["image"], str(tmp_path / "out"), "sha")
-    unit = split_units(enumerate_input(str(inp)), 1000)[0]
+    out = str(tmp_path / "out")
+    cfg = OmegaConf.to_container(compose_config(*overrides(inp, out, tiny_checkpoint)), resolve=True)
+    monkeypatch.setattr(worker_module, "PROGRESS_PERIOD_S", 3600.0)  # batch everything in normal tries
+    source = {"kind": "grid", "model": cfg["model"], "amg": cfg["amg"]}
+    worker = worker_module.UnitWorker(source, cfg["stage"]["image"], out, "sha")
+    unit = plan.load_or_extend(out, enumerate_input(str(inp)), 1000).units[0]
     *progress, summary = list(worker.process_unit(unit, careful=careful))
     assert summary["unit"] == unit.index and summary["images"] == len(unit.items)
     assert sum(m["images"] for m in progress) == summary["images"]

@@ -1,4 +1,4 @@
-"""pipeline.sources: every kind of input, deterministic keys and units, clear refusals."""
+"""pipeline.sources: every kind of input, deterministic names, clear refusals."""
 from __future__ import annotations
 
 import fsspec
@@ -7,38 +7,26 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.sources import InputError, enumerate_input, make_key, read_item, split_units
+from pipeline.sources import InputError, enumerate_input, read_item
 from tests.conftest import good_corpus
 
 
-def test_directory_is_recursive_deterministic_and_keys_are_unique(image_folder):
+def test_directory_is_recursive_deterministic_and_names_are_unique(image_folder):
     root = image_folder(with_bad=False)
     items = enumerate_input(str(root))
     sources = [i.source for i in items]
     assert len(items) == len(good_corpus()) + 1  # + b/deeper/plain.jpg; readme.txt skipped
     assert sources == sorted(sources)
-    assert len({i.key for i in items}) == len(items)
-    plains = [i.key for i in items if i.source.endswith("plain.jpg")]
-    assert len(plains) == 2 and all(k.startswith("plain-") for k in plains)
-    assert [i.image_id for i in items] == list(range(1, len(items) + 1))
+    assert len({i.name for i in items}) == len(items)
+    assert sorted(i.name for i in items if i.name.endswith("plain.jpg")) == ["a/plain.jpg", "b/deeper/plain.jpg"]
     again = enumerate_input(str(root))
     assert again == items
-    for item in items:
-        assert "." not in item.key and "/" not in item.key  # WebDataset splits keys on dots
 
 
-def test_keys_do_not_depend_on_where_the_folder_lives(image_folder, tmp_path):
+def test_names_do_not_depend_on_where_the_folder_lives(image_folder, tmp_path):
     first = enumerate_input(str(image_folder(with_bad=False, root=tmp_path / "x" / "images")))
     second = enumerate_input(str(image_folder(with_bad=False, root=tmp_path / "y" / "images")))
-    assert [i.key for i in first] == [i.key for i in second]
-
-
-def test_units_are_fixed_consecutive_slices(image_folder):
-    items = enumerate_input(str(image_folder(with_bad=False)))
-    units = split_units(items, 4)
-    assert [u.index for u in units] == list(range(len(units)))
-    assert [len(u.items) for u in units] == [4, 4, 3]
-    assert [i for u in units for i in u.items] == items
+    assert [i.name for i in first] == [i.name for i in second]
 
 
 def test_glob(image_folder):
@@ -81,7 +69,7 @@ def test_webdataset_tar_members_are_read_by_byte_range(tmp_path):
     items = enumerate_input(str(tmp_path))  # a directory of tars
     assert [i.member for i in items] == ["sa_1.jpg", "sa_2.png"]
     assert [read_item(i) for i in items] == [corpus["plain.jpg"], corpus["alpha.png"]]
-    assert items[0].key.startswith("sa_1-") and items[0].source.endswith("sa_000007.tar#sa_1.jpg")
+    assert items[0].name == "sa_000007.tar/sa_1.jpg" and items[0].source.endswith("sa_000007.tar#sa_1.jpg")
     assert enumerate_input(str(tar)) == items
 
 
@@ -110,9 +98,3 @@ def test_unusable_inputs_fail_clearly(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(InputError, match="cannot tell what"):
         enumerate_input(str(tmp_path / "data.csv"))
-
-
-def test_make_key_is_readable_and_distinguishes_folders():
-    assert make_key("a/IMG 0001.final.JPG").startswith("IMG_0001-")
-    assert make_key("a/x.jpg") != make_key("b/x.jpg")
-    assert make_key("a/x.jpg") == make_key("a/x.jpg")

@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import base64
+import io
+import json
+import os
 import re
+import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import cv2
@@ -14,7 +21,7 @@ import pytest
 import yaml
 from scipy.spatial import ConvexHull
 
-from .dataset_factory import MODEL_SHA256, compose, make_dataset
+from .dataset_factory import MODEL_SHA256, REPO, compose, make_dataset
 from pipeline.stages import run_stage
 from pipeline.dataset import committed_shards
 from pipeline.stats import SIZE_BIN_EDGES, concavity, shard_stats
@@ -25,7 +32,8 @@ def stats_run(tmp_path_factory, ray_local):
     """A 2-shard dataset and the stats stage run on real Ray (forced: auto would stay local)."""
     root = tmp_path_factory.mktemp("stats") / "dataset"
     dataset = make_dataset(root, num_shards=2, images_per_shard=3)
-    cfg = compose("stats", root, overrides=["stage.parallel=ray", "stage.concavity_per_bin=2"])
+    cfg = compose("stats", root, overrides=["stage.parallel=ray", "stage.concavity_per_bin=2",
+                                            "stage.license=cc-by-4.0"])
     summary = run_stage(cfg)
     return dataset, summary
 
@@ -157,7 +165,8 @@ def test_dataset_card(stats_run):
     assert front["annotations_creators"] == ["machine-generated"]
     assert front["size_categories"] == ["n<1K"]
     assert "image-segmentation" in front["task_categories"]
-    assert "license" not in front and "# license: left for the dataset owner" in text
+    assert front["license"] == "cc-by-4.0"
+    assert front["configs"][0]["data_files"] == [{"split": "train", "path": ["shards/*.tar"]}]
     for part in ("## Dataset Structure", "## Dataset Creation", "## Statistics", "### Limitations",
                  MODEL_SHA256, "0123456789abcdef", "points_per_side: 32", "name: vit_b",
                  f"| Masks | {summary['masks']} |", '"counts": str'):
@@ -181,3 +190,128 @@ def test_sa1b_tars_without_manifest(tmp_path, capsys):
     # A card written by a person is never overwritten.
     run_stage(compose("stats", root))
     assert (root / "README.md").read_text() == "hand-written card\n"
+
+
+# --- records that are not SA-1B's, crash safety, object stores --------------------------
+
+FOREIGN = {
+    "caption_1.json": json.dumps({"caption": "a cat on a mat"}),
+    "caption_1.jpg": "not even a JPEG",
+    "listed.json": json.dumps([1, 2, 3]),
+    "flat.json": json.dumps({"image": {"image_id": 90, "width": 4, "height": 4,
+                                       "file_name": "flat.jpg"}, "annotations": "none"}),
+    "cut.json": '{"image": {"image_id"',
+}
+
+
+def add_members(tar_path: Path, members: dict[str, str]) -> None:
+    """Appends members to an uncompressed tar (a shard from someone else's tool)."""
+    with tarfile.open(tar_path, "a") as tar:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_foreign_json_members_are_skipped_and_reported(tmp_path, caplog):
+    dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=2)
+    add_members(dataset.shard_path(0), FOREIGN)
+    summary = run_stage(compose("stats", dataset.root, tmp_path / "out",
+                                overrides=["stage.parallel=local"]))
+    assert summary["images"] == len(dataset.samples)
+    assert summary["masks"] == sum(len(s.masks) for s in dataset.samples)
+    assert summary["skipped"] == 4
+    reported = {m for m in caplog.messages if m.startswith("skipped shard sa_000000.tar key ")}
+    for key, reason in (("caption_1", "no 'image' object"), ("listed", "a JSON list"),
+                        ("flat", "'annotations' is str"), ("cut", "JSONDecodeError")):
+        assert any(f"key {key}: " in m and reason in m for m in reported), (key, reported)
+
+
+def _stage(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.run", *overrides]
+
+
+def blocking_shard(dataset, index: int) -> bytes:
+    """Replaces shard ``index`` by a FIFO: a reader blocks on it, mid-run, until it is
+    written to. Returns the shard's bytes to put back."""
+    path = dataset.shard_path(index)
+    data = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    return data
+
+
+def wait_until_read(fifo: Path, process: subprocess.Popen, timeout: float = 120) -> int:
+    """Waits until ``process`` has opened the FIFO for reading; returns a write end that
+    keeps it blocked (closing it would send end-of-file)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody reads it yet
+            time.sleep(0.05)
+    raise AssertionError(f"{fifo} was never opened")
+
+
+def test_killed_stats_leaves_nothing_truncated_and_a_rerun_finishes(tmp_path):
+    """SIGKILL while the tables are half-written (the stage blocks on the 2nd of 3
+    shards): no file under a final name, and the same command then completes."""
+    dataset = make_dataset(tmp_path / "dataset", num_shards=3, images_per_shard=2)
+    fifo = dataset.shard_path(1)
+    shard = blocking_shard(dataset, 1)
+    command = _stage("+stage=stats", f"input={dataset.root}", "stage.parallel=local",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    writer = wait_until_read(fifo, process)
+    process.kill()
+    process.wait(timeout=60)
+    os.close(writer)
+    assert process.returncode == -9
+    stats = dataset.root / "stats"
+    left = sorted(p.name for p in stats.iterdir())
+    assert left and all(".tmp-" in name for name in left), f"final names after a kill: {left}"
+    assert not (dataset.root / "README.md").exists()
+
+    fifo.unlink()
+    fifo.write_bytes(shard)
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(p.name for p in stats.iterdir()) == ["figures", "images.parquet", "masks.parquet",
+                                                        "report.html", "shards.parquet"]
+    assert pq.read_table(stats / "masks.parquet").num_rows == sum(len(s.masks) for s in dataset.samples)
+    assert pq.read_table(stats / "shards.parquet").num_rows == 3
+    assert (dataset.root / "README.md").read_text().count("![") == 6
+
+
+def test_stats_from_s3_into_s3(s3_env, tmp_path, monkeypatch):
+    """Input and output on an object store: the tables, report, figures and card are
+    objects; nothing is written locally (no folder named 's3:')."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("stats-bucket")
+    dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=3)
+    fs.put(str(dataset.root) + "/", "stats-bucket/dataset/", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    summary = run_stage(compose("stats", "s3://stats-bucket/dataset",
+                                overrides=["stage.parallel=local"]))
+    assert summary["report"] == "s3://stats-bucket/dataset/stats/report.html"
+    assert summary["card"] == "s3://stats-bucket/dataset/README.md"
+    assert not (tmp_path / "s3:").exists()
+    fs.invalidate_cache()
+    masks = pq.read_table("stats-bucket/dataset/stats/masks.parquet", filesystem=fs).to_pandas()
+    assert sorted(masks["mask_id"]) == sorted(true_masks(dataset))
+    assert len(fs.glob("stats-bucket/dataset/stats/figures/*.png")) == 6
+    card = fs.cat_file("stats-bucket/dataset/README.md").decode()
+    assert yaml.safe_load(card.split("---")[1])["configs"][0]["data_files"][0]["path"] == ["shards/*.tar"]
+    assert not [p for p in fs.find("stats-bucket") if ".tmp-" in p]
+    # And from S3 into another S3 prefix.
+    run_stage(compose("stats", "s3://stats-bucket/dataset", "s3://stats-bucket/elsewhere",
+                      overrides=["stage.parallel=local"]))
+    fs.invalidate_cache()
+    assert fs.exists("stats-bucket/elsewhere/stats/images.parquet")
+    assert "s3://stats-bucket/dataset/shards/*.tar" in fs.cat_file("stats-bucket/elsewhere/README.md").decode()

@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 
@@ -15,6 +16,7 @@ from pipeline.stages import run_stage
 from pipeline.stages.validate import rle_counts
 
 from .dataset_factory import REPO, compose, make_dataset
+from .test_stats import FOREIGN, add_members
 
 LINE = re.compile(r"^PROBLEM shard=(\S+) key=(\S+) \[(\w+)\] (.*)$", re.M)
 
@@ -133,3 +135,39 @@ def test_command_line_exits_non_zero_on_ray(broken, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     found = {(shard, key, check) for shard, key, check, _ in LINE.findall(result.stdout)}
     assert EXPECTED <= found, EXPECTED - found
+
+
+def test_foreign_json_members_are_reported_with_shard_and_key(tmp_path, capsys):
+    dataset = make_dataset(tmp_path / "dataset", num_shards=1, images_per_shard=2)
+    add_members(dataset.shard_path(0), FOREIGN)
+    with pytest.raises(SystemExit):
+        run_stage(compose("validate", dataset.root, overrides=["stage.parallel=local"]))
+    found = {(shard, key, check) for shard, key, check, _ in LINE.findall(capsys.readouterr().out)}
+    for key, check in (("caption_1", "schema"), ("listed", "schema"), ("flat", "schema"), ("cut", "json")):
+        assert ("sa_000000.tar", key, check) in found, (key, found)
+
+
+def test_problems_on_s3_and_no_empty_table(s3_env, broken, tmp_path, monkeypatch, capsys):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("validate-bucket")
+    fs.put(str(broken.root) + "/", "validate-bucket/broken/", recursive=True)
+    clean = make_dataset(tmp_path / "clean", num_shards=1)
+    fs.put(str(clean.root) + "/", "validate-bucket/clean/", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_stage(compose("validate", "s3://validate-bucket/broken", "s3://validate-bucket/report",
+                          overrides=["stage.parallel=local"]))
+    printed = LINE.findall(capsys.readouterr().out)
+    fs.invalidate_cache()
+    written = pq.read_table("validate-bucket/report/validate/problems.parquet", filesystem=fs)
+    assert written.num_rows == len(printed) > 0
+    assert EXPECTED <= {(r["shard"], r["key"] or "-", r["check"]) for r in written.to_pylist()}
+    assert not (tmp_path / "s3:").exists()
+    # A clean run over the same report folder: no problems, so no (empty) table.
+    summary = run_stage(compose("validate", "s3://validate-bucket/clean", "s3://validate-bucket/report",
+                                overrides=["stage.parallel=local"]))
+    assert summary["problems"] == 0
+    fs.invalidate_cache()
+    assert not fs.exists("validate-bucket/report/validate/problems.parquet")

@@ -1,7 +1,10 @@
 """The annotation queue: which images, with which ids and keys, in which units; and the
 leases that keep two annotators off the same image.
 
-``plan_queue`` is the one place that decides the images, their ids and their units.
+``plan_queue`` is the one place that decides the images, their ids and their units: the
+output's recorded plan (``pipeline.plan``), as fully_auto's. ``Leases`` here are per
+image, between annotators of one server; the output itself is held by the server's
+run through ``pipeline.lease`` (one writer per output).
 """
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline import dataset, shards, storage
-from pipeline.sources import Item, enumerate_input, split_units
+from pipeline import dataset, plan, shards, storage
+from pipeline.sources import Item, enumerate_input
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +59,26 @@ def plan_queue(input_spec: str, output: str, images_per_unit: int, prefill: bool
     """The images of ``input_spec`` as a queue of units of ``images_per_unit``.
 
     Inputs are what ``pipeline.sources.enumerate_input`` accepts; a dataset written by
-    this project counts by its committed shards only. Images read from a tar (a dataset
-    or SA-1B tars) come with the masks of their JSON record when ``prefill``. Keys are
-    ``sa_<image_id>``, ids the 1-based position in the enumeration.
+    this project counts by its committed shards only. Ids, keys (``sa_<image_id>``) and
+    units come from the output's plan, recorded at the first start and extended with new
+    inputs later (an input named ``sa_<n>.jpg``, e.g. from an SA-1B-style dataset, keeps
+    id ``n``). Images read from a tar (a dataset or SA-1B tars) come with the masks of
+    their JSON record when ``prefill``. The caller holds the output's lease.
     """
     if dataset.is_dataset(input_spec):
-        items = [item for url in dataset.committed_shards(input_spec) for item in enumerate_input(url)]
+        found = [e for url in dataset.committed_shards(input_spec) for e in enumerate_input(url)]
     else:
-        items = enumerate_input(input_spec, exclude=output)
-    items = [replace(item, key=f"sa_{i}", image_id=i) for i, item in enumerate(items, start=1)]
+        found = enumerate_input(input_spec, exclude=output)
+    plan.check_images_per_unit(output, images_per_unit)
+    recorded = plan.load_or_extend(output, found, images_per_unit, keep_sa1b_ids=True)
     entries, units = [], {}
-    for unit in split_units(items, images_per_unit):
+    for unit in recorded.units:
         units[unit.index] = [item.key for item in unit.items]
         entries += [Entry(item.key, item.image_id, unit.index, item) for item in unit.items]
-    plan = Plan(entries, units)
+    queue = Plan(entries, units)
     if prefill:
-        plan.prefill = _prefill(entries)
-    return plan
+        queue.prefill = _prefill(entries)
+    return queue
 
 
 def _prefill(entries: list[Entry]) -> dict[str, list[dict[str, Any]]]:

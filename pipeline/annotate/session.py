@@ -7,7 +7,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,19 +53,21 @@ class Session:
     """The annotate stage's state and operations (thread-safe: the server is threaded).
 
     image_cfg: keyword arguments of ``prepare_image``. lookahead: images embedded ahead
-    of the one an annotator opens.
+    of the one an annotator opens. check_output_lease: raises when this run no longer
+    holds the output (``pipeline.lease.Lease.check``), called before each commit.
     """
 
     def __init__(
         self, plan: Plan, output: str, sam, model: ModelInfo, image_cfg: dict[str, Any],
         lease_s: float = 120.0, lookahead: int = 2, cache_size: int = 16,
+        check_output_lease: Callable[[], None] | None = None,
     ) -> None:
         self.plan = plan
         self.output = output
         self.model = model
         self.image_cfg = dict(image_cfg)
         self.lookahead = lookahead
-        self.store = Store(output)
+        self.store = Store(output, check_output_lease)
         self.leases = Leases(storage.join(output, WORK_DIR), lease_s)
         self.images = ImageModel(sam, self._prepared_by_key, cache_size)
         self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()
@@ -88,6 +90,8 @@ class Session:
                 self._prepared.move_to_end(entry.key)
                 return self._prepared[entry.key]
         try:
+            if entry.item.problem:  # known before reading (e.g. gone from the input)
+                raise ImageError(entry.item.problem)
             image = prepare_image(read_item(entry.item), **self.image_cfg)
             self._check_prefill(entry, image)
         except (ImageError, OSError) as e:

@@ -55,8 +55,9 @@ class ImageState:
 class Store:
     """Working states under ``<output>/annotate/work`` and the unit commits."""
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str, check_output_lease: Callable[[], None] | None = None) -> None:
         self.output = output
+        self.check_output_lease = check_output_lease
         self._fs, self._root = storage.filesystem(output)
         self.work_dir = storage.join(self._root, WORK_DIR, "work")
         self._fs.makedirs(self.work_dir, exist_ok=True)
@@ -91,6 +92,8 @@ class Store:
         with self._commit_lock:
             if unit in self.committed or not all(self.finished(e.key) for e in entries):
                 return False
+            if self.check_output_lease is not None:
+                self.check_output_lease()  # a run that lost the output commits nothing
             shard = shards.shard_name(unit)
             rows, errors = [], []
             with shards.ShardWriter(storage.join(self.output, shards.SHARDS_DIR, shard)) as writer:

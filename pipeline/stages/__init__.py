@@ -1,7 +1,8 @@
 """One module per stage; each exposes ``run(cfg) -> dict`` (a summary).
 
 Stages are looked up in this allow-list, never imported from a name taken verbatim
-from the config, so a config cannot make us execute arbitrary code.
+from the config, and every configuration is checked by ``pipeline.config_guard``
+before a stage runs, so a config cannot make us execute arbitrary code.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config_guard import check_config
 from pipeline.paths import PROJECT_ROOT
 
 STAGES = {
@@ -29,7 +31,9 @@ if not OmegaConf.has_resolver("project_root"):
 
 
 def run_stage(cfg: DictConfig) -> dict:
-    """Runs the stage named by ``cfg.stage.name`` and returns its summary."""
+    """Runs the stage named by ``cfg.stage.name`` and returns its summary; raises
+    ``config_guard.ConfigRefused`` for a configuration that names code to run."""
+    check_config(cfg)
     if "stage" not in cfg or "name" not in cfg.stage:
         raise ValueError(
             "no stage selected: add +stage=<name>, one of " + ", ".join(sorted(STAGES))

@@ -3,42 +3,50 @@
 One category ("object", id 1), ``iscrowd`` 0, segmentations kept as compressed RLE
 (what pycocotools' COCO and COCOeval read), bbox and area recomputed from the RLE in
 COCO's convention. The JSON is streamed: images and annotations are serialised per
-shard into part files and concatenated in shard order, so the export never holds the dataset in memory.
+shard into part files (in a hidden ``.parts-*`` folder beside the JSON) and concatenated
+in shard order, so the export never holds the dataset in memory. The JSON appears under
+its name only when complete; the parts folder is removed at the end and, after a killed
+run, by the next one. Output may be a folder or an fsspec URL (``s3://...``).
+
+A JSON member that is not an SA-1B record is skipped and reported with its shard and key.
 Ids are the dataset's own; run +stage=validate first to be sure they are unique.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import posixpath
 import logging
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+import posixpath
+import uuid
+from dataclasses import dataclass, field
 from typing import IO
 
 import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
 
-from pipeline.stages.stats import dataset_paths
+from pipeline import storage
 from pipeline.dataset import committed_shards
+from pipeline.readers import dataset_paths, map_shards
 from pipeline.shards import iter_shard
-from pipeline.stats import map_shards
 
 log = logging.getLogger(__name__)
 
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+PARTS_PREFIX = ".parts-"
 
 
 @dataclass
 class ShardCoco:
-    """One converted shard: two part files holding the JSON texts of its image and
-    annotation entries, comma-separated without brackets, ready to be concatenated."""
+    """One converted shard: two part files (URLs) holding the JSON texts of its image
+    and annotation entries, comma-separated without brackets, ready to be concatenated;
+    the counts; and ``skipped``, (key, reason) of the records that were not converted."""
 
+    shard: str
     images_path: str
     annotations_path: str
-    num_images: int
-    num_annotations: int
+    num_images: int = 0
+    num_annotations: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
@@ -67,71 +75,97 @@ def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
 
 def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> ShardCoco:
     """Converts one shard into part files under ``parts_dir`` (a shard's annotations
-    run to gigabytes: they go to disk, not through Ray's object store); with
-    ``images_dir`` also writes its JPEGs there."""
-    stem = Path(parts_dir) / Path(path).name
-    images_path, annotations_path = f"{stem}.images", f"{stem}.annotations"
-    n_images = n_annotations = 0
-    with open(images_path, "w") as images, open(annotations_path, "w") as annotations:
-        for sample in iter_shard(path, images=bool(images_dir)):
+    run to gigabytes: they go to storage, not through Ray's object store); with
+    ``images_dir`` also commits its JPEGs there. Both are folders or URLs."""
+    fs, parts = storage.filesystem(parts_dir)
+    stem = storage.join(parts, posixpath.basename(path))
+    result = ShardCoco(posixpath.basename(path), storage.url(fs, f"{stem}.images"),
+                       storage.url(fs, f"{stem}.annotations"))
+    images_fs, images_root = storage.filesystem(images_dir) if images_dir else (None, None)
+    with fs.open(f"{stem}.images", "w") as images, fs.open(f"{stem}.annotations", "w") as annotations:
+        for sample in iter_shard(path, images=bool(images_dir), problems=True):
+            if sample.problem is None:
+                try:
+                    entry, anns = coco_entries(sample.record, sample.key)
+                except Exception as exc:  # one broken record must not fail the export
+                    sample.problem = f"{type(exc).__name__}: {exc}"
+            if sample.problem is not None:
+                result.skipped.append((sample.key, sample.problem))
+                continue
             if images_dir and sample.jpg is not None:
-                Path(images_dir, f"{posixpath.basename(sample.key)}.jpg").write_bytes(sample.jpg)
-            entry, anns = coco_entries(sample.record, sample.key)
-            images.write((",\n" if n_images else "") + json.dumps(entry))
+                name = f"{posixpath.basename(sample.key)}.jpg"
+                with storage.atomic_open(images_fs, storage.join(images_root, name)) as f:
+                    f.write(sample.jpg)
+            images.write((",\n" if result.num_images else "") + json.dumps(entry))
             for ann in anns:
-                annotations.write((",\n" if n_annotations else "") + json.dumps(ann))
-                n_annotations += 1
-            n_images += 1
-    return ShardCoco(images_path, annotations_path, n_images, n_annotations)
+                annotations.write((",\n" if result.num_annotations else "") + json.dumps(ann))
+                result.num_annotations += 1
+            result.num_images += 1
+    return result
 
 
-def _append(out: IO[str], part_path: str) -> None:
-    with open(part_path) as part:
-        shutil.copyfileobj(part, out)
-    Path(part_path).unlink()
+def _append(out: IO[bytes], part_url: str) -> None:
+    fs, part = storage.filesystem(part_url)
+    with fs.open(part, "rb") as f:
+        while chunk := f.read(1 << 24):
+            out.write(chunk)
+    fs.rm(part)
+
+
+def _remove_stale_parts(fs, directory: str) -> None:
+    """Parts folders and temporary JSONs of killed runs (nobody reads them)."""
+    for stale in fs.glob(storage.join(directory, f"{PARTS_PREFIX}*")):
+        fs.rm(stale, recursive=True)
+    storage.remove_temps(fs, directory)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Returns {"path", "images", "annotations"}."""
+    """Returns {"path", "images", "annotations", "skipped"}; ``path`` is a URL."""
     dataset, output = dataset_paths(cfg)
     stage = cfg.stage
     shards = committed_shards(dataset)
-    path = output / stage.file_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images_dir = None
-    if stage.extract_images:
-        images_dir = path.parent / "images"
-        images_dir.mkdir(exist_ok=True)
-    n_images = n_annotations = 0
-    parts_dir = Path(tempfile.mkdtemp(prefix=".parts-", dir=path.parent))
-    # Images and annotations are two arrays of one object: annotation parts wait on disk
-    # while image parts stream into the output, then follow them.
+    fs, root = storage.filesystem(output)
+    path = storage.join(root, stage.file_name)
+    directory = posixpath.dirname(path)
+    fs.makedirs(directory, exist_ok=True)
+    _remove_stale_parts(fs, directory)
+    images_dir = storage.url(fs, storage.join(directory, "images")) if stage.extract_images else None
+    parts_dir = storage.join(directory, f"{PARTS_PREFIX}{uuid.uuid4().hex}")
+    fs.makedirs(parts_dir, exist_ok=True)
+    n_images = n_annotations = n_skipped = 0
+    # Images and annotations are two arrays of one object: annotation parts wait in
+    # storage while image parts stream into the output, then follow them.
     annotation_parts: list[str] = []
     try:
-        with open(path.with_suffix(".part"), "w") as out:
-            out.write('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
-                      % json.dumps(Path(dataset).name)[1:-1])
-            out.write('"licenses": [],\n"categories": [%s],\n"images": [\n' % json.dumps(CATEGORY))
+        with storage.atomic_open(fs, path) as out:
+            name = json.dumps(posixpath.basename(dataset))[1:-1]
+            out.write(('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
+                       '"licenses": [],\n"categories": [%s],\n"images": [\n'
+                       % (name, json.dumps(CATEGORY))).encode())
             for part in map_shards(shard_coco, shards, parallel=stage.parallel,
                                    min_shards_for_ray=stage.min_shards_for_ray,
                                    cluster=cfg.get("cluster"), desc="export_coco",
-                                   parts_dir=str(parts_dir),
-                                   images_dir=str(images_dir) if images_dir else None):
+                                   parts_dir=storage.url(fs, parts_dir), images_dir=images_dir):
                 if part.num_images:
-                    out.write(",\n" if n_images else "")
+                    out.write(b",\n" if n_images else b"")
                     _append(out, part.images_path)
                 if part.num_annotations:
                     annotation_parts.append(part.annotations_path)
+                for key, reason in part.skipped:
+                    log.warning("skipped shard %s key %s: %s", part.shard, key, reason)
                 n_images += part.num_images
                 n_annotations += part.num_annotations
-            out.write('\n],\n"annotations": [\n')
+                n_skipped += len(part.skipped)
+            out.write(b'\n],\n"annotations": [\n')
             for i, annotations_path in enumerate(annotation_parts):
-                out.write(",\n" if i else "")
+                out.write(b",\n" if i else b"")
                 _append(out, annotations_path)
-            out.write("\n]}\n")
+            out.write(b"\n]}\n")
     finally:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    # Renamed only when complete, so a reader never sees a truncated JSON.
-    path.with_suffix(".part").replace(path)
-    print(f"export_coco: {n_images} images, {n_annotations} annotations -> {path}")
-    return {"path": str(path), "images": n_images, "annotations": n_annotations}
+        with contextlib.suppress(FileNotFoundError):  # an object store has no empty folders
+            fs.rm(parts_dir, recursive=True)
+    url = storage.url(fs, path)
+    print(f"export_coco: {n_images} images, {n_annotations} annotations -> {url}"
+          + (f"; {n_skipped} records skipped (not SA-1B records, each logged with its shard "
+             "and key)" if n_skipped else ""))
+    return {"path": url, "images": n_images, "annotations": n_annotations, "skipped": n_skipped}

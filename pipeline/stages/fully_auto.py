@@ -3,9 +3,11 @@
     python -m pipeline.run +stage=fully_auto input=<images> output=<dir>
 
 Everything that can be checked without a worker (the input exists and holds images,
-the checkpoint exists) is checked before any work starts. Units already committed by
-an earlier run (their manifest part exists) are skipped, so rerunning the same command
-after any crash finishes the dataset without duplicating anything.
+the checkpoint exists) is checked before anything is written. Then the run takes the
+output's lease (one writer per output), checks that the output was made with the same
+model and settings (or records them at the first run), and extends the output's plan
+with any new inputs. Units already committed (their manifest part exists) are skipped,
+so rerunning the same command after any crash finishes the dataset exactly once.
 """
 from __future__ import annotations
 
@@ -15,54 +17,76 @@ import time
 from typing import Any
 
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from pipeline import cluster, manifest, shards, storage
-from pipeline.annotator import INFLIGHT_DIR, Annotator, inflight_key
+from pipeline import cluster, isolated, manifest, plan, shards, storage
+from pipeline.lease import Lease
 from pipeline.model import model_identity
-from pipeline.provenance import code_version
+from pipeline.paths import user_path
+from pipeline.plan import PlanError
+from pipeline.provenance import record_or_check
 from pipeline.scheduler import Outcome, UnitScheduler
-from pipeline.sources import Unit, enumerate_input, split_units
+from pipeline.sources import Unit, enumerate_input
+from pipeline.worker import INFLIGHT_DIR, UnitWorker, inflight_key
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+# What defines a dataset: a resumed run must agree on these (pipeline.provenance).
+IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.privacy", "stage.keep_sa1b_ids")
+IDENTITY_IGNORES = ("amg.points_per_batch",)  # batching: same masks
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns (and saves as ``summary.json``) the run's summary.
 
     Summary keys: units (total), units_skipped (committed before), units_committed,
-    units_failed, images, images_ok, images_failed, masks (this run), wall_s (whole run),
-    annotate_s (models loaded to last unit committed), images_per_s and masks_per_s (over
-    annotate_s), actors (per actor: units, images, masks, busy_s, images_per_s, restarts),
-    isolated (keys isolated as poison inputs), dataset (totals over the whole manifest).
+    units_failed, images, images_ok, images_failed, masks (this run), inputs_added (to
+    the plan by this run), inputs_gone (in the plan, no longer in the input),
+    images_per_unit, wall_s (whole run), annotate_s (models loaded to last unit
+    committed), images_per_s and masks_per_s (over annotate_s), actors (per actor: units,
+    images, masks, busy_s, images_per_s, restarts), isolated (keys isolated as poison
+    inputs, this run and before), dataset (totals over the whole manifest).
     """
     start = time.perf_counter()
+    cfg = resolve_paths(cfg)
     output = str(cfg.output)
-    units = split_units(enumerate_input(str(cfg.input), exclude=output), cfg.stage.images_per_unit)
+    entries = enumerate_input(str(cfg.input), exclude=output)
     model_sha256 = model_identity(cfg.model.checkpoint)
-    _prepare_output(output, cfg)
-    committed = manifest.committed_units(output)
-    todo = [u for u in units if u.index not in committed]
-    log.info(
-        "%d images in %d units; %d units already committed, %d to do",
-        sum(len(u.items) for u in units), len(units), len(units) - len(todo), len(todo),
-    )
-
-    outcome = Outcome()
-    if todo:
-        started = cluster.connect(cfg.cluster)
+    stage = cfg.stage
+    started_ray = False
+    with Lease(output, ttl_s=stage.lease_ttl_s) as lease:
         try:
-            outcome = _annotate(cfg, todo, model_sha256)
+            _check_output(output, cfg, model_sha256)
+            _remove_leftovers(output)
+            size = plan.recorded_images_per_unit(output) or stage.images_per_unit
+            if size is None:
+                started_ray = cluster.connect(cfg.cluster)
+                size = plan.auto_images_per_unit(
+                    len(entries), cluster.pool_size(stage, len(entries)).actors, stage.units_per_actor,
+                    stage.min_images_per_unit, stage.max_images_per_unit,
+                )
+            the_plan = plan.load_or_extend(output, entries, size, keep_sa1b_ids=stage.keep_sa1b_ids)
+            units = the_plan.units
+            committed = manifest.committed_units(output)
+            todo = [u for u in units if u.index not in committed]
+            log.info(
+                "%d images in %d units of %d (%d added to the plan now, %d gone from the input); "
+                "%d units already committed, %d to do",
+                the_plan.items, len(units), the_plan.images_per_unit, the_plan.added, len(the_plan.gone),
+                len(units) - len(todo), len(todo),
+            )
+            outcome = Outcome()
+            if todo:
+                started_ray = cluster.connect(cfg.cluster) or started_ray
+                outcome = _annotate(cfg, todo, model_sha256, lease)
+                _remove_leftovers(output)
         finally:
-            if started:
+            if started_ray:
                 ray.shutdown()
-        _remove_leftovers(output)
 
-    summary = _summary(units, len(units) - len(todo), outcome, time.perf_counter() - start, output)
+    summary = _summary(the_plan, len(units) - len(todo), outcome, time.perf_counter() - start, output)
     fs, root = storage.filesystem(output)
     with storage.atomic_open(fs, storage.join(root, SUMMARY_FILE)) as f:
         f.write(json.dumps(summary, indent=2).encode("utf-8"))
@@ -82,53 +106,65 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _prepare_output(output: str, cfg: DictConfig) -> None:
+def resolve_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with input, output and checkpoint made absolute, once, here on
+    the driver (workers run elsewhere, and config.yaml must name the same paths)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.input = user_path(cfg.input)
+        cfg.output = user_path(cfg.output)
+        cfg.model.checkpoint = user_path(cfg.model.checkpoint)
+    return cfg
+
+
+def _check_output(output: str, cfg: DictConfig, model_sha256: str) -> None:
+    """Refuses to resume an output made otherwise; records the settings at its first run."""
+    if manifest.committed_units(output) and plan.recorded_images_per_unit(output) is None:
+        raise PlanError(
+            f"{output} has committed units but no recorded plan: it was written by an older version "
+            "of this project, whose image ids and keys differ. Write to a new output="
+        )
+    plan.check_images_per_unit(output, cfg.stage.images_per_unit)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["model_sha256"] = model_sha256
+    record_or_check(output, config, IDENTITY, IDENTITY_IGNORES, allow_change=cfg.stage.allow_config_change)
     fs, root = storage.filesystem(output)
     for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
         fs.makedirs(storage.join(root, directory), exist_ok=True)
-    _remove_leftovers(output)
-    config = storage.join(root, CONFIG_FILE)
-    if fs.exists(config):
-        previous = OmegaConf.create(fs.cat_file(config).decode("utf-8"))
-        for group in ("model", "amg", "stage"):
-            if OmegaConf.to_container(previous.get(group)) != OmegaConf.to_container(cfg[group], resolve=True):
-                log.warning(
-                    "%s settings differ from the previous run into %s; units committed before keep "
-                    "theirs (the manifest records each image's model_sha256)", group, output,
-                )
-    saved = OmegaConf.to_container(cfg, resolve=True)
-    saved["code_version"] = code_version()
-    with storage.atomic_open(fs, config) as f:
-        f.write(OmegaConf.to_yaml(saved).encode("utf-8"))
 
 
 def _remove_leftovers(output: str) -> None:
-    """Deletes what killed workers left: temporary files and careful tries' notes.
+    """Deletes what killed writers left: temporary files and careful tries' notes.
 
-    Called only while no worker of this output runs: before any starts, after all stop.
+    Called only while this run holds the output's lease and none of its workers runs:
+    before any starts, after all stop. (A writer of an expired lease that still runs
+    somewhere loses its temporaries, so it cannot commit them either.)
     """
     fs, root = storage.filesystem(output)
     if fs.exists(storage.join(root, INFLIGHT_DIR)):
         fs.rm(storage.join(root, INFLIGHT_DIR), recursive=True)
-    for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
-        removed = storage.remove_temps(fs, storage.join(root, directory))
+    for directory in ("", shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR, plan.PLAN_DIR,
+                      isolated.ISOLATED_DIR):
+        removed = storage.remove_temps(fs, storage.join(root, directory) if directory else root)
         if removed:
-            log.info("removed %d unfinished file(s) in %s/ left by killed workers", removed, directory)
+            log.info("removed %d unfinished file(s) in %s/ left by killed writers", removed, directory or ".")
 
 
-def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
+def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str, lease: Lease) -> Outcome:
     stage = cfg.stage
+    output = str(cfg.output)
     size = cluster.pool_size(stage, len(todo))
-    remote = ray.remote(Annotator).options(**size.options())
+    remote = ray.remote(UnitWorker).options(**size.options())
     container = OmegaConf.to_container(cfg, resolve=True)
+    source = {"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256}
 
     def spawn():
         return remote.remote(
-            model_cfg=container["model"],
-            amg_cfg=container["amg"],
+            source=source,
             image_cfg=container["stage"]["image"],
-            output=str(cfg.output),
+            output=output,
             model_sha256=model_sha256,
+            lease_owner=lease.owner,
             prefetch=stage.prefetch,
             threads=None if size.num_gpus else int(size.num_cpus),
             kill_on=tuple(stage.fault_injection.kill_worker_on),
@@ -143,7 +179,15 @@ def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
         elapsed = max(bar.format_dict["elapsed"], 1e-9)
         bar.set_postfix(masks_s=f"{counts['masks'] / elapsed:.1f}", failed=counts["failed"], refresh=False)
 
-    log.info("starting %d annotator actor(s), %s CPU and %s GPU each", size.actors, size.num_cpus, size.num_gpus)
+    def on_isolate(key: str, unit: Unit, reason: str) -> None:
+        source_of = next(i.source for i in unit.items if i.key == key)
+        isolated.record(output, key, source_of, unit.index, reason)
+
+    poisoned = {} if stage.retry_isolated else isolated.load(output)
+    log.info(
+        "parallelism: %d annotator actor(s) (%s CPU and %s GPU each) for %d unit(s)",
+        size.actors, size.num_cpus, size.num_gpus, len(todo),
+    )
     scheduler = UnitScheduler(
         spawn,
         actors=size.actors,
@@ -152,7 +196,10 @@ def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
         max_image_crashes=stage.max_image_crashes,
         placement_timeout_s=stage.placement_timeout_s,
         on_progress=on_progress,
-        suspect=lambda unit: inflight_key(str(cfg.output), unit.index),
+        suspect=lambda unit: inflight_key(output, unit.index),
+        poisoned=poisoned,
+        on_isolate=on_isolate,
+        check=lease.check,
     )
     try:
         scheduler.wait_ready()
@@ -163,7 +210,8 @@ def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str) -> Outcome:
         scheduler.close()
 
 
-def _summary(units: list[Unit], skipped: int, outcome: Outcome, wall: float, output: str) -> dict[str, Any]:
+def _summary(the_plan: plan.Plan, skipped: int, outcome: Outcome, wall: float, output: str) -> dict[str, Any]:
+    units = the_plan.units
     images = sum(c["images"] for c in outcome.committed)
     masks = sum(c["masks"] for c in outcome.committed)
     failed = sum(c["errors"] for c in outcome.committed)
@@ -174,6 +222,9 @@ def _summary(units: list[Unit], skipped: int, outcome: Outcome, wall: float, out
         "units_skipped": skipped,
         "units_committed": len(outcome.committed),
         "units_failed": len(outcome.failed),
+        "inputs_added": the_plan.added,
+        "inputs_gone": len(the_plan.gone),
+        "images_per_unit": the_plan.images_per_unit,
         "images": images,
         "images_ok": images - failed,
         "images_failed": failed,

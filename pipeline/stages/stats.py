@@ -1,84 +1,85 @@
 """``+stage=stats``: per-mask and per-image tables, the HTML report and the dataset card.
 
-Output (``output=null`` means the dataset directory, see conf/stage/stats.yaml):
-``<output>/stats/masks.parquet``, ``images.parquet``, ``shards.parquet``,
-``report.html`` and ``<output>/README.md``.
+Output (``output=null`` means the dataset directory, see conf/stage/stats.yaml), a
+folder or an fsspec URL: ``<output>/stats/masks.parquet``, ``images.parquet``,
+``shards.parquet``, ``report.html``, ``figures/*.png`` and ``<output>/README.md``.
+
+Every file is written under a temporary name and committed whole, so a killed run
+leaves nothing truncated under a final name; the next run removes its temporary files.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import posixpath
 import time
-from pathlib import Path
 
-import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline import card, report
+from pipeline import card, report, storage
 from pipeline.dataset import committed_shards
-from pipeline.stats import (IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, map_shards,
-                            shard_stats, summarize)
+from pipeline.readers import TableSink, dataset_paths, map_shards
+from pipeline.stats import IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, shard_stats, summarize
 
 log = logging.getLogger(__name__)
 
-
-def output_given(cfg: DictConfig) -> bool:
-    """Whether the user chose ``output=``: on the command line, or by composing a config
-    with a non-null output. Hydra's default (its run directory) does not count."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = HydraConfig.get().overrides.task
-    except ValueError:  # composed, not launched: the config is what the caller chose
-        return OmegaConf.select(cfg, "output", throw_on_resolution_failure=False) is not None
-    return any(o.split("=", 1)[0].lstrip("+~") == "output" and not o.endswith("=null")
-               for o in overrides)
+TABLES = {"masks": MASK_SCHEMA, "images": IMAGE_SCHEMA, "shards": SHARD_SCHEMA}
 
 
-def dataset_paths(cfg: DictConfig) -> tuple[str, Path]:
-    """(input dataset, output directory) of a stage that writes beside the dataset: the
-    output is ``output=`` when given, else the dataset directory itself."""
-    if not cfg.get("input"):
-        raise ValueError("input= must name a dataset directory (or an SA-1B tar)")
-    dataset = str(cfg.input)
-    if output_given(cfg):
-        return dataset, Path(cfg.output)
-    return dataset, Path(str(Path(dataset).parent) if dataset.endswith(".tar") else dataset)
+def _commit(fs, path: str, data: bytes) -> None:
+    with storage.atomic_open(fs, path) as f:
+        f.write(data)
 
 
 def run(cfg: DictConfig) -> dict:
     """Returns {"images", "masks", "shards", "skipped", "masks_per_s_per_core",
-    "wall_s", "report", "card"}; the last two are paths (card None when not written)."""
+    "wall_s", "report", "card"}; the last two are URLs (card None when not written)."""
     dataset, output = dataset_paths(cfg)
     shards = committed_shards(dataset)
-    stats_dir = output / "stats"
-    stats_dir.mkdir(parents=True, exist_ok=True)
+    fs, root = storage.filesystem(output)
+    stats_dir = storage.join(root, "stats")
+    figures_dir = storage.join(root, card.FIGURES_DIR)
+    # A killed run's temporary files, never read by anyone. In the dataset root only the
+    # card's: other writers (a fully_auto run) may be committing files there right now.
+    for directory in (stats_dir, figures_dir):
+        storage.remove_temps(fs, directory)
+    for stale in fs.glob(storage.join(root, f".README.md{storage.TEMP_MARKER}*")):
+        fs.rm(stale)
     stage = cfg.stage
     start = time.perf_counter()
     # Results arrive in shard order and go straight to Parquet row groups, so memory
     # holds a window of shards whatever the size of the dataset.
-    with pq.ParquetWriter(stats_dir / "masks.parquet", MASK_SCHEMA) as masks_out, \
-            pq.ParquetWriter(stats_dir / "images.parquet", IMAGE_SCHEMA) as images_out, \
-            pq.ParquetWriter(stats_dir / "shards.parquet", SHARD_SCHEMA) as shards_out:
+    with contextlib.ExitStack() as stack:
+        sinks = {name: stack.enter_context(TableSink(fs, storage.join(stats_dir, f"{name}.parquet"), schema))
+                 for name, schema in TABLES.items()}
         for result in map_shards(shard_stats, shards, parallel=stage.parallel,
                                  min_shards_for_ray=stage.min_shards_for_ray,
                                  cluster=cfg.get("cluster"), desc="stats",
                                  concavity_per_bin=stage.concavity_per_bin, seed=stage.seed):
-            masks_out.write_table(result.masks)
-            images_out.write_table(result.images)
-            shards_out.write_table(result.shard)
+            sinks["masks"].write(result.masks)
+            sinks["images"].write(result.images)
+            sinks["shards"].write(result.shard)
             for key, reason in result.skipped:
-                log.warning("skipped %s %s: %s", result.shard["shard"][0].as_py(), key, reason)
+                log.warning("skipped shard %s key %s: %s", result.shard["shard"][0].as_py(), key, reason)
     wall = time.perf_counter() - start
 
-    summary = summarize(stats_dir)
+    summary = summarize(storage.url(fs, stats_dir))
     summary["concavity_per_bin"] = int(stage.concavity_per_bin)
-    report_path = stats_dir / "report.html"
-    report_path.write_text(report.render(summary, title=Path(dataset).name))
-    card_path = card.write(output, dataset, summary) if stage.card else None
+    pngs = report.figure_pngs(summary)
+    for caption, png in pngs.items():
+        _commit(fs, storage.join(figures_dir, f"{report.FIGURE_STEMS[caption]}.png"), png)
+    report_path = storage.join(stats_dir, "report.html")
+    title = posixpath.basename(dataset.rstrip("/"))
+    _commit(fs, report_path, report.render(summary, title=title, pngs=pngs).encode("utf-8"))
+    card_url = (card.write(output, dataset, summary, license=str(stage.license), shards=shards)
+                if stage.card else None)
     # Printed, not only logged: the throughput is a figure people quote.
     print(f"stats: {summary['masks']} masks in {summary['table_cpu_s']:.2f} CPU s from JSON "
           f"bytes to the per-mask table = {summary['masks_per_s_per_core']:,.0f} masks/s per core "
           f"({wall:.1f} s wall for the shards, Ray start-up and concavity sample included)")
+    if summary["skipped"]:
+        print(f"stats: {summary['skipped']} records skipped (not SA-1B records; each is logged "
+              "with its shard and key)")
     return {
         "images": summary["images"],
         "masks": summary["masks"],
@@ -86,6 +87,6 @@ def run(cfg: DictConfig) -> dict:
         "skipped": summary["skipped"],
         "masks_per_s_per_core": summary["masks_per_s_per_core"],
         "wall_s": wall,
-        "report": str(report_path),
-        "card": str(card_path) if card_path else None,
+        "report": storage.url(fs, report_path),
+        "card": card_url,
     }

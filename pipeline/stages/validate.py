@@ -12,24 +12,24 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import tarfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import fsspec
 import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline.stages.stats import dataset_paths
+from pipeline import plan, storage
 from pipeline.dataset import committed_shards
-from pipeline.stats import map_shards, shard_name
+from pipeline.readers import TableSink, dataset_paths, map_shards, output_or_none
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class Problem:
 
     def __str__(self) -> str:
         return f"PROBLEM shard={self.shard} key={self.key or '-'} [{self.check}] {self.message}"
+
+
+PROBLEM_SCHEMA = pa.schema([(n, pa.string()) for n in ("shard", "key", "check", "message")])
 
 
 @dataclass
@@ -181,7 +184,8 @@ def _iter_samples(path: str, name: str, problems: list[Problem]) -> Iterator[tup
     shards are ~10 GB); tar-level problems are appended to ``problems``."""
     seen: set[str] = set()
     key, files = None, {}
-    with fsspec.open(path, "rb") as f:
+    fs, fs_path = storage.filesystem(path)
+    with fs.open(fs_path, "rb") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
@@ -273,7 +277,7 @@ def check_sample(result: ShardCheck, key: str, files: dict[str, bytes],
 
 def check_shard(path: str, decode_images: bool = True, bbox_tolerance_px: float = 1) -> ShardCheck:
     """Checks one shard on its own (cross-shard checks come later, from the result)."""
-    result = ShardCheck(shard=shard_name(path))
+    result = ShardCheck(shard=posixpath.basename(path))
     validator = jsonschema.Draft202012Validator(SA1B_JSON_SCHEMA)
     ann_ids: list[int] = []
     ann_record: list[int] = []
@@ -321,9 +325,26 @@ def _shard_label(value: object) -> str:
     return Path(str(value)).name
 
 
+def check_plan(dataset: str) -> list[Problem]:
+    """The manifest against the run's recorded plan (``pipeline.plan.audit``): images of
+    committed units missing from the manifest (lost), keys listed twice, keys the plan
+    never gave out. Units not committed yet are no problem (the run is unfinished; it is
+    printed so nobody mistakes a partial dataset for a whole one)."""
+    found = plan.audit(dataset)
+    if found is None:
+        return []
+    if found.pending:
+        print(f"validate: {len(found.pending)} planned unit(s) not committed yet (rerun the stage to finish): "
+              f"{found.pending[:10]}")
+    return ([Problem("", key, "plan", "planned in a committed unit but missing from the manifest (lost)")
+             for key in found.lost]
+            + [Problem("", key, "plan", "listed more than once in the manifest (duplicated)") for key in found.duplicated]
+            + [Problem("", key, "plan", "in the manifest but not in the run's plan") for key in found.unplanned])
+
+
 def check_manifest(dataset: str, checks: list[ShardCheck], ok_status: str) -> list[Problem]:
     """Manifest parts against shards: one part per shard, same keys, same fields."""
-    fs, root = fsspec.core.url_to_fs(dataset)
+    fs, root = storage.filesystem(dataset)
     parts = sorted(fs.glob(f"{root}/manifest/part_*.parquet"))
     if not parts:
         return []
@@ -378,6 +399,7 @@ def run(cfg: DictConfig) -> dict:
     problems = [p for c in checks for p in c.problems]
     problems += check_unique(checks)
     problems += check_manifest(dataset, checks, stage.manifest_ok_status)
+    problems += check_plan(dataset)
     by_check: dict[str, int] = defaultdict(int)
     for i, problem in enumerate(problems):
         by_check[problem.check] += 1
@@ -386,14 +408,13 @@ def run(cfg: DictConfig) -> dict:
     summary = {"shards": len(shards), "images": sum(len(c.records) for c in checks),
                "annotations": int(sum(len(c.ann_ids) for c in checks)),
                "problems": len(problems), "by_check": dict(by_check)}
-    # Hydra's run directory by default, next to the log; output=null writes nothing.
-    output = OmegaConf.select(cfg, "output", throw_on_resolution_failure=False)
+    # Hydra's run directory by default, next to the log; output=null writes nothing. No
+    # problems, no table (an empty Parquet table breaks Hugging Face datasets).
+    output = output_or_none(cfg)
     if output:
-        out = Path(output) / "validate"
-        out.mkdir(parents=True, exist_ok=True)
-        schema = pa.schema([(n, pa.string()) for n in ("shard", "key", "check", "message")])
-        pq.write_table(pa.Table.from_pylist([asdict(p) for p in problems], schema=schema),
-                       out / "problems.parquet")
+        fs, root = storage.filesystem(output)
+        with TableSink(fs, storage.join(root, "validate", "problems.parquet"), PROBLEM_SCHEMA) as sink:
+            sink.write(pa.Table.from_pylist([asdict(p) for p in problems], schema=PROBLEM_SCHEMA))
     print(f"validate: {summary['shards']} shards, {summary['images']} images, "
           f"{summary['annotations']} annotations, {len(problems)} problems {dict(by_check)}")
     if problems:

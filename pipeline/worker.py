@@ -1,27 +1,32 @@
-"""The worker: loads the model once, then turns whole units into committed shards.
+"""The worker: loads a mask source once, then turns whole units into committed shards.
 
-``Annotator`` is a plain class (usable and testable without Ray); the stage wraps it
-with ``ray.remote`` and explicit resources, like a Ray Data predictor. Within a unit,
-decoding runs ahead in threads and shard writing runs behind in a thread, so the model
-waits on neither; both queues are bounded, so memory is flat whatever the unit size.
+``UnitWorker`` is a plain class (usable and testable without Ray); stages wrap it with
+``ray.remote`` and explicit resources, like a Ray Data predictor. What it asks for masks
+is a mask source (``pipeline.mask_sources``: the point grid of fully_auto, box prompts,
+...); reading, decoding, the shard, the manifest and the commit are the same for all.
+Within a unit, decoding runs ahead in threads and shard writing runs behind in a thread,
+so the model waits on neither; both queues are bounded, so memory is flat whatever the
+unit size.
 """
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from pipeline import manifest, model, shards, storage
+from pipeline import lease, manifest, mask_sources, shards, storage
 from pipeline.images import ImageError, PreparedImage, prepare_image
 from pipeline.sources import Item, Unit, read_item
 
-Failure = tuple[str, str]  # (stage, reason) as written to the errors table
+Failure = tuple[str, str]  # (phase, reason) as written to the errors table
 # Progress goes to the driver at most this often (plus once at the end of a unit): one
 # Ray message per image cost ~25 ms of CPU per image on a 2-core machine, as much as the
 # small model itself; a few messages per second keep the progress bar live at any speed.
@@ -45,12 +50,16 @@ def inflight_key(output: str, unit_index: int) -> str | None:
         return None
 
 
-class Annotator:
-    """Annotates units with the automatic mask generator and commits them.
+class UnitWorker:
+    """Annotates units with a mask source and commits them.
 
-    model_cfg, amg_cfg: as ``pipeline.model.build_generator`` takes them.
+    source: the mask source's spec (``pipeline.mask_sources.build``), e.g. ``{"kind":
+        "grid", "model": cfg.model, "amg": cfg.amg, "model_sha256": ...}``; the model's
+        bytes are checked against ``model_sha256`` as they are loaded.
     image_cfg: keyword arguments of ``pipeline.images.prepare_image``.
     output: dataset root URL; model_sha256: identity written to the manifest.
+    lease_owner: the driver's lease id; every commit first checks the run still holds
+        the output's lease (None: no check, for tests and tools that own the output).
     prefetch: images decoded ahead of the model. threads: torch CPU threads (None: keep).
     kill_on: fnmatch patterns of sources on which the process kills itself, to test
         crash isolation for real (a hard kill, as a segfaulting decoder would die).
@@ -58,21 +67,22 @@ class Annotator:
 
     def __init__(
         self,
-        model_cfg: dict[str, Any],
-        amg_cfg: dict[str, Any],
+        source: dict[str, Any],
         image_cfg: dict[str, Any],
         output: str,
         model_sha256: str,
+        lease_owner: str | None = None,
         prefetch: int = 2,
         threads: int | None = None,
         kill_on: tuple[str, ...] = (),
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.generator = model.build_generator(model_cfg, amg_cfg)
+        self.source = mask_sources.build(source)
         self.image_cfg = dict(image_cfg)
         self.output = output
         self.model_sha256 = model_sha256
+        self.lease_owner = lease_owner
         self.prefetch = prefetch
         self.kill_on = tuple(kill_on)
 
@@ -90,7 +100,9 @@ class Annotator:
         previous one. Last: ``{"unit": index, "images": n, "masks": m, "errors": e,
         "seconds": busy time}``.
         ``careful`` decodes one image at a time and notes each key before touching it
-        (see ``inflight_key``) so that a crash can be blamed on exactly one image;
+        (see ``inflight_key``) so that a crash can be blamed on exactly one image, and
+        keeps each finished image's result beside the note, so that the next careful try
+        of the unit resumes after it instead of annotating the unit again;
         ``poisoned`` maps the keys to skip to the reason recorded for them.
         """
         start = time.perf_counter()
@@ -100,36 +112,30 @@ class Annotator:
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         progress = _Progress(0.0 if careful else PROGRESS_PERIOD_S)
+        memo = _CarefulMemo(self.output, unit.index) if careful else None
+        if memo:
+            self._note(unit.index, "")  # a crash before the first image blames no one
         with shards.ShardWriter(shard_url) as writer, ThreadPoolExecutor(1) as write_pool:
             pending_writes: deque[Future] = deque()
-            note = (lambda key: self._note(unit.index, key)) if careful else None
-            loaded = self._loaded(unit.items, 0 if careful else self.prefetch, poisoned, note)
-            for item, prepared, failure in loaded:
-                if failure is None:
-                    self._maybe_kill(item)
-                    masks, failure = self._annotate(prepared)
-                if failure is not None:
-                    stage, reason = failure
-                    errors.append({"key": item.key, "source": item.source, "stage": stage, "reason": reason})
-                    rows.append(self._row(item, "", 0, 0, 0, manifest.STATUS_ERROR))
-                    if message := progress.add(masks=0, failed=1):
-                        yield message
-                    continue
-                record = shards.sa1b_record(item.key, item.image_id, prepared.width, prepared.height, masks)
-                pending_writes.append(write_pool.submit(writer.write, item.key, prepared.jpeg, record))
-                while len(pending_writes) > 2:
-                    pending_writes.popleft().result()
-                rows.append(
-                    self._row(item, shard, prepared.width, prepared.height, len(masks), manifest.STATUS_OK)
-                )
-                if message := progress.add(masks=len(masks), failed=0):
+            for result in self._results(unit, shard, poisoned, memo):
+                if result.error is not None:
+                    errors.append(result.error)
+                else:
+                    pending_writes.append(write_pool.submit(writer.write, result.row["key"], result.jpeg, result.record))
+                    while len(pending_writes) > 2:
+                        pending_writes.popleft().result()
+                rows.append(result.row)
+                if message := progress.add(masks=result.row["num_masks"], failed=int(result.error is not None)):
                     yield message
             for write in pending_writes:
                 write.result()
         if message := progress.flush():
             yield message
         # Commit order matters: shard, then errors, then the manifest part that marks the
-        # unit done. A crash in between only leaves files that the rerun rewrites.
+        # unit done. A crash in between only leaves files that the rerun rewrites. A run
+        # that lost the output's lease to another run must not commit.
+        if self.lease_owner is not None:
+            lease.check(self.output, self.lease_owner)
         manifest.write_part(self.output, manifest.ERRORS_DIR, unit.index, errors)
         manifest.write_part(self.output, manifest.MANIFEST_DIR, unit.index, rows)
         if careful:
@@ -141,6 +147,41 @@ class Annotator:
             "errors": len(errors),
             "seconds": time.perf_counter() - start,
         }
+
+    def _results(
+        self, unit: Unit, shard: str, poisoned: dict[str, str], memo: "_CarefulMemo | None"
+    ) -> Iterator["_Result"]:
+        """Each image's outcome in input order: from the memo of an earlier careful try,
+        else read, decoded and annotated now (one at a time when careful)."""
+        remembered = {i.key: memo.get(i.key) for i in unit.items} if memo else {}
+        items = [i for i in unit.items if remembered.get(i.key) is None]
+        note = (lambda key: self._note(unit.index, key)) if memo else None
+        fresh = self._loaded(tuple(items), 0 if memo else self.prefetch, poisoned, note)
+        for item in unit.items:
+            if remembered.get(item.key) is not None:
+                yield remembered[item.key]
+                continue
+            same, prepared, failure = next(fresh)
+            assert same is item
+            if failure is None:
+                self._maybe_kill(item)
+                masks, failure = self._annotate(item, prepared)
+            if failure is not None:
+                phase, reason = failure
+                result = _Result(
+                    row=self._row(item, "", None, 0, manifest.STATUS_ERROR),
+                    error={"key": item.key, "source": item.source, "phase": phase, "reason": reason},
+                )
+            else:
+                record = shards.sa1b_record(
+                    item.key, item.image_id, prepared.width, prepared.height, masks,
+                    source=item.source, source_sha256=prepared.source_sha256,
+                )
+                result = _Result(row=self._row(item, shard, prepared, len(masks), manifest.STATUS_OK),
+                                 record=record, jpeg=prepared.jpeg)
+            if memo:
+                memo.put(item.key, result)
+            yield result
 
     def _loaded(
         self, items: tuple[Item, ...], window: int, poisoned: dict[str, str], note=None
@@ -170,6 +211,8 @@ class Annotator:
     def _load(self, item: Item, poisoned: dict[str, str]) -> tuple[PreparedImage | None, Failure | None]:
         if item.key in poisoned:
             return None, ("isolated", poisoned[item.key])
+        if item.problem:
+            return None, ("enumerate", item.problem)
         try:
             data = read_item(item)
         except FileNotFoundError:
@@ -185,22 +228,23 @@ class Annotator:
         except ImageError as e:
             return None, ("decode", str(e))
 
-    def _annotate(self, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
+    def _annotate(self, item: Item, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
         try:
-            return self.generator.generate(prepared.rgb), None
+            return self.source(item, prepared), None
         except torch.cuda.OutOfMemoryError:
             raise  # a property of the worker, not of the image: let the unit be retried
         except Exception as e:  # an image the model cannot handle must not sink the unit
             return None, ("annotate", f"mask generation failed: {type(e).__name__}: {e}")
 
-    def _row(self, item: Item, shard: str, width: int, height: int, num_masks: int, status: str) -> dict[str, Any]:
+    def _row(self, item: Item, shard: str, prepared: PreparedImage | None, num_masks: int, status: str) -> dict[str, Any]:
         return {
             "key": item.key,
             "image_id": item.image_id,
             "shard": shard,
             "source": item.source,
-            "width": width,
-            "height": height,
+            "source_sha256": prepared.source_sha256 if prepared else "",
+            "width": prepared.width if prepared else 0,
+            "height": prepared.height if prepared else 0,
             "num_masks": num_masks,
             "model_sha256": self.model_sha256,
             "status": status,
@@ -214,6 +258,42 @@ class Annotator:
     def _maybe_kill(self, item: Item) -> None:
         if any(fnmatch.fnmatch(item.source, pattern) for pattern in self.kill_on):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Result:
+    """One image's outcome: its manifest row, and its record and JPEG, or its error row."""
+
+    row: dict[str, Any]
+    record: dict[str, Any] | None = None
+    jpeg: bytes | None = None
+    error: dict[str, Any] | None = None
+
+
+class _CarefulMemo:
+    """Results of a careful try's finished images, kept beside its note in
+    ``.inflight/unit_<n>/`` (removed with the note at start-up and after the run), so a
+    unit with several crashing images is annotated about once, not once per crash."""
+
+    def __init__(self, output: str, unit_index: int) -> None:
+        self.fs, root = storage.filesystem(output)
+        self.directory = storage.join(root, INFLIGHT_DIR, f"unit_{unit_index:06d}")
+
+    def get(self, key: str) -> _Result | None:
+        try:
+            entry = json.loads(self.fs.cat_file(storage.join(self.directory, f"{key}.json")))
+            jpeg = self.fs.cat_file(storage.join(self.directory, f"{key}.jpg")) if entry["record"] else None
+        except FileNotFoundError:
+            return None
+        return _Result(row=entry["row"], record=entry["record"], jpeg=jpeg, error=entry["error"])
+
+    def put(self, key: str, result: _Result) -> None:
+        if result.jpeg is not None:  # the image first: the JSON (written last) marks it complete
+            with storage.atomic_open(self.fs, storage.join(self.directory, f"{key}.jpg")) as f:
+                f.write(result.jpeg)
+        entry = {"row": result.row, "record": result.record, "error": result.error}
+        with storage.atomic_open(self.fs, storage.join(self.directory, f"{key}.json")) as f:
+            f.write(json.dumps(entry).encode("utf-8"))
 
 
 class _Progress:
