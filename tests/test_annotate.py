@@ -209,6 +209,8 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     assert samples["sa_2"].record["annotations"][0]["provenance"] == "manual"
     table = manifest.read_table(str(output)).to_pylist()
     assert [r["key"] for r in table] == ["sa_1", "sa_2"] and all(r["status"] == "ok" for r in table)
+    assert table[0]["source"].endswith("img_0.png") and len(table[0]["source_sha256"]) == 64
+    assert samples["sa_1"].record["image"]["source_sha256"] == table[0]["source_sha256"]
     # Masks of the wrong size are refused, and nothing is saved.
     bad = {"client": "a", "masks": [{"uid": "x", "counts": [10, 5], "provenance": "manual"}]}
     assert api.put("/api/images/sa_3", json=bad).status_code == 422
@@ -242,6 +244,7 @@ def test_bad_image_is_recorded_and_skipped(serve, tmp_path):
     assert table["sa_2"]["status"] == "error" and table["sa_1"]["status"] == "ok"
     reasons = manifest.read_table(str(output), manifest.ERRORS_DIR).to_pylist()
     assert [r["key"] for r in reasons] == ["sa_2"] and "not a readable image" in reasons[0]["reason"]
+    assert reasons[0]["phase"] == "decode"
     assert api.get("/api/progress").json() == {"images": 3, "done": 3, "failed": 1, "units": 1, "units_committed": 1}
 
 

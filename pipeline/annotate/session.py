@@ -89,14 +89,18 @@ class Session:
             if entry.key in self._prepared:
                 self._prepared.move_to_end(entry.key)
                 return self._prepared[entry.key]
+        phase = "enumerate"
         try:
             if entry.item.problem:  # known before reading (e.g. gone from the input)
                 raise ImageError(entry.item.problem)
-            image = prepare_image(read_item(entry.item), **self.image_cfg)
+            phase = "read"
+            data = read_item(entry.item)
+            phase = "decode"
+            image = prepare_image(data, **self.image_cfg)
             self._check_prefill(entry, image)
         except (ImageError, OSError) as e:
             reason = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
-            self._record_error(entry, reason)
+            self._record_error(entry, reason, phase)
             raise Unavailable(reason) from None
         with self._lock:
             self._prepared[entry.key] = image
@@ -115,9 +119,9 @@ class Session:
                     f"{image.height}x{image.width} (resized by stage.image.short_side?)"
                 )
 
-    def _record_error(self, entry: Entry, reason: str) -> None:
+    def _record_error(self, entry: Entry, reason: str, phase: str) -> None:
         log.warning("%s (%s) cannot be annotated: %s", entry.key, entry.source, reason)
-        self.store.save(ImageState(entry.key, [], done=False, error=reason))
+        self.store.save(ImageState(entry.key, [], done=False, error=reason, phase=phase))
         self._maybe_commit(entry.unit)
 
     def jpeg(self, key: str) -> bytes:

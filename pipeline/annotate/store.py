@@ -40,16 +40,18 @@ class ImageState:
     masks: dicts with uid, segmentation (compressed COCO RLE), provenance (one of
         PROVENANCES, or AUTOMATIC while unreviewed), clicks, seconds, annotator,
         point_coords; pre-filled masks also keep predicted_iou, stability_score, crop_box.
-    done: the annotator marked the image done. error: why the image cannot be annotated.
+    done: the annotator marked the image done. error: why the image cannot be annotated,
+    found in ``phase`` (enumerate, read or decode, as in the errors table).
     """
 
     key: str
     masks: list[dict[str, Any]]
     done: bool = False
     error: str | None = None
+    phase: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "masks": self.masks, "done": self.done, "error": self.error}
+        return {"key": self.key, "masks": self.masks, "done": self.done, "error": self.error, "phase": self.phase}
 
 
 class Store:
@@ -73,7 +75,7 @@ class Store:
             data = json.loads(self._fs.cat_file(self._path(key)))
         except FileNotFoundError:
             return None
-        return ImageState(data["key"], data["masks"], bool(data["done"]), data.get("error"))
+        return ImageState(data["key"], data["masks"], bool(data["done"]), data.get("error"), data.get("phase"))
 
     def save(self, state: ImageState) -> None:
         """Atomically replaces the image's working state (a crash keeps the last save)."""
@@ -103,15 +105,18 @@ class Store:
                     row = {"key": entry.key, "image_id": entry.image_id, "source": entry.source,
                            "model_sha256": model_sha256}
                     if state.error is not None:
-                        errors.append({"key": entry.key, "source": entry.source, "stage": "annotate", "reason": state.error})
-                        rows.append({**row, "shard": "", "width": 0, "height": 0, "num_masks": 0,
-                                     "status": manifest.STATUS_ERROR})
+                        errors.append({"key": entry.key, "source": entry.source, "phase": state.phase or "read",
+                                       "reason": state.error})
+                        rows.append({**row, "shard": "", "source_sha256": "", "width": 0, "height": 0,
+                                     "num_masks": 0, "status": manifest.STATUS_ERROR})
                         continue
                     image = prepare(entry)
                     masks = [dataset_mask(m, image.width, image.height) for m in state.masks]
-                    writer.write(entry.key, image.jpeg, shards.sa1b_record(entry.key, entry.image_id, image.width, image.height, masks))
-                    rows.append({**row, "shard": shard, "width": image.width, "height": image.height,
-                                 "num_masks": len(masks), "status": manifest.STATUS_OK})
+                    record = shards.sa1b_record(entry.key, entry.image_id, image.width, image.height, masks,
+                                                source=entry.source, source_sha256=image.source_sha256)
+                    writer.write(entry.key, image.jpeg, record)
+                    rows.append({**row, "shard": shard, "source_sha256": image.source_sha256, "width": image.width,
+                                 "height": image.height, "num_masks": len(masks), "status": manifest.STATUS_OK})
             # The manifest part is the commit marker: written last.
             manifest.write_part(self.output, manifest.ERRORS_DIR, unit, errors)
             manifest.write_part(self.output, manifest.MANIFEST_DIR, unit, rows)
