@@ -189,6 +189,9 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     assert api.put("/api/images/sa_1", json={"client": "a", "masks": view["masks"], "done": True}).json()["committed"] is False
     second = api.post("/api/lease", json={"client": "a", "after": "sa_1"}).json()
     assert second["key"] == "sa_2"
+    # A late save of the image the browser just left is kept and does not move its lease.
+    api.put("/api/images/sa_1", json={"client": "a", "masks": view["masks"], "done": True}).raise_for_status()
+    assert served.session.leases.holder("sa_2") == "a" and served.session.leases.holder("sa_1") is None
     m2 = a_mask(48, 64, 30, 10, 60, 40)
     result = api.put("/api/images/sa_2", json={"client": "a", "done": True, "masks": [
         {"uid": "m2", "counts": counts_from_mask(m2), "provenance": "manual", "annotator": "ann"}]}).json()

@@ -108,8 +108,11 @@ def screen_point(page, x: float, y: float) -> tuple[float, float]:
     return rect["x"] + zoom["tx"] + x * zoom["s"], rect["y"] + zoom["ty"] + y * zoom["s"]
 
 
-def wait_saved(page, count: int) -> None:
-    page.wait_for_function(f"document.getElementById('status').textContent.startsWith('saved {count} mask')", timeout=30_000)
+def press_and_wait_saved(page, key: str) -> None:
+    """Presses ``key`` and waits for the save it makes to be answered 200."""
+    with page.expect_response(lambda r: r.request.method == "PUT" and "/api/images/" in r.url, timeout=30_000) as saved:
+        page.keyboard.press(key)
+    assert saved.value.ok, saved.value.status
 
 
 def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
@@ -132,8 +135,7 @@ def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
     page.mouse.click(*screen_point(page, x + 0.5, y + 0.5))
     page.wait_for_function("window.sam.stats.clicks.length === 1 && window.sam.state.current.mask", timeout=30_000)
     candidate = page.evaluate("window.sam.state.current.candidate")
-    page.keyboard.press("Enter")
-    wait_saved(page, 1)
+    press_and_wait_saved(page, "Enter")
     if SCREENSHOT:
         page.keyboard.press("Tab")  # select it, so that the screenshot shows a selected mask
         page.screenshot(path=SCREENSHOT)
@@ -148,8 +150,7 @@ def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
     page.mouse.down()
     page.mouse.move(*screen_point(page, *end), steps=8)
     page.mouse.up()
-    page.keyboard.press("Enter")
-    wait_saved(page, 1)
+    press_and_wait_saved(page, "Enter")
     clicked = page.evaluate("window.sam.state.masks[0].point_coords")
 
     # Next image, then mark the first done: its unit is committed.
@@ -247,8 +248,8 @@ def test_prefilled_masks_select_delete_accept_all(browser, tmp_path):
         page.keyboard.press("v")
         page.mouse.click(*screen_point(page, xs[len(xs) // 2] + 0.5, ys[len(ys) // 2] + 0.5))
         assert page.evaluate("window.sam.state.selected") == 1
-        page.keyboard.press("Delete")
-        wait_saved(page, 3)
+        press_and_wait_saved(page, "Delete")
+        assert page.evaluate("window.sam.state.masks.length") == 3
         page.keyboard.press("Shift+A")
         page.wait_for_function("window.sam.state.masks.every(m => m.provenance === 'automatic_accepted')", timeout=10_000)
         page.keyboard.press("m")

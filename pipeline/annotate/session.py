@@ -228,8 +228,13 @@ class Session:
         entry = self.entry(key)
         if entry.unit in self.store.committed:
             raise Conflict(f"{key} is committed (unit {entry.unit}); committed images are never rewritten")
-        if not self.leases.acquire(key, client):
+        holder = self.leases.holder(key)
+        if holder not in (None, client):
             raise Conflict(f"{key} is being annotated by another annotator; reload to get another image")
+        if holder == client:
+            self.leases.acquire(key, client)  # a save renews the lease
+        # A save that arrives after its browser moved on (holder None) is still taken,
+        # without taking the image back: the browser's lease is on its new image now.
         image = self.prepared(entry)
         previous = {m["uid"]: m for m in self.state(key).masks}
         saved = []

@@ -267,6 +267,7 @@ function save(done = false) {
 }
 
 async function open(step, key) {
+  await state.saving; // the last save of this image lands before its lease moves on
   const after = state.view ? state.view.key : null;
   status("loading…");
   let view;
