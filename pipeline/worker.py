@@ -58,7 +58,8 @@ class UnitWorker:
     source: the mask source's spec (``pipeline.mask_sources.build``), e.g. ``{"kind":
         "grid", "model": cfg.model, "amg": cfg.amg, "model_sha256": ...}``; the model's
         bytes are checked against ``model_sha256`` as they are loaded.
-    image_cfg: keyword arguments of ``pipeline.images.prepare_image``.
+    image_cfg: ``stage.image``: keyword arguments of ``pipeline.images.prepare_image``
+        plus the read limits (file size, read and decode time limits; see ``_load``).
     output: dataset root URL; model_sha256: identity written to the manifest.
     lease_owner: the driver's lease id; every commit first checks the run still holds
         the output's lease (None: no check, for tests and tools that own the output).
@@ -177,7 +178,7 @@ class UnitWorker:
             else:
                 record = shards.sa1b_record(
                     item.key, item.image_id, prepared.width, prepared.height, masks,
-                    source=item.source, source_sha256=prepared.source_sha256,
+                    source=item.source, source_sha256=prepared.source_sha256, **prepared.record_fields(),
                 )
                 result = _Result(row=self._row(item, shard, prepared, len(masks), manifest.STATUS_OK),
                                  record=record, jpeg=prepared.jpeg)
@@ -253,6 +254,7 @@ class UnitWorker:
             "shard": shard,
             "source": item.source,
             "source_sha256": prepared.source_sha256 if prepared else "",
+            "blurred_regions": prepared.blurred_regions if prepared else None,
             "width": prepared.width if prepared else 0,
             "height": prepared.height if prepared else 0,
             "num_masks": num_masks,
