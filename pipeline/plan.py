@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.sources import Entry, Item, Unit
+from pipeline.sources import Entry, Item, Unit, printable
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,10 @@ def _assign(fresh: list[Entry], recorded: list[dict], images_per_unit: int, keep
             image_id, next_id = next_id, next_id + 1
         rows.append(
             {
-                "name": entry.name, "url": entry.url, "member": entry.member, "offset": entry.offset,
+                # Parquet strings must be UTF-8: a name with other bytes is recorded escaped;
+                # reads use today's listing (the real name) while the input is there.
+                "name": entry.name, "url": printable(entry.url),
+                "member": None if entry.member is None else printable(entry.member), "offset": entry.offset,
                 "size": entry.size, "problem": entry.problem, "image_id": image_id,
                 "unit": first_unit + position // images_per_unit,
             }

@@ -14,6 +14,7 @@ import fnmatch
 import json
 import os
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,8 @@ import torch
 
 from pipeline import lease, manifest, mask_sources, shards, storage
 from pipeline.images import ImageError, PreparedImage, prepare_image
-from pipeline.sources import Item, Unit, read_item
+from pipeline.privacy import PrivacyUnavailable
+from pipeline.sources import Item, ReadRefused, Unit, read_item
 
 Failure = tuple[str, str]  # (phase, reason) as written to the errors table
 # Progress goes to the driver at most this often (plus once at the end of a unit): one
@@ -56,7 +58,8 @@ class UnitWorker:
     source: the mask source's spec (``pipeline.mask_sources.build``), e.g. ``{"kind":
         "grid", "model": cfg.model, "amg": cfg.amg, "model_sha256": ...}``; the model's
         bytes are checked against ``model_sha256`` as they are loaded.
-    image_cfg: keyword arguments of ``pipeline.images.prepare_image``.
+    image_cfg: ``stage.image``: keyword arguments of ``pipeline.images.prepare_image``
+        plus the read limits (file size, read and decode time limits; see ``_load``).
     output: dataset root URL; model_sha256: identity written to the manifest.
     lease_owner: the driver's lease id; every commit first checks the run still holds
         the output's lease (None: no check, for tests and tools that own the output).
@@ -175,7 +178,7 @@ class UnitWorker:
             else:
                 record = shards.sa1b_record(
                     item.key, item.image_id, prepared.width, prepared.height, masks,
-                    source=item.source, source_sha256=prepared.source_sha256,
+                    source=item.source, source_sha256=prepared.source_sha256, **prepared.record_fields(),
                 )
                 result = _Result(row=self._row(item, shard, prepared, len(masks), manifest.STATUS_OK),
                                  record=record, jpeg=prepared.jpeg)
@@ -209,24 +212,32 @@ class UnitWorker:
                 yield (head, *future.result())
 
     def _load(self, item: Item, poisoned: dict[str, str]) -> tuple[PreparedImage | None, Failure | None]:
+        """Reads and prepares one item within the time limits; never raises for the item.
+
+        A read or decode that overruns ``stage.image.read_timeout_s`` /
+        ``decode_timeout_s`` (a hung network mount, a pathological file) gets an error
+        row and the unit goes on. Python cannot kill a thread, so the work runs in a
+        daemon thread that is abandoned when it overruns: it finishes or stays blocked
+        on its own without holding up the unit or the worker's exit. A subprocess could
+        be killed, but would cost a copy of every image's bytes and pixels between
+        processes; a stuck input is rare, and the careful retries already deal with a
+        decoder that takes the whole process down.
+        """
         if item.key in poisoned:
             return None, ("isolated", poisoned[item.key])
-        if item.problem:
+        if item.problem is not None:
             return None, ("enumerate", item.problem)
-        try:
-            data = read_item(item)
-        except FileNotFoundError:
-            return None, ("read", "file not found: it was listed or enumerated but does not exist (deleted, moved, or a broken link)")
-        except IsADirectoryError:
-            return None, ("read", "is a directory, not an image file")
-        except PermissionError:
-            return None, ("read", "permission denied: make the file readable by the workers' user")
-        except OSError as e:
-            return None, ("read", f"cannot read the file: {e}")
-        try:
-            return prepare_image(data, **self.image_cfg), None
-        except ImageError as e:
-            return None, ("decode", str(e))
+        limits, prepare_kwargs = _split_image_cfg(self.image_cfg)
+        attempt = _Attempt(item, limits["max_file_bytes"], prepare_kwargs)
+        worker = threading.Thread(target=attempt.run, name=f"load {item.key}", daemon=True)
+        worker.start()
+        if not attempt.read_done.wait(limits["read_timeout_s"]):
+            return None, ("read", _overrun("reading", "read_timeout_s", limits["read_timeout_s"]))
+        if not attempt.done.wait(limits["decode_timeout_s"]):
+            return None, ("decode", _overrun("decoding", "decode_timeout_s", limits["decode_timeout_s"]))
+        if attempt.error is not None:
+            raise attempt.error
+        return attempt.result
 
     def _annotate(self, item: Item, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
         try:
@@ -243,6 +254,7 @@ class UnitWorker:
             "shard": shard,
             "source": item.source,
             "source_sha256": prepared.source_sha256 if prepared else "",
+            "blurred_regions": prepared.blurred_regions if prepared else None,
             "width": prepared.width if prepared else 0,
             "height": prepared.height if prepared else 0,
             "num_masks": num_masks,
@@ -316,3 +328,70 @@ class _Progress:
         message, self.counts = self.counts, {"images": 0, "masks": 0, "failed": 0}
         self.last = time.monotonic()
         return message
+
+
+# Keys of stage.image that govern reading, not prepare_image; their defaults apply when a
+# config predates them.
+_READ_LIMITS = {"max_file_bytes": None, "read_timeout_s": None, "decode_timeout_s": None}
+
+
+def _split_image_cfg(image_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``stage.image`` -> (read limits, keyword arguments of ``prepare_image``)."""
+    limits = {key: image_cfg.get(key, default) for key, default in _READ_LIMITS.items()}
+    return limits, {k: v for k, v in image_cfg.items() if k not in _READ_LIMITS}
+
+
+def _overrun(what: str, key: str, seconds: float) -> str:
+    return (
+        f"{what} did not finish within stage.image.{key}={seconds} s (a hung network file system, "
+        "a device, or a pathological file); abandoned so the run goes on; raise the limit if it is genuine"
+    )
+
+
+class _Attempt:
+    """Reads then prepares one item in its own thread; events mark the end of each phase."""
+
+    def __init__(self, item: Item, max_file_bytes: int | None, prepare_kwargs: dict[str, Any]) -> None:
+        self.item = item
+        self.max_file_bytes = max_file_bytes
+        self.prepare_kwargs = prepare_kwargs
+        self.read_done = threading.Event()
+        self.done = threading.Event()
+        self.result: tuple[PreparedImage | None, Failure | None] = (None, None)
+        self.error: BaseException | None = None  # raised again in the caller's thread
+
+    def run(self) -> None:
+        try:
+            self.result = self._run()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.read_done.set()
+            self.done.set()
+
+    def _run(self) -> tuple[PreparedImage | None, Failure | None]:
+        try:
+            data = read_item(self.item, self.max_file_bytes)
+        except FileNotFoundError:
+            return None, ("read", "file not found: it was listed or enumerated but does not exist (deleted, moved, or a broken link)")
+        except IsADirectoryError:
+            return None, ("read", "is a directory, not an image file")
+        except PermissionError:
+            return None, ("read", "permission denied: make the file readable by the workers' user")
+        except ReadRefused as e:
+            return None, ("read", str(e))
+        except OSError as e:
+            return None, ("read", f"cannot read the file: {e}")
+        except Exception as e:  # an unknown URL scheme, a file system's own error types...
+            return None, ("read", f"cannot read the file: {type(e).__name__}: {e}")
+        self.read_done.set()
+        try:
+            return prepare_image(data, **self.prepare_kwargs), None
+        except ImageError as e:
+            return None, ("decode", str(e))
+        except PrivacyUnavailable:
+            raise  # the installation's fault, not the image's: the unit fails and says why
+        except MemoryError:
+            return None, ("decode", "ran out of memory decoding it: lower stage.image.max_decoded_bytes or give workers more memory")
+        except Exception as e:  # a decoder bug on one file must not sink the unit
+            return None, ("decode", f"decoding failed: {type(e).__name__}: {e}")

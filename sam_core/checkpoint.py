@@ -62,6 +62,15 @@ def read_state_dict(path: Union[str, os.PathLike], expected_sha256: Optional[str
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    # A diverged training run saves NaN weights that load without complaint, then score
+    # every mask NaN: every threshold comparison is False, so a run "succeeds" with no mask.
+    non_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if non_finite:
+        shown = ", ".join(non_finite[:8]) + (f", ... ({len(non_finite)} in all)" if len(non_finite) > 8 else "")
+        raise CheckpointError(
+            f"{path}: refused to load; tensors hold NaN or infinite values (a diverged training "
+            f"run?): {shown}"
+        )
     return state
 
 

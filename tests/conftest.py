@@ -112,17 +112,18 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
     """A PNG that declares width x height pixels but carries one compressed row.
 
     Enough to look like a decompression bomb: its header promises far more pixels than
-    any decoder should allocate, at the cost of a few bytes.
+    any decoder should allocate, at the cost of a few bytes. The default is 8-bit
+    greyscale; ``bit_depth=16, colour_type=6`` declares 16-bit RGBA (8 bytes a pixel).
     """
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b"")
 
 
@@ -186,3 +187,78 @@ def image_folder(tmp_path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+# --- privacy and unusual inputs (tests/test_images.py, tests/test_bad_inputs.py) ---------
+SERIAL = "SERIAL-4711-0815"  # the camera serial planted in private_jpeg()
+
+
+def private_jpeg(orientation: int = 1, seed: int = 9) -> bytes:
+    """A JPEG a phone would write: EXIF with a GPS position and the camera's serial
+    number, an ICC profile and a comment naming the serial, and bytes after the end
+    marker (as motion photos append a video)."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS 5D"
+    if orientation != 1:
+        exif[0x0112] = orientation
+    exif.get_ifd(0x8769)[0xA431] = SERIAL  # BodySerialNumber
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2], gps[3], gps[4] = "N", (48.0, 51.0, 29.5), "E", (2.0, 17.0, 40.2)
+    data = encode(
+        Image.fromarray(scene(64, 48, seed)), "JPEG", quality=90, exif=exif,
+        icc_profile=f"not a real profile; device {SERIAL}".encode(), comment=f"owner {SERIAL}".encode(),
+    )
+    return data + f"appended video of {SERIAL}".encode()
+
+
+def face_photo() -> bytes:
+    """A portrait with one frontal face: matplotlib's sample photo of Grace Hopper
+    (public domain; installed with matplotlib, no download)."""
+    import matplotlib.cbook
+
+    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes()
+
+
+def plate_photo() -> bytes:
+    """A grey street-like picture with one licence plate: black characters in a white
+    box with a black border, as the plate detector was trained on."""
+    import cv2
+
+    image = np.full((360, 480, 3), 110, np.uint8)
+    x, y, w, h = 140, 160, 200, 44
+    cv2.rectangle(image, (x, y), (x + w, y + h), (255, 255, 255), -1)
+    cv2.rectangle(image, (x, y), (x + w, y + h), (0, 0, 0), 2)
+    text = "A123BC77"
+    width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1, 2)[0][0]
+    cv2.putText(image, text, (x + 6, y + int(h * 0.8)), cv2.FONT_HERSHEY_SIMPLEX, (w - 12) / width, (0, 0, 0), 2)
+    return encode(Image.fromarray(image), "PNG")
+
+
+def sixteen_bit_png(width: int, height: int, bands: int, seed: int = 0, noise: bool = True) -> bytes:
+    """A 16-bit PNG with 1, 3 or 4 bands (PIL cannot write 16-bit colour; OpenCV can);
+    ``noise`` fills the low bytes (real 16-bit data), else the file compresses well."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    pixels = scene(width, height, seed).astype(np.uint16) * 257
+    if noise:
+        pixels += rng.integers(0, 256, (height, width, 3), dtype=np.uint16)
+    if bands == 1:
+        pixels = pixels[..., 0]
+    elif bands == 4:
+        alpha = np.full((height, width, 1), 65535, np.uint16)
+        pixels = np.concatenate([pixels, alpha], -1)
+    ok, data = cv2.imencode(".png", pixels)
+    assert ok
+    return data.tobytes()
+
+
+def animated(fmt: str) -> bytes:
+    """A three-frame animated PNG, WebP or GIF; the first frame is what gets annotated."""
+    frames = [Image.fromarray(scene(64, 48, seed)) for seed in (11, 12, 13)]
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def multipage_tiff() -> bytes:
+    pages = [Image.fromarray(scene(64, 48, seed)) for seed in (14, 15)]
+    return encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
