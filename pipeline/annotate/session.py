@@ -17,7 +17,7 @@ from pipeline.annotate.queue import Entry, Leases, Plan
 from pipeline.annotate.rle import RleError, compressed_rle, uncompressed_counts
 from pipeline.annotate.store import AUTOMATIC, WORK_DIR, ImageState, Store
 from pipeline.images import ImageError, PreparedImage, prepare_image
-from pipeline.sources import read_item
+from pipeline.sources import ReadRefused, read_item
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class ModelInfo:
 class Session:
     """The annotate stage's state and operations (thread-safe: the server is threaded).
 
-    image_cfg: keyword arguments of ``prepare_image``. lookahead: images embedded ahead
+    image_cfg: keyword arguments of ``prepare_image``, plus ``max_file_bytes`` for
+    ``read_item``. lookahead: images embedded ahead
     of the one an annotator opens. check_output_lease: raises when this run no longer
     holds the output (``pipeline.lease.Lease.check``), called before each commit.
     """
@@ -66,6 +67,7 @@ class Session:
         self.output = output
         self.model = model
         self.image_cfg = dict(image_cfg)
+        self.max_file_bytes = self.image_cfg.pop("max_file_bytes", None)
         self.lookahead = lookahead
         self.store = Store(output, check_output_lease)
         self.leases = Leases(storage.join(output, WORK_DIR), lease_s)
@@ -94,12 +96,12 @@ class Session:
             if entry.item.problem:  # known before reading (e.g. gone from the input)
                 raise ImageError(entry.item.problem)
             phase = "read"
-            data = read_item(entry.item)
+            data = read_item(entry.item, self.max_file_bytes)
             phase = "decode"
             image = prepare_image(data, **self.image_cfg)
             self._check_prefill(entry, image)
-        except (ImageError, OSError) as e:
-            reason = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+        except (ImageError, ReadRefused, OSError) as e:
+            reason = str(e) if isinstance(e, (ImageError, ReadRefused)) else f"{type(e).__name__}: {e}"
             self._record_error(entry, reason, phase)
             raise Unavailable(reason) from None
         with self._lock:
