@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline import lease, manifest, mask_sources, shards, storage
-from pipeline.images import ImageError, PreparedImage, prepare_image
+from pipeline.images import ImageError, PreparedImage, prepare_image, split_image_cfg
 from pipeline.privacy import PrivacyUnavailable
 from pipeline.sources import Item, ReadRefused, Unit, read_item
 
@@ -227,7 +227,7 @@ class UnitWorker:
             return None, ("isolated", poisoned[item.key])
         if item.problem is not None:
             return None, ("enumerate", item.problem)
-        limits, prepare_kwargs = _split_image_cfg(self.image_cfg)
+        limits, prepare_kwargs = split_image_cfg(self.image_cfg)
         attempt = _Attempt(item, limits["max_file_bytes"], prepare_kwargs)
         worker = threading.Thread(target=attempt.run, name=f"load {item.key}", daemon=True)
         worker.start()
@@ -328,17 +328,6 @@ class _Progress:
         message, self.counts = self.counts, {"images": 0, "masks": 0, "failed": 0}
         self.last = time.monotonic()
         return message
-
-
-# Keys of stage.image that govern reading, not prepare_image; their defaults apply when a
-# config predates them.
-_READ_LIMITS = {"max_file_bytes": None, "read_timeout_s": None, "decode_timeout_s": None}
-
-
-def _split_image_cfg(image_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``stage.image`` -> (read limits, keyword arguments of ``prepare_image``)."""
-    limits = {key: image_cfg.get(key, default) for key, default in _READ_LIMITS.items()}
-    return limits, {k: v for k, v in image_cfg.items() if k not in _READ_LIMITS}
 
 
 def _overrun(what: str, key: str, seconds: float) -> str:

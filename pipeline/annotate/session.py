@@ -16,7 +16,7 @@ from pipeline.annotate.embeddings import ImageModel
 from pipeline.annotate.queue import Entry, Leases, Plan
 from pipeline.annotate.rle import RleError, compressed_rle, uncompressed_counts
 from pipeline.annotate.store import AUTOMATIC, WORK_DIR, ImageState, Store
-from pipeline.images import ImageError, PreparedImage, prepare_image
+from pipeline.images import ImageError, PreparedImage, prepare_image, split_image_cfg
 from pipeline.sources import ReadRefused, read_item
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ class Session:
         self.plan = plan
         self.output = output
         self.model = model
-        self.image_cfg = dict(image_cfg)
-        self.max_file_bytes = self.image_cfg.pop("max_file_bytes", None)
+        # The time limits guard a batch run from one stuck input; here a person is waiting
+        # on the image and sees the failure, so only the size limit applies.
+        limits, self.image_cfg = split_image_cfg(dict(image_cfg))
+        self.max_file_bytes = limits["max_file_bytes"]
         self.lookahead = lookahead
         self.store = Store(output, check_output_lease)
         self.leases = Leases(storage.join(output, WORK_DIR), lease_s)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 # What defines a dataset: a resumed run must agree on these (pipeline.provenance).
-IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.privacy", "stage.keep_sa1b_ids")
+IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.keep_sa1b_ids")  # image has privacy
 # Batching and time limits: the same masks either way.
 IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage.image.decode_timeout_s")
 
