@@ -80,6 +80,17 @@ class PreparedImage:
         return {} if self.blurred_regions is None else {"blurred_regions": self.blurred_regions}
 
 
+# Keys of stage.image that govern reading, not prepare_image; their defaults apply when a
+# config predates them.
+READ_LIMITS = {"max_file_bytes": None, "read_timeout_s": None, "decode_timeout_s": None}
+
+
+def split_image_cfg(image_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``stage.image`` -> (read limits, keyword arguments of ``prepare_image``)."""
+    limits = {key: image_cfg.get(key, default) for key, default in READ_LIMITS.items()}
+    return limits, {k: v for k, v in image_cfg.items() if k not in READ_LIMITS}
+
+
 def prepare_image(
     data: bytes,
     *,

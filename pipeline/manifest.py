@@ -39,6 +39,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("num_masks", pa.int32()),
         ("model_sha256", pa.string()),
         ("status", pa.string()),  # "ok" or "error"
+        ("blurred_regions", pa.int32()),  # faces/plates blurred (stage.privacy); null when off
     ]
 )
 ERRORS_SCHEMA = pa.schema(

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline import lease, manifest, mask_sources, shards, storage
-from pipeline.images import ImageError, PreparedImage, prepare_image
+from pipeline.images import ImageError, PreparedImage, prepare_image, split_image_cfg
 from pipeline.privacy import PrivacyUnavailable
 from pipeline.sources import Item, ReadRefused, Unit, read_item
 
@@ -58,7 +58,8 @@ class UnitWorker:
     source: the mask source's spec (``pipeline.mask_sources.build``), e.g. ``{"kind":
         "grid", "model": cfg.model, "amg": cfg.amg, "model_sha256": ...}``; the model's
         bytes are checked against ``model_sha256`` as they are loaded.
-    image_cfg: keyword arguments of ``pipeline.images.prepare_image``.
+    image_cfg: ``stage.image``: keyword arguments of ``pipeline.images.prepare_image``
+        plus the read limits (file size, read and decode time limits; see ``_load``).
     output: dataset root URL; model_sha256: identity written to the manifest.
     lease_owner: the driver's lease id; every commit first checks the run still holds
         the output's lease (None: no check, for tests and tools that own the output).
@@ -177,7 +178,7 @@ class UnitWorker:
             else:
                 record = shards.sa1b_record(
                     item.key, item.image_id, prepared.width, prepared.height, masks,
-                    source=item.source, source_sha256=prepared.source_sha256,
+                    source=item.source, source_sha256=prepared.source_sha256, **prepared.record_fields(),
                 )
                 result = _Result(row=self._row(item, shard, prepared, len(masks), manifest.STATUS_OK),
                                  record=record, jpeg=prepared.jpeg)
@@ -226,7 +227,7 @@ class UnitWorker:
             return None, ("isolated", poisoned[item.key])
         if item.problem is not None:
             return None, ("enumerate", item.problem)
-        limits, prepare_kwargs = _split_image_cfg(self.image_cfg)
+        limits, prepare_kwargs = split_image_cfg(self.image_cfg)
         attempt = _Attempt(item, limits["max_file_bytes"], prepare_kwargs)
         worker = threading.Thread(target=attempt.run, name=f"load {item.key}", daemon=True)
         worker.start()
@@ -253,6 +254,7 @@ class UnitWorker:
             "shard": shard,
             "source": item.source,
             "source_sha256": prepared.source_sha256 if prepared else "",
+            "blurred_regions": prepared.blurred_regions if prepared else None,
             "width": prepared.width if prepared else 0,
             "height": prepared.height if prepared else 0,
             "num_masks": num_masks,
@@ -326,17 +328,6 @@ class _Progress:
         message, self.counts = self.counts, {"images": 0, "masks": 0, "failed": 0}
         self.last = time.monotonic()
         return message
-
-
-# Keys of stage.image that govern reading, not prepare_image; their defaults apply when a
-# config predates them.
-_READ_LIMITS = {"max_file_bytes": None, "read_timeout_s": None, "decode_timeout_s": None}
-
-
-def _split_image_cfg(image_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``stage.image`` -> (read limits, keyword arguments of ``prepare_image``)."""
-    limits = {key: image_cfg.get(key, default) for key, default in _READ_LIMITS.items()}
-    return limits, {k: v for k, v in image_cfg.items() if k not in _READ_LIMITS}
 
 
 def _overrun(what: str, key: str, seconds: float) -> str:

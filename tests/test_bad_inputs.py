@@ -233,6 +233,10 @@ def test_every_kind_of_bad_or_unusual_input_gets_a_record_or_an_error_row(compos
 
     stored = np.asarray(Image.open(io.BytesIO(samples[by_source["face.jpg"]["key"]].jpg)))
     assert detail(stored) < detail(prepare_image(face_photo(), short_side=128).rgb) / 3, "the face was not blurred"
+    # ... and said so, per image, in the record and the manifest.
+    face = samples[by_source["face.jpg"]["key"]].record["image"]
+    assert face["blurred_regions"] >= 1 and by_source["face.jpg"]["blurred_regions"] == face["blurred_regions"]
+    assert samples[by_source["large.jpg"]["key"]].record["image"]["blurred_regions"] == 0
 
 
 # --- time limits -------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_ray_data_reads_the_shards(generated, tmp_path, ray_local):
 def test_manifest_parts_commit_atomically_and_list_committed_units(tmp_path):
     out = str(tmp_path)
     row = {"key": "a", "image_id": 1, "shard": "sa_000002.tar", "source": "/x/a.jpg", "source_sha256": "", "width": 4,
-           "height": 4, "num_masks": 0, "model_sha256": "0" * 64, "status": manifest.STATUS_OK}
+           "height": 4, "num_masks": 0, "model_sha256": "0" * 64, "status": manifest.STATUS_OK, "blurred_regions": None}
     assert manifest.committed_units(out) == set()
     manifest.write_part(out, manifest.MANIFEST_DIR, 2, [row])
     manifest.write_part(out, manifest.ERRORS_DIR, 2, [])

@@ -21,6 +21,7 @@ STAGES = {
     "retrain": "pipeline.stages.retrain",
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",
+    "annotate": "pipeline.stages.annotate",
 }
 
 # ${project_root:} lets configs name files shipped with the repository (sample images,

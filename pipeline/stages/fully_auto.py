@@ -20,7 +20,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from pipeline import cluster, isolated, manifest, plan, shards, storage
+from pipeline import cluster, isolated, manifest, plan, privacy, shards, storage
 from pipeline.lease import Lease
 from pipeline.model import model_identity
 from pipeline.paths import user_path
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 # What defines a dataset: a resumed run must agree on these (pipeline.provenance).
-IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.privacy", "stage.keep_sa1b_ids")
-IDENTITY_IGNORES = ("amg.points_per_batch",)  # batching: same masks
+IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.keep_sa1b_ids")  # image has privacy
+# Batching and time limits: the same masks either way.
+IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage.image.decode_timeout_s")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -52,7 +53,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     cfg = resolve_paths(cfg)
     output = str(cfg.output)
-    entries = enumerate_input(str(cfg.input), exclude=output)
+    entries = enumerate_input(str(cfg.input), exclude=output, follow_symlinks=cfg.stage.follow_symlinks)
+    if cfg.stage.privacy.blur:
+        privacy.check_available()  # here, not as a failure of every unit on the workers
     model_sha256 = model_identity(cfg.model.checkpoint)
     stage = cfg.stage
     started_ray = False

@@ -1,0 +1,92 @@
+"""Builds the annotation tool from the stage's configuration: the queue, the model, the
+exported decoder, the session and the web app (what the stage serves and the latency
+benchmark drives)."""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import storage
+from pipeline.lease import Lease
+from pipeline.annotate.embeddings import exported_decoder, load_sam
+from pipeline.annotate.queue import plan_queue
+from pipeline.annotate.server import BackgroundServer, create_app
+from pipeline.annotate.session import ModelInfo, Session
+from pipeline.annotate.store import WORK_DIR
+from pipeline.model import model_identity
+from pipeline.paths import is_url, user_path
+from pipeline.provenance import code_version
+
+
+@dataclass
+class Tool:
+    """A built tool: ``start()`` serves it and returns the URL to open (token included)."""
+
+    session: Session
+    app: object
+    token: str
+    host: str
+    port: int
+    lease: Lease
+    server: BackgroundServer | None = None
+
+    def start(self) -> str:
+        self.server = BackgroundServer(self.app, self.host, self.port).start()
+        return f"{self.server.url}/?token={self.token}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.session.close()
+        self.lease.release()
+
+
+def build(cfg: DictConfig) -> Tool:
+    """The tool for ``cfg`` (the root config with ``stage=annotate``), holding the
+    output's lease (one writer per output) until ``stop``; records the plan and
+    ``config.yaml`` (without the token) and exports the decoder if needed."""
+    stage = cfg.stage
+    output, source = user_path(str(cfg.output)), user_path(str(cfg.input))
+    lease = Lease(output, ttl_s=float(stage.output_lease_ttl_s))
+    lease.acquire()
+    try:
+        return _build(cfg, stage, output, source, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: Lease) -> Tool:
+    plan = plan_queue(source, output, int(stage.images_per_unit), prefill=bool(stage.prefill))
+    checkpoint = user_path(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    identity = model_identity(checkpoint)
+    sam = load_sam(cfg.model.arch, checkpoint, cfg.model.get("device", "auto"))
+    if stage.decoder_cache:
+        cache = user_path(stage.decoder_cache)
+    elif is_url(output):
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "sam-data-engine", "decoder")
+    else:
+        cache = os.path.join(output, WORK_DIR, "decoder")
+    decoder = exported_decoder(sam, cfg.model.arch, identity, cache)
+    _save_config(output, cfg)
+    h, w = sam.prompt_encoder.image_embedding_size
+    model = ModelInfo(cfg.model.arch, identity, sam.image_encoder.img_size, (1, sam.prompt_encoder.embed_dim, h, w), decoder)
+    session = Session(plan, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
+                      lease_s=float(stage.lease_s), lookahead=int(stage.lookahead), cache_size=int(stage.embedding_cache),
+                      check_output_lease=lease.check)
+    token = str(stage.token) if stage.token else secrets.token_urlsafe(24)
+    app = create_app(session, token, annotator=str(stage.annotator), max_body_bytes=int(stage.max_body_mb * 1e6),
+                     threads=int(stage.browser_threads))
+    return Tool(session, app, token, str(stage.host), int(stage.port), lease)
+
+
+def _save_config(output: str, cfg: DictConfig) -> None:
+    fs, root = storage.filesystem(output)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["stage"].pop("token", None)  # a secret: never written to the dataset
+    saved["code_version"] = code_version()
+    with storage.atomic_open(fs, storage.join(root, "config.yaml")) as f:
+        f.write(OmegaConf.to_yaml(saved).encode("utf-8"))

@@ -1,0 +1,114 @@
+"""The server's model: image embeddings computed with ``sam_core`` (on the GPU when there
+is one), cached, and computed ahead for the next images of the queue; and the decoder
+exported to ONNX for the browser, once per model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+import sam_core
+from pipeline.images import PreparedImage
+from pipeline.model import RANDOM_WEIGHTS, resolve_device
+from sam_core.onnx import export
+
+log = logging.getLogger(__name__)
+
+
+class ImageModel:
+    """Embeds images for the browser's decoder.
+
+    ``embedding(key)`` blocks until the key's embedding is ready (float16, 1 x C x h x w);
+    ``prefetch(keys)`` queues keys in the background. The ``cache_size`` most recently
+    used embeddings stay in memory. One worker thread runs the encoder, so requests and
+    look-ahead never compete for the device.
+    """
+
+    def __init__(
+        self, sam: sam_core.modeling.Sam, load: Callable[[str], PreparedImage], cache_size: int = 16
+    ) -> None:
+        self.sam = sam
+        self.predictor = sam_core.SamPredictor(sam)
+        self.load = load
+        self.cache_size = max(1, cache_size)
+        self._futures: OrderedDict[str, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+
+    @property
+    def embedding_shape(self) -> tuple[int, int, int, int]:
+        h, w = self.sam.prompt_encoder.image_embedding_size
+        return (1, self.sam.prompt_encoder.embed_dim, h, w)
+
+    def _future(self, key: str) -> Future:
+        with self._lock:
+            future = self._futures.get(key)
+            if future is None:
+                future = self._futures[key] = self._pool.submit(self._compute, key)
+            self._futures.move_to_end(key)
+            while len(self._futures) > self.cache_size:
+                _, old = self._futures.popitem(last=False)
+                old.cancel()
+            return future
+
+    def embedding(self, key: str) -> np.ndarray:
+        return self._future(key).result()
+
+    def prefetch(self, keys: list[str]) -> None:
+        for key in keys[: self.cache_size - 1]:
+            self._future(key)
+
+    def _compute(self, key: str) -> np.ndarray:
+        image = self.load(key)
+        self.predictor.set_image(image.rgb)
+        embedding = self.predictor.get_image_embedding().float().cpu().numpy().astype(np.float16)
+        self.predictor.reset_image()
+        return embedding
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def load_sam(arch: str, checkpoint: str | None, device: str = "auto") -> sam_core.modeling.Sam:
+    if arch not in sam_core.sam_model_registry:
+        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
+    if checkpoint is None:
+        torch.manual_seed(0)  # random weights (benchmarks): the same ones on every start
+    sam = sam_core.sam_model_registry[arch](checkpoint=checkpoint)
+    return sam.to(resolve_device(device)).eval()
+
+
+def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache_dir: str) -> str:
+    """The ONNX decoder of ``sam`` for the page, in ``cache_dir``: the low-res graph (the
+    page upsamples the one mask it shows), exported once per (arch, checkpoint sha256)
+    and written atomically; random weights are exported on every call."""
+    os.makedirs(cache_dir, exist_ok=True)
+    name = f"{arch}-{identity[:16]}-lowres.onnx" if identity != RANDOM_WEIGHTS else f"{arch}-random-{os.getpid()}-lowres.onnx"
+    path = os.path.join(cache_dir, name)
+    if identity != RANDOM_WEIGHTS and os.path.isfile(path):
+        return path
+    temp = os.path.join(cache_dir, f".{name}.tmp-{uuid.uuid4().hex}")
+    log.info("exporting the %s decoder to ONNX for the browser: %s", arch, path)
+    cpu = next(sam.parameters()).device.type == "cpu"
+    try:
+        # The export traces on the CPU; a copy keeps the GPU model where it is.
+        export(sam if cpu else _cpu_copy(sam, arch), temp, upscale=False)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return path
+
+
+def _cpu_copy(sam: sam_core.modeling.Sam, arch: str) -> sam_core.modeling.Sam:
+    copy = sam_core.sam_model_registry[arch]()
+    copy.load_state_dict({k: v.cpu() for k, v in sam.state_dict().items()})
+    return copy.eval()

@@ -1,0 +1,289 @@
+"""One annotation session over an output: the queue, the leases, the saved work and the
+image model, behind the operations the web API offers (``server.py`` maps them to HTTP).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import manifest, storage
+from pipeline.annotate.embeddings import ImageModel
+from pipeline.annotate.queue import Entry, Leases, Plan
+from pipeline.annotate.rle import RleError, compressed_rle, uncompressed_counts
+from pipeline.annotate.store import AUTOMATIC, WORK_DIR, ImageState, Store
+from pipeline.images import ImageError, PreparedImage, prepare_image, split_image_cfg
+from pipeline.sources import ReadRefused, read_item
+
+log = logging.getLogger(__name__)
+
+
+class Conflict(Exception):
+    """The request cannot be done now (another annotator holds the image, it is committed)."""
+
+
+class Invalid(ValueError):
+    """The request's content is wrong (a mask of the wrong size, unreviewed masks on done)."""
+
+
+class Unavailable(Exception):
+    """The image cannot be annotated; its reason is recorded in the errors table."""
+
+
+@dataclass
+class ModelInfo:
+    """What the browser needs to know of the model."""
+
+    arch: str
+    sha256: str
+    img_size: int
+    embedding_shape: tuple[int, int, int, int]
+    decoder_path: str
+
+    @property
+    def mask_input_size(self) -> int:
+        return 4 * self.embedding_shape[2]
+
+
+class Session:
+    """The annotate stage's state and operations (thread-safe: the server is threaded).
+
+    image_cfg: keyword arguments of ``prepare_image``, plus ``max_file_bytes`` for
+    ``read_item``. lookahead: images embedded ahead
+    of the one an annotator opens. check_output_lease: raises when this run no longer
+    holds the output (``pipeline.lease.Lease.check``), called before each commit.
+    """
+
+    def __init__(
+        self, plan: Plan, output: str, sam, model: ModelInfo, image_cfg: dict[str, Any],
+        lease_s: float = 120.0, lookahead: int = 2, cache_size: int = 16,
+        check_output_lease: Callable[[], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.output = output
+        self.model = model
+        # The time limits guard a batch run from one stuck input; here a person is waiting
+        # on the image and sees the failure, so only the size limit applies.
+        limits, self.image_cfg = split_image_cfg(dict(image_cfg))
+        self.max_file_bytes = limits["max_file_bytes"]
+        self.lookahead = lookahead
+        self.store = Store(output, check_output_lease)
+        self.leases = Leases(storage.join(output, WORK_DIR), lease_s)
+        self.images = ImageModel(sam, self._prepared_by_key, cache_size)
+        self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()
+        self._cache_size = max(2, cache_size)
+        self._lock = threading.RLock()
+        for unit, keys in plan.units.items():  # finished before a crash, not yet committed
+            self._maybe_commit(unit)
+
+    # --- images --------------------------------------------------------------------------
+    def entry(self, key: str) -> Entry:
+        entry = self.plan.by_key.get(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def prepared(self, entry: Entry) -> PreparedImage:
+        """The image as it is shown and stored; a failure is recorded and raises Unavailable."""
+        with self._lock:
+            if entry.key in self._prepared:
+                self._prepared.move_to_end(entry.key)
+                return self._prepared[entry.key]
+        phase = "enumerate"
+        try:
+            if entry.item.problem:  # known before reading (e.g. gone from the input)
+                raise ImageError(entry.item.problem)
+            phase = "read"
+            data = read_item(entry.item, self.max_file_bytes)
+            phase = "decode"
+            image = prepare_image(data, **self.image_cfg)
+            self._check_prefill(entry, image)
+        except (ImageError, ReadRefused, OSError) as e:
+            reason = str(e) if isinstance(e, (ImageError, ReadRefused)) else f"{type(e).__name__}: {e}"
+            self._record_error(entry, reason, phase)
+            raise Unavailable(reason) from None
+        with self._lock:
+            self._prepared[entry.key] = image
+            while len(self._prepared) > self._cache_size:
+                self._prepared.popitem(last=False)
+        return image
+
+    def _prepared_by_key(self, key: str) -> PreparedImage:
+        return self.prepared(self.entry(key))
+
+    def _check_prefill(self, entry: Entry, image: PreparedImage) -> None:
+        for ann in self.plan.prefill.get(entry.key, [])[:1]:
+            if list(ann["segmentation"]["size"]) != [image.height, image.width]:
+                raise ImageError(
+                    f"its input masks are {ann['segmentation']['size']} but the image is "
+                    f"{image.height}x{image.width} (resized by stage.image.short_side?)"
+                )
+
+    def _record_error(self, entry: Entry, reason: str, phase: str) -> None:
+        log.warning("%s (%s) cannot be annotated: %s", entry.key, entry.source, reason)
+        self.store.save(ImageState(entry.key, [], done=False, error=reason, phase=phase))
+        self._maybe_commit(entry.unit)
+
+    def jpeg(self, key: str) -> bytes:
+        return self.prepared(self.entry(key)).jpeg
+
+    def embedding(self, key: str) -> np.ndarray:
+        entry = self.entry(key)
+        self.prepared(entry)  # raises Unavailable for a bad image, before the encoder sees it
+        return self.images.embedding(key)
+
+    # --- the queue -----------------------------------------------------------------------
+    def lease(self, client: str, after: str | None = None, step: int = 1, key: str | None = None) -> Entry | None:
+        """Gives ``client`` an image: ``key`` itself, or the next image to do after
+        ``after`` (``step`` 1, wrapping around), or the previous one not committed
+        (``step`` -1). Returns None when there is none."""
+        if key is not None:
+            entry = self.entry(key)
+            if entry.unit in self.store.committed:
+                raise Conflict(f"{key} is committed (unit {entry.unit}); committed images are read-only")
+            if not self.leases.acquire(key, client):
+                raise Conflict(f"{key} is being annotated by another annotator")
+            self._prefetch(entry)
+            return entry
+        for entry in self._candidates(after, step):
+            if entry.unit in self.store.committed or not self.leases.free_for(entry.key, client):
+                continue
+            state = self.store.load(entry.key)
+            if state is not None and (state.error or (step > 0 and state.done)):
+                continue
+            try:
+                self.prepared(entry)
+            except Unavailable:
+                continue
+            if self.leases.acquire(entry.key, client):
+                self._prefetch(entry)
+                return entry
+        return None
+
+    def _candidates(self, after: str | None, step: int):
+        entries = self.plan.entries
+        start = self.plan.position[after] if after in self.plan.position else (-1 if step > 0 else len(entries))
+        if step > 0:
+            yield from entries[start + 1 :]
+            yield from entries[: start + 1]
+        else:
+            yield from reversed(entries[: max(start, 0)])
+
+    def _prefetch(self, entry: Entry) -> None:
+        ahead = [entry.key]
+        for other in self.plan.entries[self.plan.position[entry.key] + 1 :]:
+            if len(ahead) > self.lookahead:
+                break
+            if other.unit not in self.store.committed and not self.store.finished(other.key):
+                ahead.append(other.key)
+        self.images.prefetch(ahead)
+
+    def renew(self, key: str, client: str) -> None:
+        """Extends ``client``'s lease on ``key``; Conflict when it has lost it."""
+        if self.entry(key).unit in self.store.committed or not self.leases.acquire(key, client):
+            raise Conflict(f"{key} is no longer leased to this annotator")
+
+    def release(self, key: str, client: str) -> None:
+        self.leases.release(key, client)
+
+    # --- masks ---------------------------------------------------------------------------
+    def state(self, key: str) -> ImageState:
+        """The saved state, else the masks the image came with (unreviewed)."""
+        state = self.store.load(key)
+        if state is not None:
+            return state
+        masks = []
+        for i, ann in enumerate(self.plan.prefill.get(key, [])):
+            masks.append({
+                "uid": f"input-{i}", "segmentation": ann["segmentation"], "provenance": AUTOMATIC,
+                "clicks": 0, "seconds": 0.0, "annotator": "", "point_coords": ann.get("point_coords", []),
+                "predicted_iou": ann.get("predicted_iou"), "stability_score": ann.get("stability_score"),
+                "crop_box": ann.get("crop_box"),
+            })
+        return ImageState(key, masks)
+
+    def view(self, key: str, client: str | None = None) -> dict[str, Any]:
+        """An image for the browser: its place in the queue, size, masks (uncompressed
+        column-major RLE counts), done / committed flags, and whether ``client`` may edit."""
+        entry = self.entry(key)
+        image = self.prepared(entry)
+        state = self.state(key)
+        committed = entry.unit in self.store.committed
+        return {
+            "key": key, "image_id": entry.image_id, "source": entry.source,
+            "index": self.plan.position[key], "total": len(self.plan.entries),
+            "width": image.width, "height": image.height, "done": state.done, "committed": committed,
+            "editable": not committed and client is not None and self.leases.holder(key) == client,
+            "masks": [{**{k: v for k, v in m.items() if k != "segmentation"},
+                       "counts": uncompressed_counts(m["segmentation"])} for m in state.masks],
+        }
+
+    def save(self, key: str, client: str, masks: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        """Replaces the image's masks (and done flag) with what the browser holds.
+
+        masks: dicts with uid, counts (uncompressed column-major RLE of the image size),
+        provenance, clicks, seconds, annotator, point_coords. Returns {"saved": True,
+        "committed": whether the image's unit was committed by this save}.
+        """
+        entry = self.entry(key)
+        if entry.unit in self.store.committed:
+            raise Conflict(f"{key} is committed (unit {entry.unit}); committed images are never rewritten")
+        holder = self.leases.holder(key)
+        if holder not in (None, client):
+            raise Conflict(f"{key} is being annotated by another annotator; reload to get another image")
+        if holder == client:
+            self.leases.acquire(key, client)  # a save renews the lease
+        # A save that arrives after its browser moved on (holder None) is still taken,
+        # without taking the image back: the browser's lease is on its new image now.
+        image = self.prepared(entry)
+        previous = {m["uid"]: m for m in self.state(key).masks}
+        saved = []
+        for mask in masks:
+            try:
+                rle = compressed_rle(mask["counts"], image.height, image.width, mask["uid"])
+            except RleError as e:
+                raise Invalid(str(e)) from None
+            kept = previous.get(mask["uid"], {})
+            saved.append({
+                **{k: kept[k] for k in ("predicted_iou", "stability_score", "crop_box") if kept.get(k) is not None},
+                **{k: v for k, v in mask.items() if k != "counts"},
+                "segmentation": rle,
+            })
+        if done and any(m["provenance"] == AUTOMATIC for m in saved):
+            count = sum(m["provenance"] == AUTOMATIC for m in saved)
+            raise Invalid(f"{count} automatic mask(s) are not reviewed yet: accept or delete them before marking the image done")
+        self.store.save(ImageState(key, saved, done=done))
+        return {"saved": True, "committed": self._maybe_commit(entry.unit)}
+
+    def _maybe_commit(self, unit: int) -> bool:
+        entries = [self.plan.by_key[k] for k in self.plan.units[unit]]
+        return self.store.commit_unit(unit, entries, self.prepared, self.model.sha256)
+
+    # --- progress ------------------------------------------------------------------------
+    def progress(self) -> dict[str, int]:
+        """images, done (finished, committed or not), failed, units, units_committed."""
+        done = failed = 0
+        table = manifest.read_table(self.output).select(["key", "status"]).to_pylist()
+        committed_errors = {r["key"] for r in table if r["status"] == manifest.STATUS_ERROR}
+        for entry in self.plan.entries:
+            if entry.unit in self.store.committed:
+                done += 1
+                failed += entry.key in committed_errors
+                continue
+            state = self.store.load(entry.key)
+            if state is not None:
+                done += state.done or state.error is not None
+                failed += state.error is not None
+        return {"images": len(self.plan.entries), "done": done, "failed": failed,
+                "units": len(self.plan.units), "units_committed": len(self.store.committed & set(self.plan.units))}
+
+    def finished(self) -> bool:
+        return set(self.plan.units) <= self.store.committed
+
+    def close(self) -> None:
+        self.images.close()
+

@@ -1,0 +1,293 @@
+"""A scripted annotator: drives the annotation server's HTTP API as the browser does,
+against ground truth, and measures annotation cost in clicks.
+
+It sees the truth only through the decoder's answers, as a person sees the mask on
+screen: for each object it clicks the centre of the largest error region (positive in
+a missed region, negative in a false one; ``pipeline.clicks``) until the mask reaches
+the target IoU or the click limit, then accepts. It runs the same ONNX decoder on the
+same float16 embeddings the server sends the browser, so it measures what the browser
+would answer. Pre-filled automatic masks that already match an object are accepted
+(0 clicks); the others are deleted.
+
+    python -m pipeline.annotate.simulated scenes --count 10 --out /tmp/scenes
+    python -m pipeline.run +stage=annotate input=/tmp/scenes/images output=/tmp/ds stage.token=T
+    python -m pipeline.annotate.simulated run --url http://127.0.0.1:8765 --token T --truth /tmp/scenes/instances.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+import onnxruntime
+import torch
+from pycocotools import mask as mask_utils
+
+from pipeline.annotate.rle import counts_from_mask, mask_from_counts
+from pipeline.clicks import mask_iou, next_click
+from sam_core.onnx import upscale_low_res
+from sam_core.transforms import ResizeLongestSide
+
+Truth = Callable[[dict[str, Any]], "np.ndarray | None"]  # image view -> N x H x W bool
+
+
+@dataclass
+class MaskResult:
+    """One object: clicks spent, IoU after each click, the click counts at which IoU
+    first reached 0.85 and 0.9 (the cap when never), model seconds per click."""
+
+    key: str
+    clicks: int
+    ious: list[float]
+    noc85: int
+    noc90: int
+    model_s: list[float] = field(default_factory=list)
+    prefilled: bool = False
+
+
+class Decoder:
+    """The page's decoder in Python: the server's low-res ONNX graph under onnxruntime,
+    and the upsampling of the chosen mask to the image size (as the page does)."""
+
+    def __init__(self, onnx_bytes: bytes, img_size: int, mask_input_size: int) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # as the browser's single-threaded WebAssembly
+        self.session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.img_size = img_size
+        self.transform = ResizeLongestSide(img_size)
+        self.mask_input_size = mask_input_size
+
+    def __call__(self, embedding: np.ndarray, points: list[tuple[float, float]], labels: list[int],
+                 size: tuple[int, int], previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted IoUs 4, low-res logits 4 x S x S) for the clicks, (x, y) in pixels."""
+        coords = self.transform.apply_coords(np.array(list(points) + [(0, 0)], float), size)
+        side = self.mask_input_size
+        feeds = {
+            "image_embeddings": embedding,
+            "point_coords": coords[None].astype(np.float32),
+            "point_labels": np.array([list(labels) + [-1]], np.float32),
+            "mask_input": (previous if previous is not None else np.zeros((side, side)))[None, None].astype(np.float32),
+            "has_mask_input": np.array([0.0 if previous is None else 1.0], np.float32),
+        }
+        scores, low_res = self.session.run(None, feeds)
+        return scores[0], low_res[0]
+
+    def mask(self, low_res: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """One low-res mask -> H x W bool, as ``Sam.postprocess_masks`` then > 0."""
+        logits = upscale_low_res(torch.from_numpy(low_res)[None], self.img_size, size)
+        return logits[0].numpy() > 0
+
+
+class SimulatedAnnotator:
+    """Annotates every image the server leases to it; ``run`` returns the report."""
+
+    def __init__(self, url: str, token: str, truth: Truth, name: str = "simulated",
+                 target_iou: float = 0.9, max_clicks: int = 20, timeout_s: float = 300.0) -> None:
+        self.http = httpx.Client(base_url=url, headers={"X-Token": token}, timeout=timeout_s)
+        self.truth = truth
+        self.name = name
+        self.client = f"simulated-{uuid.uuid4().hex[:8]}"
+        self.target_iou = target_iou
+        self.max_clicks = max_clicks
+        config = self._get("/api/config").json()
+        model = config["model"]
+        self.decoder = Decoder(self._get(model["decoder_url"]).content, model["img_size"], model["mask_input_size"])
+
+    def _get(self, path: str) -> httpx.Response:
+        response = self.http.get(path)
+        response.raise_for_status()
+        return response
+
+    def run(self, max_images: int | None = None) -> dict[str, Any]:
+        """Annotates leased images until the queue is empty (or ``max_images``).
+
+        Returns: images, masks, noc85 and noc90 (mean clicks to IoU 0.85 / 0.9, capped at
+        max_clicks), clicks_per_mask, miou (final IoU), model_ms_per_click (median and
+        p95), prefilled_accepted, per_mask (MaskResult dicts).
+        """
+        results: list[MaskResult] = []
+        images, after = 0, None
+        while max_images is None or images < max_images:
+            response = self.http.post("/api/lease", json={"client": self.client, "after": after, "step": 1})
+            response.raise_for_status()
+            view = response.json()
+            if view is None:
+                break
+            truth = self.truth(view)
+            if truth is None:
+                raise ValueError(f"no ground truth for {view['key']} ({view['source']})")
+            results += self.annotate(view, truth)
+            images, after = images + 1, view["key"]
+        return report(results, images, self.max_clicks)
+
+    def annotate(self, view: dict[str, Any], truth: np.ndarray) -> list[MaskResult]:
+        key, size = view["key"], (view["height"], view["width"])
+        if truth.shape[1:] != size:
+            raise ValueError(f"{key}: ground truth is {truth.shape[1:]}, the image {size}")
+        response = self._get(f"/api/images/{key}/embedding")
+        shape = tuple(int(v) for v in response.headers["X-Embedding-Shape"].split(","))
+        embedding = np.frombuffer(response.content, "<f2").reshape(shape).astype(np.float32)
+        objects = [m for m in truth if m.any()]
+        saved, results = [], []
+        automatic = [(m, mask_from_counts(m["counts"], *size)) for m in view["masks"] if m["provenance"] == "automatic"]
+        kept = [m for m in view["masks"] if m["provenance"] != "automatic"]
+        remaining = []
+        for gt in objects:
+            best = max(range(len(automatic)), key=lambda i: mask_iou(automatic[i][1], gt), default=None)
+            if best is not None and mask_iou(automatic[best][1], gt) >= self.target_iou:
+                offered, decoded = automatic.pop(best)
+                saved.append({**offered, "provenance": "automatic_accepted", "annotator": self.name})
+                results.append(MaskResult(key, 0, [mask_iou(decoded, gt)], 0, 0, prefilled=True))
+            else:
+                remaining.append(gt)
+        for gt in remaining:
+            start = time.perf_counter()
+            result, mask, points = self._click_until_done(key, embedding, gt, size)
+            results.append(result)
+            saved.append({"uid": uuid.uuid4().hex, "counts": counts_from_mask(mask), "provenance": "model_assisted",
+                          "clicks": result.clicks, "seconds": round(time.perf_counter() - start, 3),
+                          "annotator": self.name, "point_coords": points})
+        body = {"client": self.client, "masks": kept + saved, "done": True}
+        response = self.http.put(f"/api/images/{key}", json=body)
+        response.raise_for_status()
+        return results
+
+    def _click_until_done(self, key: str, embedding: np.ndarray, gt: np.ndarray, size: tuple[int, int]):
+        points: list[tuple[int, int]] = []
+        labels: list[int] = []
+        pred, logits, ious, seconds = None, None, [], []
+        for k in range(1, self.max_clicks + 1):
+            xy, label = next_click(gt, pred)
+            points.append(xy)
+            labels.append(label)
+            start = time.perf_counter()
+            scores, low_res = self.decoder(embedding, points, labels, size, logits)
+            # One click: the best of the three ambiguity-aware masks, as the browser shows
+            # first; more: the single-mask output, refined from the previous logits.
+            index = 1 + int(np.argmax(scores[1:])) if k == 1 else 0
+            pred, logits = self.decoder.mask(low_res[index], size), low_res[index]
+            seconds.append(time.perf_counter() - start)
+            ious.append(mask_iou(pred, gt))
+            if ious[-1] >= self.target_iou:
+                break
+
+        def noc(threshold: float) -> int:
+            return next((i + 1 for i, v in enumerate(ious) if v >= threshold), self.max_clicks)
+
+        positive = [[float(x), float(y)] for (x, y), lbl in zip(points, labels) if lbl == 1]
+        return MaskResult(key, len(points), ious, noc(0.85), noc(0.9), seconds), pred, positive
+
+
+def report(results: list[MaskResult], images: int, max_clicks: int) -> dict[str, Any]:
+    clicked = [r for r in results if not r.prefilled]
+    per_click = np.array([s for r in clicked for s in r.model_s]) * 1000
+    return {
+        "images": images,
+        "masks": len(results),
+        "prefilled_accepted": len(results) - len(clicked),
+        "noc85": float(np.mean([r.noc85 for r in clicked])) if clicked else 0.0,
+        "noc90": float(np.mean([r.noc90 for r in clicked])) if clicked else 0.0,
+        "clicks_per_mask": float(np.mean([r.clicks for r in results])) if results else 0.0,
+        "miou": float(np.mean([r.ious[-1] for r in results])) if results else 0.0,
+        "max_clicks": max_clicks,
+        "model_ms_per_click": {
+            "median": float(np.median(per_click)) if len(per_click) else 0.0,
+            "p95": float(np.percentile(per_click, 95)) if len(per_click) else 0.0,
+        },
+        "per_mask": [r.__dict__ for r in results],
+    }
+
+
+# --- ground truth -----------------------------------------------------------------------
+def coco_truth(annotations: str | os.PathLike) -> Truth:
+    """Ground truth from a COCO instances JSON, matched to images by file name."""
+    data = json.loads(Path(annotations).read_text())
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd", 0):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    images = {posixpath.basename(img["file_name"]): img for img in data["images"]}
+
+    def truth(view: dict[str, Any]) -> np.ndarray | None:
+        info = images.get(posixpath.basename(view["source"].split("#")[-1]))
+        if info is None:
+            return None
+        h, w = info["height"], info["width"]
+        masks = []
+        for ann in by_image.get(info["id"], []):
+            seg = ann["segmentation"]
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg["counts"], list) else seg
+            rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
+            masks.append(mask_utils.decode(rle).astype(bool))
+        return np.stack(masks) if masks else np.zeros((0, h, w), bool)
+
+    return truth
+
+
+def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = (512, 512), seed_start: int = 0) -> Path:
+    """Held-out synthetic scenes as ``images/scene_<seed>.png`` plus their masks as a COCO
+    instances JSON; returns the JSON's path."""
+    from PIL import Image
+
+    from pipeline.synthetic import make_scene, scene_seeds
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, seed in enumerate(scene_seeds("test", seed_start, count), start=1):
+        scene = make_scene(seed, size)
+        name = f"scene_{seed}.png"
+        Image.fromarray(scene.image).save(folder / "images" / name)
+        images.append({"id": i, "file_name": name, "height": size[0], "width": size[1]})
+        for mask in scene.masks:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                                "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+    path = folder / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "object"}]}))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.annotate.simulated", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    scenes = commands.add_parser("scenes", help="write held-out synthetic scenes and their COCO ground truth")
+    scenes.add_argument("--count", type=int, default=10)
+    scenes.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    scenes.add_argument("--out", required=True)
+    run = commands.add_parser("run", help="annotate a running server's queue against COCO ground truth")
+    run.add_argument("--url", required=True)
+    run.add_argument("--token", required=True)
+    run.add_argument("--truth", required=True, help="COCO instances JSON whose file names match the input images")
+    run.add_argument("--max-images", type=int)
+    run.add_argument("--target-iou", type=float, default=0.9)
+    run.add_argument("--max-clicks", type=int, default=20)
+    run.add_argument("--report", help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    if args.command == "scenes":
+        path = write_scenes(args.out, args.count, tuple(args.size))
+        print(f"wrote {args.count} scenes to {Path(args.out) / 'images'} and their masks to {path}")
+        return 0
+    annotator = SimulatedAnnotator(args.url, args.token, coco_truth(args.truth),
+                                   target_iou=args.target_iou, max_clicks=args.max_clicks)
+    result = annotator.run(args.max_images)
+    if args.report:
+        Path(args.report).write_text(json.dumps(result, indent=2))
+    summary = {k: v for k, v in result.items() if k != "per_mask"}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

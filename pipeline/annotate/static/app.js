@@ -1,0 +1,441 @@
+// The annotation tool: one image at a time from the server's queue; clicks and boxes
+// answered by the decoder in the page; masks accepted, corrected with a brush, saved to
+// the server on every change.
+import { Decoder } from "/static/decoder.js";
+import { bounds, countsBounds, countsHas, decodeCounts, encodeCounts, prefixSums, stamp } from "/static/masks.js";
+import { Renderer } from "/static/render.js";
+
+const $ = (id) => document.getElementById(id);
+const canvas = $("view"), stageEl = $("stage");
+
+const state = {
+  config: null, decoder: null, view: null, image: null, H: 0, W: 0,
+  client: sessionStorage.getItem("sam-client") || `browser-${crypto.randomUUID().slice(0, 12)}`,
+  masks: [],        // {uid, mask, box, provenance, clicks, seconds, annotator, point_coords, counts}
+  selected: null,   // index into masks
+  current: null,    // the mask being made or edited (see newCurrent)
+  tool: "click", brush: 12, undo: [], redo: [],
+  zoom: { s: 1, tx: 0, ty: 0 }, space: false, drag: null,
+  decoding: false, again: false, saving: Promise.resolve(), ready: false,
+};
+sessionStorage.setItem("sam-client", state.client);
+// Read by the browser tests and the latency benchmark.
+const stats = { clicks: [] };
+window.sam = { state, stats };
+
+function status(text, error = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", error);
+}
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method, headers: body ? { "Content-Type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (!response.ok) {
+    const detail = await response.text();
+    const error = new Error(`${response.status}: ${detail}`);
+    error.status = response.status;
+    throw error;
+  }
+  return response;
+}
+
+// --- the document: masks, the current edit, undo ---------------------------------------
+// The bitmap of a mask, decoded from its counts the first time it is needed.
+function bitmap(m) {
+  if (!m.mask) m.mask = decodeCounts(m.counts, state.H, state.W);
+  return m.mask;
+}
+
+function newCurrent(source = null) {
+  const base = source === null ? null : state.masks[source];
+  if (base) bitmap(base);
+  return {
+    source: base ? base.uid : null, points: [], labels: [], box: null,
+    mask: base ? base.mask : null, lowRes: null, result: null, candidate: null,
+    clicks: 0, started: performance.now(), prompted: false, edited: false,
+  };
+}
+
+function snapshot() {
+  const c = state.current;
+  return {
+    masks: state.masks.slice(), selected: state.selected,
+    current: c && { ...c, points: c.points.slice(), labels: c.labels.slice() },
+  };
+}
+
+function remember() {
+  state.undo.push(snapshot());
+  if (state.undo.length > 200) state.undo.shift();
+  state.redo = [];
+}
+
+function restore(from, to) {
+  const snap = from.pop();
+  if (!snap) return;
+  to.push(snapshot());
+  const savedBefore = snap.masks !== state.masks;
+  Object.assign(state, { masks: snap.masks, selected: snap.selected, current: snap.current });
+  refresh({ all: true, current: true });
+  if (savedBefore) save();
+}
+
+function maskObject(fields) {
+  if (fields.mask) return { ...fields, counts: null, box: bounds(fields.mask, state.H, state.W) };
+  return { ...fields, mask: null, box: countsBounds(fields.counts, state.H) };
+}
+
+function accept() {
+  const c = state.current;
+  if (!c) {
+    // Accepting a selected automatic mask as it is.
+    const m = state.masks[state.selected];
+    if (m && m.provenance === "automatic") {
+      remember();
+      state.masks = state.masks.map((x, i) => (i === state.selected ? { ...x, provenance: "automatic_accepted", annotator: annotator() } : x));
+      state.selected = null;
+      refresh({ all: true }); save();
+    }
+    return;
+  }
+  if (!c.mask || !bounds(c.mask, state.H, state.W)) { status("nothing to accept: the mask is empty"); return; }
+  remember();
+  const index = c.source === null ? -1 : state.masks.findIndex((m) => m.uid === c.source);
+  const old = index >= 0 ? state.masks[index] : null;
+  let provenance;
+  if (!old) provenance = c.prompted ? "model_assisted" : "manual";
+  else if (old.provenance === "automatic") provenance = c.prompted || c.edited ? "automatic_edited" : "automatic_accepted";
+  else provenance = old.provenance === "manual" && c.prompted ? "model_assisted" : old.provenance;
+  const positives = c.points.filter((_, i) => c.labels[i] === 1);
+  const mask = maskObject({
+    uid: old ? old.uid : crypto.randomUUID(), mask: c.mask, provenance,
+    clicks: (old ? old.clicks : 0) + c.clicks,
+    seconds: (old ? old.seconds : 0) + (performance.now() - c.started) / 1000,
+    annotator: annotator(), point_coords: [...(old ? old.point_coords : []), ...positives],
+  });
+  state.masks = index >= 0 ? state.masks.map((m, i) => (i === index ? mask : m)) : [...state.masks, mask];
+  state.current = null; state.selected = null;
+  refresh({ all: true, current: true });
+  save();
+}
+
+function acceptAllAutomatic() {
+  if (!state.masks.some((m) => m.provenance === "automatic")) return;
+  remember();
+  state.masks = state.masks.map((m) => (m.provenance === "automatic" ? { ...m, provenance: "automatic_accepted", annotator: annotator() } : m));
+  refresh({ all: true }); save();
+}
+
+function remove() {
+  const c = state.current;
+  if (c && c.source === null) { remember(); state.current = null; refresh({ current: true }); return; }
+  if (state.selected === null) return;
+  remember();
+  state.masks = state.masks.filter((_, i) => i !== state.selected);
+  state.selected = null; state.current = null;
+  refresh({ all: true, current: true });
+  save();
+}
+
+function select(index) {
+  if (index === null || index < 0 || index >= state.masks.length) { state.selected = null; state.current = null; }
+  else { state.selected = index; state.current = newCurrent(index); }
+  refresh({ all: true, current: true });
+}
+
+function annotator() { return $("annotator").value.trim() || state.config.annotator; }
+
+// --- prompts ---------------------------------------------------------------------------
+function addPoint(x, y, label, t0) {
+  remember();
+  if (!state.current) state.current = newCurrent(state.selected);
+  const c = state.current;
+  c.points.push([x, y]); c.labels.push(label); c.clicks += 1;
+  decode(t0);
+}
+
+function setBox(box, t0) {
+  remember();
+  if (!state.current) state.current = newCurrent(state.selected);
+  state.current.box = box; state.current.clicks += 2;
+  decode(t0);
+}
+
+// Runs the decoder on the current prompt; clicks that arrive meanwhile are answered by
+// one more run with all of them.
+async function decode(t0) {
+  if (state.decoding) { state.again = true; return; }
+  state.decoding = true;
+  try {
+    do {
+      state.again = false;
+      const c = state.current;
+      if (!c || (!c.points.length && !c.box)) break;
+      // One click: the three ambiguity-aware masks, the best first; otherwise the
+      // single-mask output refined from the previous answer's logits.
+      const multimask = c.points.length === 1 && !c.box;
+      const runStart = performance.now();
+      const res = await state.decoder.run(c.points, c.labels, c.box, multimask ? null : c.lowRes, state.H, state.W);
+      const runEnd = performance.now();
+      if (state.current !== c) break;
+      const k = multimask ? [2, 3].reduce((best, i) => (res.scores[i] > res.scores[best] ? i : best), 1) : 0;
+      useCandidate(c, res, k, multimask);
+      const ready = performance.now();
+      if (t0 !== undefined) {
+        const start = t0, points = c.points.length + (c.box ? 2 : 0);
+        const phases = { before_ms: runStart - start, run_ms: runEnd - runStart, upsample_ms: ready - runEnd };
+        // Painted: after the frame that shows the mask has been drawn.
+        requestAnimationFrame(() => setTimeout(() => {
+          stats.clicks.push({ mask_ms: ready - start, painted_ms: performance.now() - start, points, ...phases });
+        }, 0));
+        t0 = undefined;
+      }
+      status(`mask in ${(ready - (stats.lastT0 || ready)).toFixed(0)} ms · IoU ${res.scores[k].toFixed(2)}`);
+    } while (state.again);
+  } catch (e) {
+    status(`decoder failed: ${e.message}`, true);
+    console.error(e);
+  } finally {
+    state.decoding = false;
+  }
+}
+
+function useCandidate(c, res, k, multimask) {
+  c.result = res; c.candidate = multimask ? k : null; c.lowRes = res.lowRes[k];
+  c.mask = state.decoder.mask(res.lowRes[k], state.H, state.W);
+  c.prompted = true;
+  refresh({ current: true });
+}
+
+function pickCandidate(n) {
+  const c = state.current;
+  if (!c || c.candidate === null || !c.result) return;
+  remember();
+  useCandidate(c, c.result, n, true);
+}
+
+// --- brush -------------------------------------------------------------------------------
+function strokeStart(x, y, value) {
+  remember();
+  if (!state.current) state.current = newCurrent(state.selected);
+  const c = state.current;
+  // Copy on write: undo keeps the mask as it was before the stroke.
+  c.mask = c.mask ? c.mask.slice() : new Uint8Array(state.H * state.W);
+  c.edited = true;
+  strokeTo(x, y, value);
+}
+
+function strokeTo(x, y, value) {
+  const c = state.current;
+  const r = state.brush / 2;
+  const last = state.drag.last || [x, y];
+  const steps = Math.max(1, Math.ceil(Math.hypot(x - last[0], y - last[1]) / Math.max(1, r / 2)));
+  for (let i = 1; i <= steps; i++) {
+    stamp(c.mask, state.H, state.W, last[0] + ((x - last[0]) * i) / steps, last[1] + ((y - last[1]) * i) / steps, r, value);
+  }
+  state.drag.last = [x, y];
+  refresh({ current: true });
+}
+
+// --- saving and the queue ----------------------------------------------------------------
+function save(done = false) {
+  const view = state.view;
+  if (!view || !view.editable) return Promise.resolve(false);
+  const body = {
+    client: state.client, done,
+    masks: state.masks.map((m) => {
+      if (!m.counts) m.counts = encodeCounts(m.mask, state.H, state.W);
+      return { uid: m.uid, counts: m.counts, provenance: m.provenance, clicks: m.clicks,
+               seconds: Math.round(m.seconds * 1000) / 1000, annotator: m.annotator || "", point_coords: m.point_coords || [] };
+    }),
+  };
+  state.saving = state.saving.then(async () => {
+    try {
+      const result = await (await api("PUT", `/api/images/${view.key}`, body)).json();
+      status(done ? (result.committed ? "done; unit committed" : "done") : `saved ${body.masks.length} mask(s)`);
+      return true;
+    } catch (e) {
+      status(e.status === 409 ? "another annotator has this image now: open the next one" : `not saved: ${e.message}`, true);
+      return false;
+    }
+  });
+  return state.saving;
+}
+
+async function open(step, key) {
+  await state.saving; // the last save of this image lands before its lease moves on
+  const after = state.view ? state.view.key : null;
+  status("loading…");
+  let view;
+  try {
+    view = await (await api("POST", "/api/lease", { client: state.client, after, step, key })).json();
+  } catch (e) { status(`cannot open: ${e.message}`, true); return; }
+  if (!view) { status(step > 0 ? "no more images to annotate" : "no previous image"); return; }
+  await show(view);
+}
+
+async function show(view) {
+  state.ready = false;
+  const image = new Image();
+  image.src = `/api/images/${view.key}/image.jpg`;
+  const embedding = fetch(`/api/images/${view.key}/embedding`);
+  await image.decode();
+  const response = await embedding;
+  if (!response.ok) { status(`no embedding for ${view.key}: ${await response.text()}`, true); return; }
+  const shape = response.headers.get("X-Embedding-Shape").split(",").map(Number);
+  state.decoder.setEmbedding(await response.arrayBuffer(), shape);
+  Object.assign(state, { view, image, H: view.height, W: view.width, selected: null, current: null, undo: [], redo: [] });
+  state.masks = view.masks.map((m) => maskObject({ ...m }));
+  $("image-name").textContent = `${view.key} (${view.index + 1} / ${view.total})${view.done ? " · done" : ""}${view.editable ? "" : " · read-only"}`;
+  fit();
+  refresh({ all: true, current: true });
+  updateProgress();
+  status(view.editable ? "ready: click an object" : "read-only: committed or taken by another annotator");
+  state.ready = true;
+}
+
+async function markDone() {
+  if (state.current && (state.current.prompted || state.current.edited)) { status("accept (Enter) or drop (Esc) the current mask first", true); return; }
+  const auto = state.masks.filter((m) => m.provenance === "automatic").length;
+  if (auto) { status(`${auto} automatic mask(s) not reviewed: accept (A, Shift+A) or delete them`, true); return; }
+  if (await save(true)) await open(1);
+}
+
+async function updateProgress() {
+  try {
+    const p = await (await api("GET", "/api/progress")).json();
+    $("progress").textContent = `${p.done} / ${p.images} done · ${p.units_committed} / ${p.units} units committed`;
+  } catch (e) { /* the next update will tell */ }
+}
+
+// --- drawing: render.js ------------------------------------------------------------------
+const renderer = new Renderer(state, canvas, stageEl, { select, remove });
+const refresh = (what) => renderer.refresh(what);
+const fit = () => renderer.fit();
+const zoomAt = (factor, cx, cy) => renderer.zoomAt(factor, cx, cy);
+
+// --- input ---------------------------------------------------------------------------------
+function imagePoint(event) {
+  const rect = canvas.getBoundingClientRect();
+  const { s, tx, ty } = state.zoom;
+  return [(event.clientX - rect.left - tx) / s, (event.clientY - rect.top - ty) / s];
+}
+
+function inside([x, y]) { return x >= 0 && y >= 0 && x < state.W && y < state.H; }
+
+function setTool(tool) {
+  state.tool = tool;
+  document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b.dataset.tool === tool));
+  $("tool-name").textContent = tool;
+}
+
+canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+canvas.addEventListener("pointerdown", (event) => {
+  if (!state.ready) return;
+  const t0 = performance.now();
+  stats.lastT0 = t0;
+  stageEl.focus();
+  canvas.setPointerCapture(event.pointerId);
+  if (event.button === 1 || state.space) { state.drag = { pan: [event.clientX, event.clientY] }; return; }
+  const p = imagePoint(event);
+  if (!inside(p) || !state.view.editable) return;
+  if (state.tool === "click") addPoint(p[0], p[1], event.button === 2 || event.shiftKey ? 0 : 1, t0);
+  else if (state.tool === "box") state.drag = { box: [p[0], p[1], p[0], p[1]] };
+  else if (state.tool === "brush" || state.tool === "eraser") { state.drag = { paint: state.tool === "brush" ? 1 : 0 }; strokeStart(p[0], p[1], state.drag.paint); }
+  else if (state.tool === "select") {
+    const [x, y] = [Math.floor(p[0]), Math.floor(p[1])];
+    const hit = (m) => {
+      if (m.mask) return m.mask[y * state.W + x] === 1;
+      m.prefix ||= prefixSums(m.counts);
+      return countsHas(m.prefix, state.H, x, y);
+    };
+    const index = state.masks.map((m, i) => i).reverse().find((i) => hit(state.masks[i]));
+    select(index === undefined ? null : index);
+  }
+});
+canvas.addEventListener("pointermove", (event) => {
+  const drag = state.drag;
+  if (!drag) return;
+  if (drag.pan) {
+    state.zoom.tx += event.clientX - drag.pan[0]; state.zoom.ty += event.clientY - drag.pan[1];
+    drag.pan = [event.clientX, event.clientY]; refresh(); return;
+  }
+  const p = imagePoint(event);
+  if (drag.box) { drag.box[2] = p[0]; drag.box[3] = p[1]; refresh(); }
+  else if (drag.paint !== undefined) strokeTo(p[0], p[1], drag.paint);
+});
+canvas.addEventListener("pointerup", () => {
+  const drag = state.drag;
+  state.drag = null;
+  if (drag && drag.box) {
+    const [x0, y0, x1, y1] = drag.box;
+    const clamp = (v, hi) => Math.max(0, Math.min(hi, v));
+    const box = [clamp(Math.min(x0, x1), state.W), clamp(Math.min(y0, y1), state.H), clamp(Math.max(x0, x1), state.W), clamp(Math.max(y0, y1), state.H)];
+    if (box[2] - box[0] >= 3 && box[3] - box[1] >= 3) setBox(box, performance.now());
+    refresh();
+  }
+});
+canvas.addEventListener("wheel", (event) => {
+  event.preventDefault();
+  const rect = canvas.getBoundingClientRect();
+  zoomAt(Math.exp(-event.deltaY * 0.0015), event.clientX - rect.left, event.clientY - rect.top);
+}, { passive: false });
+window.addEventListener("resize", () => refresh());
+
+window.addEventListener("keyup", (event) => { if (event.key === " ") state.space = false; });
+window.addEventListener("keydown", (event) => {
+  if (event.target === $("annotator")) { if (event.key === "Enter") event.target.blur(); return; }
+  const key = event.key, ctrl = event.ctrlKey || event.metaKey;
+  const centre = () => [stageEl.clientWidth / 2, stageEl.clientHeight / 2];
+  if (ctrl && key.toLowerCase() === "z") { event.preventDefault(); event.shiftKey ? restore(state.redo, state.undo) : restore(state.undo, state.redo); return; }
+  if (ctrl && key.toLowerCase() === "y") { event.preventDefault(); restore(state.redo, state.undo); return; }
+  if (ctrl) return;
+  const actions = {
+    c: () => setTool("click"), b: () => setTool("box"), d: () => setTool("brush"), e: () => setTool("eraser"), v: () => setTool("select"),
+    1: () => pickCandidate(1), 2: () => pickCandidate(2), 3: () => pickCandidate(3),
+    Enter: accept, a: accept, A: acceptAllAutomatic, Delete: remove, Backspace: remove,
+    Escape: () => { state.current = null; state.selected = null; refresh({ all: true, current: true }); },
+    Tab: () => select(state.masks.length ? ((state.selected ?? -1) + 1) % state.masks.length : null),
+    "[": () => { state.brush = Math.max(1, Math.round(state.brush / 1.25)); $("brush-size").textContent = state.brush; },
+    "]": () => { state.brush = Math.min(400, Math.round(state.brush * 1.25) + 1); $("brush-size").textContent = state.brush; },
+    "+": () => zoomAt(1.25, ...centre()), "=": () => zoomAt(1.25, ...centre()), "-": () => zoomAt(0.8, ...centre()), 0: fit,
+    n: () => open(1), ArrowRight: () => open(1), p: () => open(-1), ArrowLeft: () => open(-1), m: markDone,
+    " ": () => { state.space = true; },
+  };
+  const action = actions[key];
+  if (action) { event.preventDefault(); action(); }
+});
+document.querySelectorAll("[data-tool]").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
+document.querySelectorAll("[data-candidate]").forEach((b) => b.addEventListener("click", () => pickCandidate(Number(b.dataset.candidate))));
+$("annotator").addEventListener("change", (e) => localStorage.setItem("sam-annotator", e.target.value.trim()));
+
+// Renews the lease while the page is open, so that nobody else gets this image.
+function heartbeat() {
+  const view = state.view;
+  if (view && view.editable) {
+    api("POST", "/api/renew", { client: state.client, key: view.key }).catch((e) => {
+      if (e.status === 409) { view.editable = false; status("the lease on this image was lost: open the next one", true); }
+    });
+  }
+}
+
+async function main() {
+  try {
+    state.config = await (await api("GET", "/api/config")).json();
+    $("annotator").value = localStorage.getItem("sam-annotator") || state.config.annotator;
+    $("brush-size").textContent = state.brush;
+    setTool("click");
+    status("loading the decoder…");
+    state.decoder = await Decoder.load(state.config.model, state.config.threads);
+    setInterval(heartbeat, (state.config.lease_s * 1000) / 3);
+    await open(1);
+  } catch (e) {
+    status(`failed to start: ${e.message}`, true);
+    console.error(e);
+  }
+}
+main();

@@ -1,0 +1,266 @@
+"""The annotation tool in a real headless browser (Debian's Chromium driven by
+Playwright), against the stage started as the command line starts it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipeline.annotate.simulated import Decoder, write_scenes
+from pipeline.clicks import next_click
+from pipeline.dataset import iter_samples
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")
+SCREENSHOT = os.environ.get("ANNOTATE_SCREENSHOT")  # where to keep the README's screenshot
+
+
+def _chromium() -> str:
+    if CHROMIUM and Path(CHROMIUM).exists():
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is missing: .ci/run installs it with apt-get (apt-get install -y chromium)")
+    pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+
+
+class Stage:
+    """``python -m pipeline.run +stage=annotate ...`` in a subprocess; ``url`` is what it printed."""
+
+    def __init__(self, tmp: Path, images: Path, output: Path, *overrides: str) -> None:
+        command = [sys.executable, "-m", "pipeline.run", "+stage=annotate", f"input={images}", f"output={output}",
+                   "stage.port=0", "stage.images_per_unit=1", f"hydra.run.dir={tmp / 'hydra'}", *overrides]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.output = output
+        self.process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line and self.process.poll() is not None:
+                break
+            self.lines.append(line)
+            if match := re.search(r"open (http://\S+)", line):
+                self.url = match.group(1)
+                self.base, self.token = self.url.split("/?token=")
+                return
+        self.stop()
+        raise RuntimeError("the annotate stage did not print its URL:\n" + "".join(self.lines))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # as Ctrl-C: the stage stops cleanly
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    truth = json.loads(write_scenes(root, 2, (256, 256)).read_text())
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def stage(scenes, tmp_path_factory):
+    """One stage for the module: starting it (a process, the model, the export) is most
+    of these tests' time."""
+    root, _ = scenes
+    tmp = tmp_path_factory.mktemp("stage")
+    started = Stage(tmp, root / "images", tmp / "out")
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Playwright's own browser download is never used: Debian's Chromium, by path.
+        chromium = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def truth_masks(truth: dict, file_name: str) -> list[np.ndarray]:
+    image = next(i for i in truth["images"] if i["file_name"] == file_name)
+    return [mask_utils.decode(a["segmentation"]).astype(bool) for a in truth["annotations"] if a["image_id"] == image["id"]]
+
+
+def screen_point(page, x: float, y: float) -> tuple[float, float]:
+    """Where image pixel (x, y) is on the screen, from the page's own zoom and pan."""
+    rect = page.locator("#view").bounding_box()
+    zoom = page.evaluate("window.sam.state.zoom")
+    return rect["x"] + zoom["tx"] + x * zoom["s"], rect["y"] + zoom["ty"] + y * zoom["s"]
+
+
+def press_and_wait_saved(page, key: str) -> None:
+    """Presses ``key`` and waits for the save it makes to be answered 200."""
+    with page.expect_response(lambda r: r.request.method == "PUT" and "/api/images/" in r.url, timeout=30_000) as saved:
+        page.keyboard.press(key)
+    assert saved.value.ok, saved.value.status
+
+
+def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
+    root, truth = scenes
+    output = stage.output
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)  # CSP: for Playwright's own eval
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(stage.url)
+    page.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
+    view = page.evaluate("window.sam.state.view")
+    assert view["key"] == "sa_1" and view["editable"]
+    page.fill("#annotator", "tester")
+    page.locator("#annotator").press("Enter")
+
+    # Click the centre of the largest object: the decoder in the page answers.
+    gt = max(truth_masks(truth, Path(view["source"]).name), key=lambda m: m.sum())
+    (x, y), _ = next_click(gt, None)
+    page.mouse.click(*screen_point(page, x + 0.5, y + 0.5))
+    page.wait_for_function("window.sam.stats.clicks.length === 1 && window.sam.state.current.mask", timeout=30_000)
+    candidate = page.evaluate("window.sam.state.current.candidate")
+    press_and_wait_saved(page, "Enter")
+    if SCREENSHOT:
+        page.keyboard.press("Tab")  # select it, so that the screenshot shows a selected mask
+        page.screenshot(path=SCREENSHOT)
+        page.keyboard.press("Escape")
+
+    # Correct it with the brush: a stroke across an empty corner, then accept.
+    page.keyboard.press("Tab")
+    page.keyboard.press("d")
+    brush = page.evaluate("window.sam.state.brush")
+    start, end = (20.0, 236.0), (60.0, 236.0)
+    page.mouse.move(*screen_point(page, *start))
+    page.mouse.down()
+    page.mouse.move(*screen_point(page, *end), steps=8)
+    page.mouse.up()
+    press_and_wait_saved(page, "Enter")
+    clicked = page.evaluate("window.sam.state.masks[0].point_coords")
+
+    # Next image, then mark the first done: its unit is committed.
+    page.keyboard.press("n")
+    page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
+    page.keyboard.press("p")
+    page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_1'", timeout=60_000)
+    page.keyboard.press("m")
+    page.wait_for_function("window.sam.state.ready && window.sam.state.view.key === 'sa_2'", timeout=60_000)
+
+    # On the next image: a box, its mask, undo and redo, candidates, zoom and fit.
+    page.keyboard.press("b")
+    page.mouse.move(*screen_point(page, 40, 40))
+    page.mouse.down()
+    page.mouse.move(*screen_point(page, 140, 120), steps=4)
+    page.mouse.up()
+    page.wait_for_function("window.sam.stats.clicks.length === 2 && window.sam.state.current.box", timeout=30_000)
+    assert page.evaluate("window.sam.state.current.clicks") == 2  # a box counts as its two corners
+    page.keyboard.press("Control+z")
+    assert page.evaluate("window.sam.state.current === null")
+    page.keyboard.press("Control+Shift+z")
+    assert page.evaluate("window.sam.state.current.box.map(Math.round)") == [40, 40, 140, 120]
+    page.keyboard.press("Escape")
+    page.keyboard.press("c")
+    page.mouse.click(*screen_point(page, 200.5, 60.5))
+    page.wait_for_function("window.sam.stats.clicks.length === 3 && window.sam.state.current.mask", timeout=30_000)
+    page.keyboard.press("3")
+    assert page.evaluate("window.sam.state.current.candidate") == 3
+    fitted = page.evaluate("window.sam.state.zoom.s")
+    page.keyboard.press("+")
+    assert page.evaluate("window.sam.state.zoom.s") > fitted * 1.2
+    page.keyboard.press("0")
+    assert abs(page.evaluate("window.sam.state.zoom.s") - fitted) < 1e-6
+    assert not errors, errors
+
+    (sample,) = list(iter_samples(str(output)))
+    assert sample.key == "sa_1"
+    (ann,) = sample.record["annotations"]
+    assert ann["provenance"] == "model_assisted" and ann["annotator"] == "tester" and ann["clicks"] == 1
+    assert 0 < ann["seconds"] < 600
+    saved = mask_utils.decode(ann["segmentation"]).astype(bool)
+
+    # The expected mask: the same ONNX decoder in Python, on the embedding the page got.
+    api = httpx.Client(base_url=stage.base, headers={"X-Token": stage.token})
+    response = api.get("/api/images/sa_1/embedding")
+    shape = tuple(int(v) for v in response.headers["X-Embedding-Shape"].split(","))
+    embedding = np.frombuffer(response.content, "<f2").reshape(shape).astype(np.float32)
+    config = api.get("/api/config").json()["model"]
+    decoder = Decoder(api.get(config["decoder_url"]).content, config["img_size"], config["mask_input_size"])
+    scores, low_res = decoder(embedding, [tuple(clicked[0])], [1], (256, 256), None)
+    best = 1 + int(np.argmax(scores[1:]))
+    assert candidate == best
+    expected = decoder.mask(low_res[best], (256, 256))
+    # The stroke: every pixel within the brush radius of the segment (the page
+    # stamps discs along it), nothing beyond it outside the clicked mask.
+    yy, xx = np.mgrid[0:256, 0:256] + 0.5
+    t = np.clip(((xx - start[0]) * (end[0] - start[0])) / ((end[0] - start[0]) ** 2), 0, 1)
+    distance = np.hypot(xx - (start[0] + t * (end[0] - start[0])), yy - start[1])
+    assert saved[distance <= brush / 2 - 1].all()
+    assert not saved[(distance > brush / 2 + 1) & ~expected].any()
+    far = distance > brush / 2 + 1
+    agreement = (saved[far] == expected[far]).mean()
+    assert agreement >= 0.999, f"the page's mask agrees with the Python decoder on {agreement:.5f} of pixels"
+
+
+def test_page_and_api_refuse_requests_without_the_token(browser, stage):
+    page = browser.new_page()
+    response = page.goto(stage.base + "/")
+    assert response.status == 401 and "sa_" not in page.content()
+    response = page.goto(stage.base + "/?token=wrong")
+    assert response.status == 403
+    for path in ("/api/config", "/api/images/sa_1/image.jpg", "/api/images/sa_1/embedding", "/static/app.js"):
+        assert page.request.get(stage.base + path).status == 401, path
+    # With the token the page opens, and the cookie it sets lets the API through.
+    assert page.goto(stage.url).status == 200
+    assert page.request.get(stage.base + "/api/config").status == 200
+
+
+def test_prefilled_masks_select_delete_accept_all(browser, tmp_path):
+    """A fully_auto-style dataset as input: its masks open as automatic; delete one
+    picked with the Select tool, accept the rest with Shift+A, mark done."""
+    from .dataset_factory import make_dataset
+
+    source = make_dataset(tmp_path / "auto", num_shards=1, images_per_shard=1, masks_per_image=(4,), sizes=((96, 128),))
+    stage = Stage(tmp_path, tmp_path / "auto", tmp_path / "out")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+        page.goto(stage.url)
+        page.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
+        assert page.evaluate("window.sam.state.masks.map(m => m.provenance)") == ["automatic"] * 4
+        masks = [m.astype(bool) for m in source.samples[0].masks]
+        # A pixel of mask 1 that no later mask covers: the Select tool picks mask 1 there.
+        free = masks[1] & ~np.any(masks[2:], axis=0)
+        ys, xs = np.nonzero(free)
+        page.keyboard.press("v")
+        page.mouse.click(*screen_point(page, xs[len(xs) // 2] + 0.5, ys[len(ys) // 2] + 0.5))
+        assert page.evaluate("window.sam.state.selected") == 1
+        press_and_wait_saved(page, "Delete")
+        assert page.evaluate("window.sam.state.masks.length") == 3
+        page.keyboard.press("Shift+A")
+        page.wait_for_function("window.sam.state.masks.every(m => m.provenance === 'automatic_accepted')", timeout=10_000)
+        page.keyboard.press("m")
+        page.wait_for_function("document.getElementById('status').textContent.includes('no more images')", timeout=30_000)
+        (sample,) = list(iter_samples(str(tmp_path / "out")))
+        anns = sample.record["annotations"]
+        assert [a["provenance"] for a in anns] == ["automatic_accepted"] * 3
+        saved = [mask_utils.decode(a["segmentation"]).astype(bool) for a in anns]
+        for got, want in zip(saved, [masks[0], masks[2], masks[3]]):
+            assert np.array_equal(got, want)
+        originals = source.samples[0].record["annotations"]
+        assert [a["predicted_iou"] for a in anns] == [originals[i]["predicted_iou"] for i in (0, 2, 3)]
+    finally:
+        stage.stop()
