@@ -19,6 +19,8 @@ STAGES = {
     "retrain": "pipeline.stages.retrain",
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",
+    "box_prompts": "pipeline.stages.box_prompts",
+    "augment": "pipeline.stages.augment",
 }
 
 # ${project_root:} lets configs name files shipped with the repository (sample images,
