@@ -418,3 +418,31 @@ def coco_instances(scenes: list[Scene], file_names: list[str]) -> dict:
                 "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
             })
     return {"images": images, "annotations": annotations, "categories": CATEGORIES}
+
+
+DETECTOR_ERRORS = ("shift", "scale", "loose", "tight")
+
+
+def detector_boxes(boxes: np.ndarray, error: str, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """Nx4 XYXY boxes as a detector that errs in one way would give them, clipped to the
+    image ``size`` (H, W): ``shift`` moves the centre by N(0, 0.15 side) per axis,
+    ``scale`` multiplies both sides by exp(N(0, 0.2)), ``loose`` pushes each edge out by
+    U(0.05, 0.3) side, ``tight`` pulls each edge in by U(0.05, 0.2) side."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.stack([w, h, w, h], axis=1)
+    if error == "shift":
+        offset = rng.normal(0, 0.15, (len(boxes), 2)) * side[:, :2]
+        moved = boxes + np.concatenate([offset, offset], axis=1)
+    elif error == "scale":
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        half = (boxes[:, 2:] - boxes[:, :2]) / 2 * np.exp(rng.normal(0, 0.2, (len(boxes), 1)))
+        moved = np.concatenate([centre - half, centre + half], axis=1)
+    elif error in ("loose", "tight"):
+        low, high, sign = (0.05, 0.3, 1.0) if error == "loose" else (0.05, 0.2, -1.0)
+        push = rng.uniform(low, high, boxes.shape) * side * sign
+        moved = boxes + push * np.array([-1, -1, 1, 1])
+    else:
+        raise ValueError(f"unknown detector error {error!r}; one of {DETECTOR_ERRORS}")
+    hh, ww = size
+    return np.clip(moved, 0, [ww, hh, ww, hh])
