@@ -51,7 +51,8 @@ class Job:
     prepare(output): called holding the lease, after the identity check and before the
         plan is extended; records the stage's own inputs in the output (box tables,
         paste plans) so that every worker and every resume reads the same ones.
-    report(output): called after the run; its keys are added to the summary.
+    report(output, plan): called after the run with the output's plan
+        (``pipeline.plan.Plan``: every item's key and name); its keys are added to the summary.
     """
 
     name: str
@@ -61,7 +62,7 @@ class Job:
     identity_ignores: Sequence[str] = ()
     recorded: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[str], None] | None = None
-    report: Callable[[str], dict[str, Any]] | None = None
+    report: Callable[[str, plan.Plan], dict[str, Any]] | None = None
 
 
 def resolve_paths(cfg: DictConfig, *extra: str) -> DictConfig:
@@ -130,7 +131,7 @@ def run(cfg: DictConfig, entries: list[Entry], job: Job) -> dict[str, Any]:
 
     summary = _summary(the_plan, len(units) - len(todo), outcome, time.perf_counter() - start, output)
     if job.report is not None:
-        summary.update(job.report(output))
+        summary.update(job.report(output, the_plan))
     fs, root = storage.filesystem(output)
     with storage.atomic_open(fs, storage.join(root, SUMMARY_FILE)) as f:
         f.write(json.dumps(summary, indent=2).encode("utf-8"))

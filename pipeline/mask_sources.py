@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline import box_files, model
+from pipeline import box_files, model, paste
 from pipeline.images import PreparedImage
 from pipeline.sources import Item
 
@@ -178,6 +178,7 @@ def _ground_truth(row: dict, image: PreparedImage, size: tuple[int, int], frame:
 SOURCES: dict[str, Callable[[Mapping[str, Any]], MaskSource]] = {
     "grid": GridSource,
     "boxes": BoxSource,
+    "paste": paste.Paster,  # augment: objects pasted onto a background (a Rewritten image)
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import box_files, dataset, driver, manifest
+from pipeline import box_files, dataset, driver, manifest, plan
 from pipeline.model import model_identity
 from pipeline.sources import InputError, enumerate_input
 
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         identity_ignores=IDENTITY_IGNORES,
         recorded={"model_sha256": model_sha256, "boxes_sha256": boxes.sha256},
         prepare=prepare,
-        report=lambda out: {"boxes": report(out, boxes, matching)},
+        report=lambda out, the_plan: {"boxes": report(out, the_plan, boxes, matching)},
     )
     return driver.run(cfg, matching.entries, job)
 
@@ -98,7 +98,7 @@ def _examples(names: list[str]) -> str:
     return ", ".join(names[:EXAMPLES]) + (" ..." if len(names) > EXAMPLES else "")
 
 
-def report(output: str, boxes: box_files.Boxes, matching: box_files.Matching) -> dict[str, Any]:
+def report(output: str, the_plan: plan.Plan, boxes: box_files.Boxes, matching: box_files.Matching) -> dict[str, Any]:
     """What the box file gave and what the dataset made of it (the whole dataset).
 
     Keys: images_named (input images the file names), images_not_named (count, examples),
@@ -110,8 +110,8 @@ def report(output: str, boxes: box_files.Boxes, matching: box_files.Matching) ->
     """
     given = Counter({name: sum(r["x0"] is not None for r in rows)
                      for name, rows in box_files.read_table(output).items()})
-    name_of = {e.source: e.name for e in matching.entries}
-    ok = {r["source"] for r in manifest.read_table(output).to_pylist() if r["status"] == manifest.STATUS_OK}
+    name_of = {item.key: item.name for unit in the_plan.units for item in unit.items}
+    ok = {r["key"] for r in manifest.read_table(output).to_pylist() if r["status"] == manifest.STATUS_OK}
     masks = refined = boxes_given = 0
     gt_iou: list[float] = []
     gt_area: list[int] = []
@@ -123,8 +123,8 @@ def report(output: str, boxes: box_files.Boxes, matching: box_files.Matching) ->
             if "gt_iou" in a:
                 gt_iou.append(a["gt_iou"])
                 gt_area.append(a["gt_area"])
-    for source in ok:
-        boxes_given += given.get(name_of.get(source, ""), 0)
+    for key in ok:
+        boxes_given += given.get(name_of.get(key, ""), 0)
     result: dict[str, Any] = {
         "images_named": len(matching.entries),
         "images_not_named": {"count": len(matching.unnamed), "examples": [e.name for e in matching.unnamed[:EXAMPLES]]},
