@@ -240,12 +240,19 @@ def test_box_prompted_miou_matches_the_eval_stage_and_the_export_has_categories(
     from pipeline.stages.eval import evaluate_model  # moving to pipeline.evaluation (issue 20)
 
     inp, boxes, scenes = synthetic_input(tmp_path, 6)
-    (inp / "extra.png").write_bytes(encode(Image.fromarray(scenes[0].image), "PNG"))  # named by no box
+    (inp / "extra.png").write_bytes(encode(Image.fromarray(scenes[0].image), "PNG"))  # the box file names it not
+    (inp / "empty.png").write_bytes(encode(Image.fromarray(scenes[1].image), "PNG"))  # named, with no box
+    coco = json.loads(boxes.read_text())
+    coco["images"].append({"id": 99, "file_name": "empty.png", "width": 320, "height": 256})
+    coco["images"].append({"id": 98, "file_name": "gone.png", "width": 320, "height": 256})
+    boxes.write_text(json.dumps(coco))
     out = tmp_path / "out"
     summary = run_stage(compose_config(*box_args(inp, boxes, out, "stage.refine_boxes=true")))
     report = summary["boxes"]
     n_boxes = sum(len(s.masks) for s in scenes)
-    assert summary["images_ok"] == 6 and report["images_not_named"]["count"] == 1
+    assert summary["images_ok"] == 7 and report["images_not_named"] == {"count": 1, "examples": ["extra.png"]}
+    assert report["without_boxes"] == {"count": 1, "examples": ["empty.png"]}
+    assert report["not_in_input"] == {"count": 1, "examples": ["gone.png"]}
     assert report["given"] == report["masks"] == report["gt"]["masks"] == n_boxes and report["outside_image"] == 0
     assert sum(report["gt"][s]["masks"] for s in ("small", "medium", "large")) == n_boxes
 
@@ -258,7 +265,8 @@ def test_box_prompted_miou_matches_the_eval_stage_and_the_export_has_categories(
     records = _records(out)
     categories = {a["category_id"] for r in records for a in r["annotations"]}
     assert categories <= {c["id"] for c in json.loads((out / "categories.json").read_text())}
-    ann = records[0]["annotations"][0]
+    assert sorted(len(r["annotations"]) for r in records)[0] == 0, "the image with no box is kept, with no mask"
+    ann = next(r for r in records if r["annotations"])["annotations"][0]
     assert {"category_id", "prompt_id", "prompt_box", "box", "box_source", "gt_iou"} <= set(ann)
     refined = [a for r in records for a in r["annotations"] if a["box_source"] == "mask"]
     assert 0 < len(refined) == report["refined"]

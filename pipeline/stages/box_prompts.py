@@ -102,7 +102,7 @@ def report(output: str, the_plan: plan.Plan, boxes: box_files.Boxes, matching: b
     """What the box file gave and what the dataset made of it (the whole dataset).
 
     Keys: images_named (input images the file names), images_not_named (count, examples),
-    not_in_input (file images not in the input: count, examples), invalid (boxes that
+    without_boxes (named images with no box: kept with no mask; count, examples), not_in_input (file images not in the input: count, examples), invalid (boxes that
     cannot prompt: count, examples), crowd (skipped), given (boxes of the annotated
     images), masks, outside_image (boxes with no area inside their image, no mask),
     refined (boxes replaced by their mask's extent), gt (where the file has each box's
@@ -110,6 +110,7 @@ def report(output: str, the_plan: plan.Plan, boxes: box_files.Boxes, matching: b
     """
     given = Counter({name: sum(r["x0"] is not None for r in rows)
                      for name, rows in box_files.read_table(output).items()})
+    empty = sorted(name for name in given if not given[name])
     name_of = {item.key: item.name for unit in the_plan.units for item in unit.items}
     ok = {r["key"] for r in manifest.read_table(output).to_pylist() if r["status"] == manifest.STATUS_OK}
     masks = refined = boxes_given = 0
@@ -128,6 +129,7 @@ def report(output: str, the_plan: plan.Plan, boxes: box_files.Boxes, matching: b
     result: dict[str, Any] = {
         "images_named": len(matching.entries),
         "images_not_named": {"count": len(matching.unnamed), "examples": [e.name for e in matching.unnamed[:EXAMPLES]]},
+        "without_boxes": {"count": len(empty), "examples": empty[:EXAMPLES]},
         "not_in_input": {"count": len(matching.missing), "examples": matching.missing[:EXAMPLES]},
         "invalid": {"count": len(boxes.invalid), "examples": boxes.invalid[:EXAMPLES]},
         "crowd": boxes.crowd,
@@ -136,6 +138,8 @@ def report(output: str, the_plan: plan.Plan, boxes: box_files.Boxes, matching: b
         "outside_image": boxes_given - masks,
         "refined": refined,
     }
+    if empty:
+        log.info("%d image(s) named by the box file have no box: kept with no mask (%s)", len(empty), _examples(empty))
     if gt_iou:
         iou, area = np.asarray(gt_iou), np.asarray(gt_area)
         result["gt"] = {"masks": len(iou), "miou": round(float(iou.mean()), 4)}
