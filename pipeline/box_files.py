@@ -206,13 +206,16 @@ def raw_mask_to_upright(mask: np.ndarray, orientation: int) -> np.ndarray:
     }.get(orientation, lambda m: m)(mask)
 
 
-def frame_of(row: dict[str, Any], original_size: tuple[int, int], orientation: int, box_frame: str) -> tuple[str, tuple[float, float]]:
+def frame_of(
+    row: dict[str, Any], original_size: tuple[int, int], orientation: int, box_frame: str
+) -> tuple[str, tuple[float, float]]:
     """The frame a row's coordinates are in: ("raw" | "upright", its (width, height)).
 
     ``box_frame``: "auto" (the frame the row's declared size names; as shown when none,
-    and when both frames have that size: flips and half turns keep it), "upright" or "raw". A declared size that is neither frame but has the shape of one
-    (a detector ran on a resized copy) is that frame, scaled. Raises ``ValueError`` for a
-    declared size that fits neither.
+    and when both frames have that size: flips and half turns keep it), "upright" or
+    "raw". A declared size that is neither frame but has the shape of one (a detector
+    ran on a resized copy) is that frame, scaled. Raises ``ValueError`` for a declared
+    size that fits neither.
     """
     raw = tuple(float(v) for v in original_size)
     upright = tuple(float(v) for v in upright_size(original_size, orientation))
@@ -317,7 +320,8 @@ def _read_coco(url: str, data: bytes) -> Boxes:
             boxed.add(int(ann["image_id"]))
     for image_id, image in images.items():  # looked at, nothing found: kept with no mask
         if image_id not in boxed:
-            rows.append(_row(image["file_name"], None, frame=(image.get("width"), image.get("height")), invalid=invalid))
+            frame = (image.get("width"), image.get("height"))
+            rows.append(_row(image["file_name"], None, frame=frame, invalid=invalid))
     categories = coco.get("categories") or [DEFAULT_CATEGORY]
     return Boxes("coco", url, pa.Table.from_pylist(rows, schema=SCHEMA), hashlib.sha256(data).hexdigest(),
                  categories, invalid, crowd)
@@ -377,7 +381,8 @@ def _read_parquet(url: str, data: bytes) -> Boxes:
     records = table.to_pylist()
     names: dict[str, int] = {}
     if "category_id" not in columns and "category" in columns:
-        names = {n: i + 1 for i, n in enumerate(sorted({str(r["category"]) for r in records if r["category"] is not None}))}
+        found = {str(r["category"]) for r in records if r["category"] is not None}
+        names = {n: i + 1 for i, n in enumerate(sorted(found))}
     rows, invalid = [], []
     for index, r in enumerate(records):
         box = r["bbox"] if "bbox" in columns else (

@@ -107,7 +107,8 @@ class BoxSource:
                 "predicted_iou": float(answer.predicted_iou[i]),
                 "stability_score": float(answer.stability_score[i]),
                 "crop_box": [0.0, 0.0, float(size[0]), float(size[1])],
-                "point_coords": [] if points is None else [[float(x), float(y)] for (x, y), lab in zip(points[i], labels[i]) if lab >= 0],
+                "point_coords": [] if points is None else [
+                    [float(x), float(y)] for (x, y), label in zip(points[i], labels[i]) if label >= 0],
                 "category_id": row["category_id"],
                 "prompt_id": row["prompt_id"],
                 "prompt_box": _xywh(boxes[i]),

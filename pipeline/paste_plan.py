@@ -81,8 +81,9 @@ def make(input_url: str, backgrounds: str | None, categories: list[dict], settin
     pool = [(s, j, c, a) for s in samples for j, (c, a, fraction) in enumerate(s["masks"])
             if a >= settings["min_instance_area"] and fraction <= settings["max_instance_fraction"]]
     if not pool:
-        raise InputError(f"input={input_url} has no mask to paste (of at least stage.min_instance_area="
-                         f"{settings['min_instance_area']} pixels and at most stage.max_instance_fraction of its image)")
+        raise InputError(
+            f"input={input_url} has no mask to paste (of at least stage.min_instance_area="
+            f"{settings['min_instance_area']} pixels and at most stage.max_instance_fraction of its image)")
     copies = int(settings["copies"])
     outputs, existing = [], Counter()
     if backgrounds:

@@ -75,7 +75,8 @@ def predict_boxes(
     if points is not None:
         points = np.asarray(points, dtype=np.float32)
         point_labels = np.asarray(point_labels, dtype=np.int64) if point_labels is not None else None
-        if point_labels is None or points.shape[:2] != point_labels.shape or points.shape[0] != n or points.shape[-1] != 2:
+        shapes_fit = point_labels is not None and points.shape[:2] == point_labels.shape
+        if not shapes_fit or points.ndim != 3 or points.shape[0] != n or points.shape[-1] != 2:
             raise ValueError(
                 f"points must be NxKx2 with NxK labels for N={n} boxes; got {points.shape} and "
                 f"{None if point_labels is None else point_labels.shape}"

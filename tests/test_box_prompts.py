@@ -4,7 +4,6 @@ and the box_prompts stage end to end on real Ray with the shipped model (its mIo
 against the eval stage's box mIoU), a killed run resumed, and the COCO export."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from PIL import Image
 
 from pipeline import box_files, manifest
 from pipeline.images import prepare_image
-from pipeline.sources import Entry, InputError, enumerate_input
+from pipeline.sources import Entry, InputError
 from pipeline.stages import run_stage
 from pipeline.synthetic import coco_instances, make_scene, scene_seeds
 from sam_core import SamPredictor, sam_model_registry

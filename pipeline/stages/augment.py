@@ -74,7 +74,6 @@ def report(output: str, plan: Plan, the_plan: paste_plan.PastePlan, preview_imag
     preview (the grid's URL, or None when the dataset has no image yet).
     """
     planned_per_image = Counter(p["name"] for p in the_plan.pastes)
-    existing_per_image = Counter()
     histogram: Counter = Counter()
     pasted = kept = images = planned = 0
     ok = {r["key"] for r in manifest.read_table(output).to_pylist() if r["status"] == manifest.STATUS_OK}

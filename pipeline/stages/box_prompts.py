@@ -1,6 +1,8 @@
 """``+stage=box_prompts``: a detector's boxes -> instance masks, as an SA-1B dataset.
 
-    python -m pipeline.run +stage=box_prompts input=<images> stage.boxes=<COCO json | YOLO labels | Parquet> output=<dataset>
+    python -m pipeline.run +stage=box_prompts input=<images> stage.boxes=<box file> output=<dataset>
+
+(a box file: a COCO instances JSON, a YOLO labels folder or a Parquet table.)
 
 The box file is read and matched to the input's images on the driver
 (``pipeline.box_files``: the matching rule and what is reported), recorded in the output
@@ -101,12 +103,13 @@ def _examples(names: list[str]) -> str:
 def report(output: str, the_plan: plan.Plan, boxes: box_files.Boxes, matching: box_files.Matching) -> dict[str, Any]:
     """What the box file gave and what the dataset made of it (the whole dataset).
 
-    Keys: images_named (input images the file names), images_not_named (count, examples),
-    without_boxes (named images with no box: kept with no mask; count, examples), not_in_input (file images not in the input: count, examples), invalid (boxes that
-    cannot prompt: count, examples), crowd (skipped), given (boxes of the annotated
-    images), masks, outside_image (boxes with no area inside their image, no mask),
-    refined (boxes replaced by their mask's extent), gt (where the file has each box's
-    segmentation: masks, miou, and per size small/medium/large: masks, miou).
+    Keys: images_named (input images the file names), images_not_named (count,
+    examples), without_boxes (named images with no box, kept with no mask: count,
+    examples), not_in_input (file images not in the input: count, examples), invalid
+    (boxes that cannot prompt: count, examples), crowd (skipped), given (boxes of the
+    annotated images), masks, outside_image (boxes with no area inside their image, no
+    mask), refined (boxes replaced by their mask's extent), gt (where the file has each
+    box's segmentation: masks, miou, and per size small/medium/large: masks, miou).
     """
     given = Counter({name: sum(r["x0"] is not None for r in rows)
                      for name, rows in box_files.read_table(output).items()})
