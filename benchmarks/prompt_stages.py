@@ -94,7 +94,6 @@ def miou(scenes: int, size: tuple[int, int]) -> None:
 
     import pipeline.stages  # noqa: F401  (the ${project_root:} resolver)
     from pipeline.stages import run_stage
-    from pipeline.stages.eval import evaluate_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -106,16 +105,18 @@ def miou(scenes: int, size: tuple[int, int]) -> None:
             Image.fromarray(scene.image).save(root / "images" / name)
         (root / "boxes.json").write_text(json.dumps(coco_instances(generated, names)))
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[
+            prompted = compose(config_name="config", overrides=[
                 "+stage=box_prompts", f"input={root / 'images'}", f"stage.boxes={root / 'boxes.json'}",
                 f"output={root / 'out'}", "cluster.num_cpus=2"])
+            # The eval stage itself (shipped model, held-out seeds from 0: the same scenes).
+            evaluation = compose(config_name="config", overrides=[
+                "+stage=eval", f"output={root / 'eval'}", f"stage.num_images={scenes}",
+                f"stage.size=[{size[0]},{size[1]}]", "stage.max_masks_per_image=10000", "stage.clicks=[1]",
+                "stage.amg.points_per_side=2"])
         start = time.perf_counter()
-        report = run_stage(cfg)["boxes"]["gt"]
+        report = run_stage(prompted)["boxes"]["gt"]
         stage_s = time.perf_counter() - start
-    evaluated = evaluate_model(ARCH, str(MODEL), {
-        "source": "synthetic", "num_images": scenes, "seed_start": 0, "size": list(size),
-        "max_masks_per_image": 10_000, "clicks": [1], "iou_thresholds": [0.5], "amg": {"points_per_side": 2}},
-        {}, None, device="cpu")
+        evaluated = run_stage(evaluation)
     print(f"\nmiou: {scenes} held-out scenes {size[1]}x{size[0]}, model {MODEL.name}, exact boxes")
     print("| | masks | mIoU | small | medium | large |")
     print("|---|---|---|---|---|---|")

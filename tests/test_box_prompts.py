@@ -236,8 +236,6 @@ def box_args(inp, boxes, out, *extra: str) -> list[str]:
 
 
 def test_box_prompted_miou_matches_the_eval_stage_and_the_export_has_categories(compose_config, tmp_path, ray_local):
-    from pipeline.stages.eval import evaluate_model  # moving to pipeline.evaluation (issue 20)
-
     inp, boxes, scenes = synthetic_input(tmp_path, 6)
     (inp / "extra.png").write_bytes(encode(Image.fromarray(scenes[0].image), "PNG"))  # the box file names it not
     (inp / "empty.png").write_bytes(encode(Image.fromarray(scenes[1].image), "PNG"))  # named, with no box
@@ -255,9 +253,9 @@ def test_box_prompted_miou_matches_the_eval_stage_and_the_export_has_categories(
     assert report["given"] == report["masks"] == report["gt"]["masks"] == n_boxes and report["outside_image"] == 0
     assert sum(report["gt"][s]["masks"] for s in ("small", "medium", "large")) == n_boxes
 
-    evaluated = evaluate_model("vit_tiny_512", str(DEFAULT_MODEL), {
-        "source": "synthetic", "num_images": 6, "seed_start": 0, "size": [256, 320], "max_masks_per_image": 1000,
-        "clicks": [1], "iou_thresholds": [0.5], "amg": {"points_per_side": 2}}, {}, None, device="cpu")
+    evaluated = run_stage(compose_config(  # the eval stage itself, on the same scenes and model
+        "+stage=eval", f"output={tmp_path / 'eval'}", "stage.num_images=6", "stage.size=[256,320]",
+        "stage.max_masks_per_image=1000", "stage.clicks=[1]", "stage.amg.points_per_side=2"))
     assert evaluated["masks"] == n_boxes
     assert abs(report["gt"]["miou"] - evaluated["box_miou"]) < 0.02, (report["gt"], evaluated["box_miou"])
 
@@ -372,3 +370,37 @@ def test_refinement_with_the_shipped_model_improves_loose_and_shifted_boxes():
         assert 0.2 < trust.mean() < 0.9, "the rule tells masks apart"
         gain = np.concatenate(after).mean() - np.concatenate(before).mean()
         assert gain > 0.03, (error, gain)
+
+
+def test_box_source_maps_boxes_and_keypoints_into_the_resized_image(tmp_path, tiny_checkpoint):
+    """The worker's mask source, without Ray: keypoints become points of the stored
+    (resized) image, a box outside the image makes no mask, a clipped one does."""
+    from pipeline.mask_sources import build
+    from pipeline.sources import Item
+
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 128, "height": 96},
+                       {"id": 2, "file_name": "b.png", "width": 50, "height": 50}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "bbox": [10, 10, 40, 30], "category_id": 4, "score": 0.8,
+                 "keypoints": [30, 20, 2, 40, 30, 0, 20, 30, 2]},
+                {"id": 2, "image_id": 1, "bbox": [100, 80, 60, 60], "category_id": 4},   # clipped to the image
+                {"id": 3, "image_id": 1, "bbox": [200, 200, 10, 10], "category_id": 4},  # outside
+                {"id": 4, "image_id": 2, "bbox": [1, 1, 10, 10]}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    boxes = box_files.load(str(tmp_path / "boxes.json"))
+    entries = _entries("a.png", "b.png", root=str(tmp_path))
+    box_files.write_table(str(tmp_path), boxes, box_files.match(boxes, entries))
+    prompt = {"multimask_output": True, "boxes_per_batch": None, "stability_score_offset": 1.0, "box_frame": "auto",
+              "points": {"use": True, "min_visibility": 2}, "refine": {"enabled": False}}
+    source = build({"kind": "boxes", "model": {"arch": "vit_tiny", "checkpoint": str(tiny_checkpoint), "device": "cpu"},
+                    "output": str(tmp_path), "prompt": prompt})
+    image = prepare_image(encode(Image.fromarray(make_scene(1, (96, 128)).image), "PNG"), short_side=48)
+    assert (image.width, image.height) == (64, 48)
+    records = source(Item("a.png", "x", key="sa_1", image_id=1), image)
+    assert [r["prompt_id"] for r in records] == [1, 2]
+    assert records[0]["prompt_box"] == [5.0, 5.0, 20.0, 15.0] and records[1]["prompt_box"] == [50.0, 40.0, 14.0, 8.0]
+    assert records[0]["point_coords"] == [[15.0, 10.0], [10.0, 15.0]] and records[1]["point_coords"] == []
+    assert records[0]["score"] == 0.8 and "score" not in records[1] and records[0]["category_id"] == 4
+    assert all(r["box_source"] == "detector" and r["box"] == r["prompt_box"] for r in records)
+    with pytest.raises(ValueError, match="50x50"):  # b.png's declared size is not this image's
+        source(Item("b.png", "x", key="sa_2", image_id=2), image)
