@@ -57,6 +57,9 @@ class PreparedImage:
     source_sha256: hex sha256 of the input's bytes (its content identity).
     blurred_regions: faces and licence plates blurred by the privacy step; None when
         the step is off.
+    orientation: the input's EXIF orientation (1-8; 1: none), applied to ``rgb``: with
+        ``original_size`` it maps the input's pixel coordinates (e.g. a detector's boxes)
+        into the stored image (``pipeline.box_files.stored_frame``).
     """
 
     rgb: np.ndarray
@@ -64,6 +67,7 @@ class PreparedImage:
     original_size: tuple[int, int]
     source_sha256: str = ""
     blurred_regions: int | None = None
+    orientation: int = 1
 
     @property
     def width(self) -> int:
@@ -175,7 +179,7 @@ def prepare_image(
         stored = buffer.getvalue()
     return PreparedImage(
         rgb=rgb, jpeg=stored, original_size=(width, height),
-        source_sha256=hashlib.sha256(data).hexdigest(), blurred_regions=blurred,
+        source_sha256=hashlib.sha256(data).hexdigest(), blurred_regions=blurred, orientation=int(orientation),
     )
 
 

@@ -22,6 +22,8 @@ STAGES = {
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",
     "annotate": "pipeline.stages.annotate",
+    "box_prompts": "pipeline.stages.box_prompts",
+    "augment": "pipeline.stages.augment",
 }
 
 # ${project_root:} lets configs name files shipped with the repository (sample images,

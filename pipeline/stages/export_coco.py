@@ -1,12 +1,15 @@
-"""``+stage=export_coco``: a class-agnostic COCO instances JSON of an SA-1B-format dataset.
+"""``+stage=export_coco``: a COCO instances JSON of an SA-1B-format dataset.
 
-One category ("object", id 1), ``iscrowd`` 0, segmentations kept as compressed RLE
-(what pycocotools' COCO and COCOeval read), bbox and area recomputed from the RLE in
-COCO's convention. The JSON is streamed: images and annotations are serialised per
-shard into part files (in a hidden ``.parts-*`` folder beside the JSON) and concatenated
-in shard order, so the export never holds the dataset in memory. The JSON appears under
-its name only when complete; the parts folder is removed at the end and, after a killed
-run, by the next one. Output may be a folder or an fsspec URL (``s3://...``).
+Class-agnostic (one category, "object", id 1) unless the dataset has categories
+(``categories.json``, written by box_prompts and augment): then those, and each mask's
+``category_id``. ``iscrowd`` 0, segmentations kept as compressed RLE (what pycocotools'
+COCO and COCOeval read), area recomputed from the RLE, bbox too in COCO's convention,
+except for masks whose record names the object's box (``box``: a detector's box, or a
+refined or pasted one), which is kept; a record's ``score`` is kept too. The JSON is streamed: images and annotations are serialised per shard into part files
+(in a hidden ``.parts-*`` folder beside the JSON) and concatenated in shard order, so the
+export never holds the dataset in memory. The JSON appears under its name only when
+complete; the parts folder is removed at the end and, after a killed run, by the next
+one. Output may be a folder or an fsspec URL (``s3://...``).
 
 A JSON member that is not an SA-1B record is skipped and reported with its shard and key.
 Ids are the dataset's own; run +stage=validate first to be sure they are unique.
@@ -25,7 +28,7 @@ import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
 
 from pipeline import storage
-from pipeline.dataset import committed_shards
+from pipeline.dataset import committed_shards, read_categories
 from pipeline.readers import dataset_paths, map_shards
 from pipeline.shards import iter_shard
 
@@ -61,14 +64,15 @@ def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
     anns = [{
         "id": int(a["id"]),
         "image_id": entry["id"],
-        "category_id": CATEGORY["id"],
+        "category_id": int(a.get("category_id", CATEGORY["id"])),
         "segmentation": {"size": list(a["segmentation"]["size"]),
                          "counts": a["segmentation"]["counts"]},
         "area": int(area),
-        "bbox": [float(v) for v in box],
+        "bbox": [float(v) for v in a.get("box", box)],
         "iscrowd": 0,
         "predicted_iou": a.get("predicted_iou"),
         "stability_score": a.get("stability_score"),
+        **({"score": a["score"]} if "score" in a else {}),
     } for a, area, box in zip(annotations, areas, boxes)]
     return entry, anns
 
@@ -139,9 +143,10 @@ def run(cfg: DictConfig) -> dict:
     try:
         with storage.atomic_open(fs, path) as out:
             name = json.dumps(posixpath.basename(dataset))[1:-1]
-            out.write(('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
-                       '"licenses": [],\n"categories": [%s],\n"images": [\n'
-                       % (name, json.dumps(CATEGORY))).encode())
+            categories = read_categories(str(dataset)) or [CATEGORY]
+            out.write(('{"info": {"description": "export of %s", "version": "1.0"},\n'
+                       '"licenses": [],\n"categories": %s,\n"images": [\n'
+                       % (name, json.dumps(categories))).encode())
             for part in map_shards(shard_coco, shards, parallel=stage.parallel,
                                    min_shards_for_ray=stage.min_shards_for_ray,
                                    cluster=cfg.get("cluster"), desc="export_coco",
