@@ -24,16 +24,29 @@ class MaskSource(Protocol):
 
 
 class GridSource:
-    """SAM's fully automatic generation: a grid of point prompts, filters and NMS.
+    """SAM's fully automatic generation: a grid of point prompts, filters and NMS, then,
+    with ``amg.verifier``, only the masks the mask verifier accepts (each with its
+    ``verifier_score``), at its registered threshold or the one for ``amg.verifier_precision``.
 
-    spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``.
+    spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``, and
+    ``verifier_sha256`` (the verifier's identity the run recorded; its files are checked).
     """
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
-        self.generator = model.build_generator(spec["model"], spec["amg"], spec.get("model_sha256"))
+        amg = model.plain(spec["amg"])
+        self.generator = model.build_generator(spec["model"], amg, spec.get("model_sha256"))
+        self.verifier = None
+        if amg.get("verifier"):
+            from pipeline.verifier import load_verifier
+
+            self.verifier = load_verifier(amg["verifier"], spec.get("verifier_sha256"))
+            self.threshold = self.verifier.threshold_for(amg.get("verifier_precision"))
 
     def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]]:
-        return self.generator.generate(image.rgb)
+        records = self.generator.generate(image.rgb)
+        if self.verifier is None:
+            return records
+        return self.verifier.keep(records, image.rgb, self.threshold)
 
 
 SOURCES: dict[str, Callable[[Mapping[str, Any]], MaskSource]] = {

@@ -19,6 +19,8 @@ STAGES = {
     "retrain": "pipeline.stages.retrain",
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",
+    "detector": "pipeline.stages.detector",
+    "verifier": "pipeline.stages.verifier",
 }
 
 # ${project_root:} lets configs name files shipped with the repository (sample images,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.dataset import committed_shards
+from pipeline.model import generator_kwargs
 from pipeline.stages.retrain import (
     GroundTruth, build_model, iter_coco, iter_shards, iter_synthetic, registered_arch,
     resolve_model_path,
@@ -179,7 +180,8 @@ def evaluate_model(
     sam = build_model(arch, checkpoint).to(dev).eval()
     predictor = sam_core.SamPredictor(sam)
     overrides = {k: v for k, v in dict(eval_cfg.get("amg") or {}).items() if v is not None}
-    amg_kwargs = {**dict(amg_cfg or {}), **overrides, "output_mode": "coco_rle"}
+    # The generator's own settings only: eval measures the generator, never amg.verifier.
+    amg_kwargs = {**generator_kwargs(amg_cfg or {}), **overrides}
     generator = sam_core.SamAutomaticMaskGenerator(sam, **amg_kwargs)
     clicks = [int(c) for c in eval_cfg["clicks"]]
     thresholds = [float(t) for t in eval_cfg["iou_thresholds"]]

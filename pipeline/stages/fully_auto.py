@@ -28,13 +28,15 @@ from pipeline.plan import PlanError
 from pipeline.provenance import record_or_check
 from pipeline.scheduler import Outcome, UnitScheduler
 from pipeline.sources import Unit, enumerate_input
+from pipeline.verifier import verifier_identity
 from pipeline.worker import INFLIGHT_DIR, UnitWorker, inflight_key
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 # What defines a dataset: a resumed run must agree on these (pipeline.provenance).
-IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.privacy", "stage.keep_sa1b_ids")
+IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "amg", "stage.image", "stage.privacy",
+            "stage.keep_sa1b_ids")
 IDENTITY_IGNORES = ("amg.points_per_batch",)  # batching: same masks
 
 
@@ -54,11 +56,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output = str(cfg.output)
     entries = enumerate_input(str(cfg.input), exclude=output)
     model_sha256 = model_identity(cfg.model.checkpoint)
+    verifier_sha256 = verifier_identity(cfg.amg.get("verifier"))
     stage = cfg.stage
     started_ray = False
     with Lease(output, ttl_s=stage.lease_ttl_s) as lease:
         try:
-            _check_output(output, cfg, model_sha256)
+            _check_output(output, cfg, model_sha256, verifier_sha256)
             _remove_leftovers(output)
             size = plan.recorded_images_per_unit(output) or stage.images_per_unit
             if size is None:
@@ -80,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             outcome = Outcome()
             if todo:
                 started_ray = cluster.connect(cfg.cluster) or started_ray
-                outcome = _annotate(cfg, todo, model_sha256, lease)
+                outcome = _annotate(cfg, todo, model_sha256, verifier_sha256, lease)
                 _remove_leftovers(output)
         finally:
             if started_ray:
@@ -114,10 +117,12 @@ def resolve_paths(cfg: DictConfig) -> DictConfig:
         cfg.input = user_path(cfg.input)
         cfg.output = user_path(cfg.output)
         cfg.model.checkpoint = user_path(cfg.model.checkpoint)
+        if cfg.amg.get("verifier") is not None:
+            cfg.amg.verifier = user_path(cfg.amg.verifier)
     return cfg
 
 
-def _check_output(output: str, cfg: DictConfig, model_sha256: str) -> None:
+def _check_output(output: str, cfg: DictConfig, model_sha256: str, verifier_sha256: str | None) -> None:
     """Refuses to resume an output made otherwise; records the settings at its first run."""
     if manifest.committed_units(output) and plan.recorded_images_per_unit(output) is None:
         raise PlanError(
@@ -127,6 +132,7 @@ def _check_output(output: str, cfg: DictConfig, model_sha256: str) -> None:
     plan.check_images_per_unit(output, cfg.stage.images_per_unit)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["model_sha256"] = model_sha256
+    config["verifier_sha256"] = verifier_sha256
     record_or_check(output, config, IDENTITY, IDENTITY_IGNORES, allow_change=cfg.stage.allow_config_change)
     fs, root = storage.filesystem(output)
     for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
@@ -150,13 +156,15 @@ def _remove_leftovers(output: str) -> None:
             log.info("removed %d unfinished file(s) in %s/ left by killed writers", removed, directory or ".")
 
 
-def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str, lease: Lease) -> Outcome:
+def _annotate(cfg: DictConfig, todo: list[Unit], model_sha256: str, verifier_sha256: str | None,
+              lease: Lease) -> Outcome:
     stage = cfg.stage
     output = str(cfg.output)
     size = cluster.pool_size(stage, len(todo))
     remote = ray.remote(UnitWorker).options(**size.options())
     container = OmegaConf.to_container(cfg, resolve=True)
-    source = {"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256}
+    source = {"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256,
+              "verifier_sha256": verifier_sha256}
 
     def spawn():
         return remote.remote(
