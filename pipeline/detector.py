@@ -80,7 +80,11 @@ def _load_backbone(body: torch.nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"backbone weights {path}: expected a state dict, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"backbone weights {path} do not fit a torchvision ResNet-50: "
+                         f"{str(err).splitlines()[1].strip()} ...") from None
     if missing or unexpected:
         raise ValueError(f"backbone weights {path} do not fit a torchvision ResNet-50: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -89,7 +93,10 @@ def _load_backbone(body: torch.nn.Module, path: str) -> None:
 def load_state(model: torch.nn.Module, data: bytes, name: str) -> None:
     """Loads a detector state dict from ``data`` strictly, with ``weights_only=True``."""
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"detector {name} does not fit its configured arch: {str(err).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise ValueError(f"detector {name} does not fit its configured arch: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
@@ -130,7 +137,7 @@ def predict(model: torch.nn.Module, images: Sequence[np.ndarray], device: torch.
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float in [0, 1], what torchvision detectors take."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float().div_(255)  # a copy: PIL's is read-only
 
 
 # --------------------------------------------------------------------------------- data
