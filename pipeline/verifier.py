@@ -302,7 +302,7 @@ def log_loss(p: np.ndarray, labels: np.ndarray) -> float:
 
 def fit(
     examples: Examples,
-    hidden: Sequence[int] = (16,),
+    hidden: Sequence[int] = (),
     weight_decay: float = 1e-3,
     steps: int = 1500,
     lr: float = 0.01,
