@@ -15,6 +15,7 @@ tars (``sa_000000.tar`` ...), one ``.tar``, a glob of tars, or a list of any of 
 """
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -123,3 +124,25 @@ def _files(fs, folder: str) -> list[str]:
 
 def _hidden(path: str) -> bool:
     return posixpath.basename(path).startswith(".")
+
+
+# Categories of a dataset whose masks carry a ``category_id`` (box_prompts, augment):
+# ``<root>/categories.json``, a COCO ``categories`` list, written by the stage that made
+# the masks. A dataset without one is class-agnostic (every mask an "object").
+CATEGORIES_FILE = "categories.json"
+
+
+def read_categories(root: str) -> list[dict] | None:
+    """The dataset's COCO categories, or None for a class-agnostic dataset."""
+    fs, path = storage.filesystem(root)
+    try:
+        return json.loads(fs.cat_file(storage.join(path, CATEGORIES_FILE)))
+    except (FileNotFoundError, NotADirectoryError):  # not a dataset root (e.g. a tar)
+        return None
+
+
+def write_categories(root: str, categories: list[dict]) -> None:
+    """Commits ``categories`` (COCO entries: id, name, supercategory) as the dataset's."""
+    fs, path = storage.filesystem(root)
+    with storage.atomic_open(fs, storage.join(path, CATEGORIES_FILE)) as f:
+        f.write(json.dumps(categories, indent=1).encode("utf-8"))

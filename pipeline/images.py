@@ -30,12 +30,16 @@ class PreparedImage:
         no rotation, colour conversion or resizing, else a fresh encoding of ``rgb``.
     original_size: (width, height) of the input as decoded, before any rotation/resize.
     source_sha256: hex sha256 of the input's bytes (its content identity).
+    orientation: the input's EXIF orientation (1-8; 1: none), applied to ``rgb``: with
+        ``original_size`` it maps the input's pixel coordinates (e.g. a detector's boxes)
+        into the stored image (``pipeline.box_files.stored_frame``).
     """
 
     rgb: np.ndarray
     jpeg: bytes
     original_size: tuple[int, int]
     source_sha256: str = ""
+    orientation: int = 1
 
     @property
     def width(self) -> int:
@@ -120,7 +124,7 @@ def prepare_image(
         stored = buffer.getvalue()
     return PreparedImage(
         rgb=np.asarray(converted), jpeg=stored, original_size=(width, height),
-        source_sha256=hashlib.sha256(data).hexdigest(),
+        source_sha256=hashlib.sha256(data).hexdigest(), orientation=int(orientation),
     )
 
 

@@ -8,6 +8,7 @@ and reading; which shards of a dataset are committed is ``pipeline.dataset``'s.
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Iterator, Sequence
@@ -184,3 +185,21 @@ def _sample(url: str, key: str, parts: dict[str, bytes]) -> Sample:
     if not isinstance(record, dict):
         raise ValueError(f"{url}: member {key}.json is not a JSON object")
     return Sample(key=key, record=record, jpg=parts.get("jpg"), shard=url)
+
+
+def member_ranges(url: str, extensions: tuple[str, ...] = ("json", "jpg")) -> dict[str, tuple[int, int]]:
+    """``{member name: (offset, size)}`` of a shard's members with one of ``extensions``:
+    where each member's bytes lie in the tar, for reading one sample by byte range
+    (``read_range``). Reads only the tar headers (no member data)."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers()
+                if m.isfile() and split_member(m.name)[1] in extensions}
+
+
+def read_range(url: str, offset: int, size: int) -> bytes:
+    """``size`` bytes of ``url`` from ``offset``: one member of a shard (``member_ranges``)."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)

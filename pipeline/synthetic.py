@@ -24,6 +24,10 @@ import numpy as np
 TEST_SEED_OFFSET = 1_000_000_000
 
 KINDS = ("polygon", "ellipse", "blob", "thin", "holed", "composite")
+# Categories of the instances, by shape kind (a part of a composite is a "part"), as COCO
+# category entries: id k + 1 for CATEGORY_NAMES[k].
+CATEGORY_NAMES = (*KINDS, "part")
+CATEGORIES = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORY_NAMES)]
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class Scene:
     kinds: list[str]
     parents: np.ndarray
     seed: int
+
+    @property
+    def category_ids(self) -> np.ndarray:
+        """N COCO category ids of the instances (``CATEGORIES``: one per shape kind)."""
+        return np.array([CATEGORY_NAMES.index(k) + 1 for k in self.kinds], np.int64)
 
     @property
     def areas(self) -> np.ndarray:
@@ -389,3 +398,51 @@ def _degrade(rng: np.random.Generator, image: np.ndarray, cfg: SceneConfig) -> n
     if noise > 0:
         image = image + rng.standard_normal(image.shape, dtype=np.float32) * noise
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def coco_instances(scenes: list[Scene], file_names: list[str]) -> dict:
+    """A COCO instances dict of ``scenes`` saved as ``file_names``: each instance's tight
+    box (pixel edges), its category and its exact mask as compressed RLE (str counts)."""
+    from pycocotools import mask as mask_utils
+
+    images, annotations = [], []
+    for image_id, (scene, name) in enumerate(zip(scenes, file_names), 1):
+        h, w = scene.image.shape[:2]
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        rles = mask_utils.encode(np.asfortranarray(scene.masks.transpose(1, 2, 0).astype(np.uint8))) if len(scene.masks) else []
+        for index, (rle, box, category) in enumerate(zip(rles, scene.boxes_xyxy(), scene.category_ids)):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            annotations.append({
+                "id": image_id * 1000 + index, "image_id": image_id, "category_id": int(category),
+                "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "area": int(mask_utils.area(rle)), "iscrowd": 0,
+                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            })
+    return {"images": images, "annotations": annotations, "categories": CATEGORIES}
+
+
+DETECTOR_ERRORS = ("shift", "scale", "loose", "tight")
+
+
+def detector_boxes(boxes: np.ndarray, error: str, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """Nx4 XYXY boxes as a detector that errs in one way would give them, clipped to the
+    image ``size`` (H, W): ``shift`` moves the centre by N(0, 0.15 side) per axis,
+    ``scale`` multiplies both sides by exp(N(0, 0.2)), ``loose`` pushes each edge out by
+    U(0.05, 0.3) side, ``tight`` pulls each edge in by U(0.05, 0.2) side."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.stack([w, h, w, h], axis=1)
+    if error == "shift":
+        offset = rng.normal(0, 0.15, (len(boxes), 2)) * side[:, :2]
+        moved = boxes + np.concatenate([offset, offset], axis=1)
+    elif error == "scale":
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        half = (boxes[:, 2:] - boxes[:, :2]) / 2 * np.exp(rng.normal(0, 0.2, (len(boxes), 1)))
+        moved = np.concatenate([centre - half, centre + half], axis=1)
+    elif error in ("loose", "tight"):
+        low, high, sign = (0.05, 0.3, 1.0) if error == "loose" else (0.05, 0.2, -1.0)
+        push = rng.uniform(low, high, boxes.shape) * side * sign
+        moved = boxes + push * np.array([-1, -1, 1, 1])
+    else:
+        raise ValueError(f"unknown detector error {error!r}; one of {DETECTOR_ERRORS}")
+    hh, ww = size
+    return np.clip(moved, 0, [ww, hh, ww, hh])

@@ -4,6 +4,8 @@
 ``ray.remote`` and explicit resources, like a Ray Data predictor. What it asks for masks
 is a mask source (``pipeline.mask_sources``: the point grid of fully_auto, box prompts,
 ...); reading, decoding, the shard, the manifest and the commit are the same for all.
+A source that makes a new image from the input (augment pastes objects onto it) returns
+``mask_sources.Rewritten``, and its image is stored instead of the input's.
 Within a unit, decoding runs ahead in threads and shard writing runs behind in a thread,
 so the model waits on neither; both queues are bounded, so memory is flat whatever the
 unit size.
@@ -166,6 +168,8 @@ class UnitWorker:
             if failure is None:
                 self._maybe_kill(item)
                 masks, failure = self._annotate(item, prepared)
+                if isinstance(masks, mask_sources.Rewritten):  # the source made a new image
+                    masks, prepared = masks.masks, masks.image
             if failure is not None:
                 phase, reason = failure
                 result = _Result(
@@ -228,7 +232,9 @@ class UnitWorker:
         except ImageError as e:
             return None, ("decode", str(e))
 
-    def _annotate(self, item: Item, prepared: PreparedImage) -> tuple[list[dict] | None, Failure | None]:
+    def _annotate(
+        self, item: Item, prepared: PreparedImage
+    ) -> tuple[list[dict] | mask_sources.Rewritten | None, Failure | None]:
         try:
             return self.source(item, prepared), None
         except torch.cuda.OutOfMemoryError:

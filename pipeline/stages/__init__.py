@@ -21,6 +21,8 @@ STAGES = {
     "loop": "pipeline.stages.loop",
     "detector": "pipeline.stages.detector",
     "verifier": "pipeline.stages.verifier",
+    "box_prompts": "pipeline.stages.box_prompts",
+    "augment": "pipeline.stages.augment",
 }
 
 # ${project_root:} lets configs name files shipped with the repository (sample images,

@@ -1,9 +1,13 @@
-"""``+stage=export_coco``: a class-agnostic COCO instances JSON of an SA-1B-format dataset.
+"""``+stage=export_coco``: a COCO instances JSON of an SA-1B-format dataset.
 
-One category ("object", id 1), ``iscrowd`` 0, segmentations kept as compressed RLE
-(what pycocotools' COCO and COCOeval read), bbox and area recomputed from the RLE in
-COCO's convention. The JSON is streamed: images and annotations are serialised per
-shard into part files and concatenated in shard order, so the export never holds the dataset in memory.
+Class-agnostic (one category, "object", id 1) unless the dataset has categories
+(``categories.json``, written by box_prompts and augment): then those, and each mask's
+``category_id``. ``iscrowd`` 0, segmentations kept as compressed RLE (what pycocotools'
+COCO and COCOeval read), area recomputed from the RLE, bbox too in COCO's convention,
+except for masks whose record names the object's box (``box``: a detector's box, or a
+refined or pasted one), which is kept; a record's ``score`` is kept too. The JSON is
+streamed: images and annotations are serialised per shard into part files and
+concatenated in shard order, so the export never holds the dataset in memory.
 Ids are the dataset's own; run +stage=validate first to be sure they are unique.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
 
 from pipeline.stages.stats import dataset_paths
-from pipeline.dataset import committed_shards
+from pipeline.dataset import committed_shards, read_categories
 from pipeline.shards import iter_shard
 from pipeline.stats import map_shards
 
@@ -53,14 +57,15 @@ def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
     anns = [{
         "id": int(a["id"]),
         "image_id": entry["id"],
-        "category_id": CATEGORY["id"],
+        "category_id": int(a.get("category_id", CATEGORY["id"])),
         "segmentation": {"size": list(a["segmentation"]["size"]),
                          "counts": a["segmentation"]["counts"]},
         "area": int(area),
-        "bbox": [float(v) for v in box],
+        "bbox": [float(v) for v in a.get("box", box)],
         "iscrowd": 0,
         "predicted_iou": a.get("predicted_iou"),
         "stability_score": a.get("stability_score"),
+        **({"score": a["score"]} if "score" in a else {}),
     } for a, area, box in zip(annotations, areas, boxes)]
     return entry, anns
 
@@ -111,7 +116,8 @@ def run(cfg: DictConfig) -> dict:
         with open(path.with_suffix(".part"), "w") as out:
             out.write('{"info": {"description": "class-agnostic export of %s", "version": "1.0"},\n'
                       % json.dumps(Path(dataset).name)[1:-1])
-            out.write('"licenses": [],\n"categories": [%s],\n"images": [\n' % json.dumps(CATEGORY))
+            categories = read_categories(str(dataset)) or [CATEGORY]
+            out.write('"licenses": [],\n"categories": %s,\n"images": [\n' % json.dumps(categories))
             for part in map_shards(shard_coco, shards, parallel=stage.parallel,
                                    min_shards_for_ray=stage.min_shards_for_ray,
                                    cluster=cfg.get("cluster"), desc="export_coco",
