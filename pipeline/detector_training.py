@@ -232,10 +232,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ driver
-def worker_config(cfg: DictConfig) -> dict[str, Any]:
-    """The stage's settings as a plain dict, user paths resolved here on the driver and
-    the datasets listed (committed shards only)."""
-    config = OmegaConf.to_container(cfg.stage, resolve=True)
+def worker_config(stage: DictConfig) -> dict[str, Any]:
+    """The detector's settings (conf/stage/detector.yaml) as a plain dict, user paths
+    resolved here on the driver and the datasets listed (committed shards only)."""
+    config = OmegaConf.to_container(stage, resolve=True)
     data, model = config["data"], config["model"]
     specs = data["datasets"]
     specs = [specs] if isinstance(specs, str) else list(specs or [])
@@ -267,19 +267,22 @@ def choose_version(output: str, requested: str | None, config: dict[str, Any]) -
     return version
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Trains (or resumes), registers and evaluates a detector; returns the summary:
-    version, path (the registered folder), steps, complete, final_loss (mean of the
-    last 20 steps), seconds_per_step (median) and eval (``detector.box_ap``)."""
+def train(cfg: DictConfig, stage: DictConfig | None = None) -> dict[str, Any]:
+    """Trains (or resumes), registers and evaluates a detector with the settings
+    ``stage`` (conf/stage/detector.yaml; None: ``cfg.stage``) under ``cfg.output``;
+    returns the summary: version, path (the registered folder), steps, complete,
+    final_loss (mean of the last 20 steps), seconds_per_step (median) and eval
+    (``detector.box_ap``). A finished version with these settings is returned as it is."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import connect
 
+    stage = cfg.stage if stage is None else stage
     output = user_path(cfg.output)
-    config = worker_config(cfg)
-    version = choose_version(output, cfg.stage.get("version"), config)
+    config = worker_config(stage)
+    version = choose_version(output, stage.get("version"), config)
     done = versions.read_summary(versions.version_dir(output, KIND, version))
     if done is not None and done["complete"]:
         log.info("detector %s is already trained with these settings: %s", version, done["path"])
@@ -289,7 +292,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     versions.write(str(run_dir), SETTINGS_FILE, json.dumps(config, indent=1))
     previous = latest_checkpoint(run_dir)
     worker = {**config, "resume_from": str(previous) if previous else None,
-              "stop_at_step": cfg.stage.get("stop_at_step")}
+              "stop_at_step": stage.get("stop_at_step")}
     if previous is not None:
         log.info("resuming detector %s from %s", version, previous)
     started = connect(cfg.cluster)

@@ -21,6 +21,7 @@ STAGES = {
     "loop": "pipeline.stages.loop",
     "detector": "pipeline.stages.detector",
     "verifier": "pipeline.stages.verifier",
+    "semi_auto": "pipeline.stages.semi_auto",
     "box_prompts": "pipeline.stages.box_prompts",
     "augment": "pipeline.stages.augment",
 }
