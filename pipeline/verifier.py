@@ -8,7 +8,7 @@ table of real decisions trains it just the same.
 
 The verifier only sees what the generator knows about a mask (``FEATURES``): its
 predicted IoU and stability, its size and shape, and how well its boundary agrees with
-the image's edges. It is a tiny MLP (or, with no hidden layer, a logistic regression)
+the image's edges. It is a logistic regression (or a tiny MLP: ``hidden`` widths)
 fitted on the driver; its acceptance threshold is chosen on validation images for a
 target precision. A registered verifier is a folder::
 

@@ -12,7 +12,6 @@ import re
 from typing import Any, Sequence
 
 from pipeline import storage
-from pipeline.paths import is_url, user_path
 
 MODELS_DIR = "models"
 REGISTERED_FILE = "train_summary.json"
@@ -32,19 +31,6 @@ def next_version(output: str, kind: str) -> str:
     while n in taken:
         n += 1
     return f"v{n:03d}"
-
-
-def resolve(spec: str, output: str | None, kind: str) -> str:
-    """The folder ``spec`` names: a version registered under ``<output>/models/``
-    (``v001`` or ``<kind>_v001``), else a path (made absolute) or URL of a folder."""
-    spec = str(spec)
-    if output is not None and "/" not in spec:
-        name = spec if spec.startswith(f"{kind}_") else f"{kind}_{spec}"
-        candidate = storage.join(output, MODELS_DIR, name)
-        fs, path = storage.filesystem(candidate)
-        if fs.isdir(path):
-            return candidate
-    return spec if is_url(spec) else user_path(spec)
 
 
 def write(directory: str, name: str, data: bytes | str) -> None:
