@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
 from pipeline.ground_truth import held_out
-from pipeline.model import load_sam
+from pipeline.model import generator_kwargs, load_sam
 from pipeline.paths import user_path
 
 EVAL_FILE = "eval.json"
@@ -52,7 +52,8 @@ def evaluate_model(
     sam = load_sam({"arch": arch, "checkpoint": checkpoint, "device": device}).eval()
     predictor = sam_core.SamPredictor(sam)
     overrides = {k: v for k, v in eval_cfg["amg"].items() if v is not None}
-    generator = sam_core.SamAutomaticMaskGenerator(sam, **{**amg_cfg, **overrides, "output_mode": "coco_rle"})
+    # The generator's own settings only: eval measures the generator, never amg.verifier.
+    generator = sam_core.SamAutomaticMaskGenerator(sam, **{**generator_kwargs(amg_cfg), **overrides})
     clicks = [int(c) for c in eval_cfg["clicks"]]
     thresholds = [float(t) for t in eval_cfg["iou_thresholds"]]
     cap = int(eval_cfg["max_masks_per_image"])

@@ -40,16 +40,89 @@ class MaskSource(Protocol):
 
 
 class GridSource:
-    """SAM's fully automatic generation: a grid of point prompts, filters and NMS.
+    """SAM's fully automatic generation: a grid of point prompts, filters and NMS, then,
+    with ``amg.verifier``, only the masks the mask verifier accepts (each with its
+    ``verifier_score``), at its registered threshold or the one for ``amg.verifier_precision``.
 
-    spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``.
+    spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``, and
+    ``verifier_sha256`` (the verifier's identity the run recorded; its files are checked).
     """
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         self.generator = model.build_generator(spec["model"], spec["amg"], spec.get("model_sha256"))
+        self.verify = _verifier(spec)
 
     def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]]:
-        return self.generator.generate(image.rgb)
+        return self.verify(self.generator.generate(image.rgb), image.rgb)
+
+
+def _verifier(spec: Mapping[str, Any]) -> Callable[[list[dict[str, Any]], np.ndarray], list[dict[str, Any]]]:
+    """The filter of ``spec["amg"]["verifier"]`` (records, rgb) -> the records it accepts,
+    each with its ``verifier_score``; all records when no verifier is configured."""
+    amg = model.plain(spec.get("amg"))
+    if not amg.get("verifier"):
+        return lambda records, rgb: records
+    from pipeline.verifier import load_verifier
+
+    verifier = load_verifier(amg["verifier"], spec.get("verifier_sha256"))
+    threshold = verifier.threshold_for(amg.get("verifier_precision"))
+    return lambda records, rgb: verifier.keep(records, rgb, threshold)
+
+
+class DetectorSource:
+    """The semi-automatic stage's pre-fill: a box detector's confident boxes as SAM
+    prompts (one image embedding, all boxes in one decoder batch), and of their masks
+    only the confident ones, each marked ``"provenance": "automatic"`` for the
+    annotators to accept, edit or delete; then the mask verifier, if ``amg.verifier``.
+
+    spec keys: ``model``, ``model_sha256``, ``detector`` (a registered detector folder,
+    ``pipeline.detector``), ``detector_sha256``, ``prompt`` (conf/stage/semi_auto.yaml:
+    min_box_score, max_boxes, multimask_output, boxes_per_batch, stability_score_offset,
+    min_predicted_iou, min_stability), and optionally ``amg`` and ``verifier_sha256``.
+    Records carry, besides SA-1B's keys: score (the detector's), prompt_box (XYWH) and
+    provenance.
+    """
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        from pipeline.detector import load_detector
+        from sam_core import SamPredictor
+
+        self.predictor = SamPredictor(model.load_sam(spec["model"], spec.get("model_sha256")))
+        self.detector, _ = load_detector(spec["detector"], self.predictor.device, spec.get("detector_sha256"))
+        self.prompt = dict(spec["prompt"])
+        self.verify = _verifier(spec)
+
+    def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]]:
+        from pipeline.detector import predict
+        from sam_core.box_prompts import predict_boxes
+
+        p = self.prompt
+        (boxes, scores), = predict(self.detector, [image.rgb], self.predictor.device, float(p["min_box_score"]))
+        boxes, scores = boxes[: int(p["max_boxes"])], scores[: int(p["max_boxes"])]  # highest scores first
+        if not len(boxes):
+            return []
+        self.predictor.set_image(image.rgb)
+        answer = predict_boxes(self.predictor, boxes, multimask_output=bool(p["multimask_output"]),
+                               boxes_per_batch=p["boxes_per_batch"], stability_score_offset=float(p["stability_score_offset"]))
+        records = []
+        for i in range(len(boxes)):
+            if (answer.areas[i] == 0 or answer.predicted_iou[i] < float(p["min_predicted_iou"])
+                    or answer.stability_score[i] < float(p["min_stability"])):
+                continue  # not confident: left for the annotators to draw
+            x0, y0, x1, y1 = (float(v) for v in answer.mask_boxes[i])
+            records.append({
+                "segmentation": answer.rles[i],
+                "area": int(answer.areas[i]),
+                "bbox": [x0, y0, max(x1 - 1 - x0, 0.0), max(y1 - 1 - y0, 0.0)],  # the generator's convention
+                "predicted_iou": float(answer.predicted_iou[i]),
+                "stability_score": float(answer.stability_score[i]),
+                "crop_box": [0.0, 0.0, float(image.width), float(image.height)],
+                "point_coords": [],
+                "score": float(scores[i]),
+                "prompt_box": _xywh(boxes[i]),
+                "provenance": "automatic",
+            })
+        return self.verify(records, image.rgb)
 
 
 class BoxSource:
@@ -178,6 +251,7 @@ def _ground_truth(row: dict, image: PreparedImage, size: tuple[int, int], frame:
 
 SOURCES: dict[str, Callable[[Mapping[str, Any]], MaskSource]] = {
     "grid": GridSource,
+    "detector": DetectorSource,
     "boxes": BoxSource,
     "paste": paste.Paster,  # augment: objects pasted onto a background (a Rewritten image)
 }

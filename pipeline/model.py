@@ -99,14 +99,25 @@ def load_sam(model_cfg: Mapping[str, Any] | DictConfig, expected_sha256: str | N
     return sam.to(resolve_device(model_cfg.get("device", "auto")))
 
 
+# Keys of cfg.amg that are the pipeline's, not the generator's: the mask verifier that
+# filters the generator's output (pipeline.verifier, used by pipeline.mask_sources).
+PIPELINE_AMG_KEYS = ("verifier", "verifier_precision")
+
+
+def generator_kwargs(amg_cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """``cfg.amg`` as SamAutomaticMaskGenerator keyword arguments, asking for compressed
+    COCO RLE (what SA-1B stores)."""
+    return {**{k: v for k, v in plain(amg_cfg).items() if k not in PIPELINE_AMG_KEYS}, "output_mode": "coco_rle"}
+
+
 def build_generator(
     model_cfg: Mapping[str, Any] | DictConfig,
     amg_cfg: Mapping[str, Any] | DictConfig,
     expected_sha256: str | None = None,
 ) -> sam_core.SamAutomaticMaskGenerator:
-    """The automatic mask generator, asked for compressed COCO RLE (what SA-1B stores)."""
+    """The automatic mask generator of ``cfg.amg`` (``generator_kwargs``)."""
     sam = load_sam(model_cfg, expected_sha256)
-    return sam_core.SamAutomaticMaskGenerator(sam, **{**plain(amg_cfg), "output_mode": "coco_rle"})
+    return sam_core.SamAutomaticMaskGenerator(sam, **generator_kwargs(amg_cfg))
 
 
 def plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:

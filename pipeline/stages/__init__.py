@@ -22,6 +22,9 @@ STAGES = {
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",
     "annotate": "pipeline.stages.annotate",
+    "detector": "pipeline.stages.detector",
+    "verifier": "pipeline.stages.verifier",
+    "semi_auto": "pipeline.stages.semi_auto",
     "box_prompts": "pipeline.stages.box_prompts",
     "augment": "pipeline.stages.augment",
 }

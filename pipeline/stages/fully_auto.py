@@ -19,9 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import driver
 from pipeline.driver import SUMMARY_FILE  # noqa: F401  (the loop reads a round's summary by it)
 from pipeline.model import model_identity
+from pipeline.verifier import verifier_identity
 
 # What defines a dataset: a resumed run must agree on these (pipeline.provenance).
-IDENTITY = ("input", "model.arch", "model_sha256", "amg", "stage.image", "stage.keep_sa1b_ids")  # image has privacy
+IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "amg", "stage.image",  # image has privacy
+            "stage.keep_sa1b_ids")
 # Batching and time limits: the same masks either way.
 IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage.image.decode_timeout_s")
 
@@ -29,17 +31,19 @@ IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns (and saves as ``summary.json``) the run's summary (keys:
     ``pipeline.driver.run``)."""
-    cfg = driver.resolve_paths(cfg)
+    cfg = driver.resolve_paths(cfg, "amg.verifier")
     entries = driver.list_inputs(cfg)
     model_sha256 = model_identity(cfg.model.checkpoint)
+    verifier_sha256 = verifier_identity(cfg.amg.get("verifier"))  # the mask verifier, when amg.verifier is set
     container = OmegaConf.to_container(cfg, resolve=True)
     job = driver.Job(
         name="fully_auto",
-        source={"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256},
+        source={"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256,
+                "verifier_sha256": verifier_sha256},
         model_sha256=model_sha256,
         identity=IDENTITY,
         identity_ignores=IDENTITY_IGNORES,
-        recorded={"model_sha256": model_sha256},
+        recorded={"model_sha256": model_sha256, "verifier_sha256": verifier_sha256},
     )
     return driver.run(cfg, entries, job)
 
