@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -106,6 +105,7 @@ def main() -> None:
     for n in range(args.poison):
         (inp / f"poison_{n}.jpg").write_bytes((inp / "img_0000.jpg").read_bytes())
     import torch
+
     from sam_core import sam_model_registry
 
     checkpoint = work / "random_vit_tiny_512.pth"

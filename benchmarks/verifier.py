@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import verifier  # noqa: E402
 from pipeline.model import build_generator  # noqa: E402
-from sam_core.metrics import amg_matches  # noqa: E402
 from pipeline.synthetic import make_scene, scene_seeds  # noqa: E402
+from sam_core.metrics import amg_matches  # noqa: E402
 
 IOUS = (0.5, 0.75)
 

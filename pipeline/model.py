@@ -12,10 +12,10 @@ import os
 import tempfile
 from typing import Any, Iterator, Mapping
 
-import sam_core
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import sam_core
 from pipeline import storage
 from pipeline.paths import is_url
 

@@ -11,8 +11,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from pipeline.stats import (CONCAVITY_EDGES, MASKS_PER_IMAGE_LABELS, REL_SIZE_EDGES,
-                            SCORE_EDGES, SIZE_BIN_EDGES)
+from pipeline.stats import CONCAVITY_EDGES, MASKS_PER_IMAGE_LABELS, REL_SIZE_EDGES, SCORE_EDGES, SIZE_BIN_EDGES
 
 # Figures are built with matplotlib.figure.Figure, not pyplot: no global backend or
 # figure registry, so the same code renders on headless workers and inline in Jupyter.

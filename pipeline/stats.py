@@ -32,8 +32,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 
 from pipeline import storage
-from pipeline.shards import record_problem
-from pipeline.shards import iter_members
+from pipeline.shards import iter_members, record_problem
 
 log = logging.getLogger(__name__)
 

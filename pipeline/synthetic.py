@@ -13,7 +13,7 @@ evaluation use disjoint seed ranges (:func:`scene_seeds`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import cv2

@@ -34,8 +34,9 @@ from .checkpoint import read_state_dict
 def _official_oracle():
     """``tests.sam_reference.official_sam``: imported only when asked to compare."""
     try:
-        from tests.sam_reference import official_sam
         from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
+
+        from tests.sam_reference import official_sam
     except ImportError as err:
         raise SystemExit(
             f"comparing with the official generator needs the checkout's tests/sam_reference.py "

@@ -70,6 +70,7 @@ def s3_env():
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A state dict of a randomly initialised vit_tiny, as a checkpoint file."""
     import torch
+
     from sam_core import sam_model_registry
 
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .dataset_factory import compose, make_dataset
 from jobs.local_cluster import free_port
 from pipeline import manifest
 from pipeline.annotate.app import build
@@ -27,6 +26,8 @@ from pipeline.dataset import iter_samples
 from pipeline.lease import LeaseHeld
 from pipeline.model import model_identity
 from pipeline.stages import run_stage
+
+from .dataset_factory import compose, make_dataset
 
 TOKEN = "test-token-0123456789"
 

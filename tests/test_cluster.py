@@ -4,7 +4,6 @@ node joined with `ray start --address`), with jobs submitted through the Ray Job
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.local_cluster import LocalRayCluster, free_port, kill_tree
+from jobs.local_cluster import LocalRayCluster, kill_tree
 from tests.conftest import REPO, scene
 from tests.test_fully_auto import FAST, check_dataset
 

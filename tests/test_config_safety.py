@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from omegaconf import OmegaConf
 
 from pipeline.config_guard import ConfigRefused, check_command_line, check_config

@@ -11,8 +11,8 @@ from PIL import Image
 import sam_core
 from pipeline.stages import run_stage
 from sam_core.bench import mask_parity
-from tests.sam_reference import official_sam
 from tests.conftest import REPO
+from tests.sam_reference import official_sam
 from tests.test_fully_auto import check_dataset
 
 

@@ -128,8 +128,8 @@ def test_a_resumed_run_with_other_settings_or_another_model_is_refused(
 
 
 def test_each_worker_verifies_the_checkpoint_it_loads(tmp_path, tiny_checkpoint):
-    from sam_core import ChecksumError, checkpoint_sha256
     from pipeline.worker import UnitWorker
+    from sam_core import ChecksumError, checkpoint_sha256
 
     spec = {"kind": "grid", "model": {"arch": "vit_tiny", "checkpoint": str(tiny_checkpoint), "device": "cpu"},
             "amg": {"points_per_side": 4}, "model_sha256": "0" * 64}

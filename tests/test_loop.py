@@ -115,6 +115,7 @@ def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_
         assert 0.0 <= r["eval"]["point_miou_1"] <= 1.0
     # Round 2 annotated with model 1: its manifest records model 1's hash.
     import pyarrow.parquet as pq
+
     import sam_core
 
     shas = set(pq.read_table(rounds / "round_002/dataset/manifest").column("model_sha256").to_pylist())

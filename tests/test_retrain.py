@@ -19,10 +19,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import sam_core
-from pipeline.paths import PROJECT_ROOT
-from pipeline.stages import run_stage
-from pipeline.shards import ShardWriter, sa1b_record
 from pipeline.ground_truth import CocoInstances, ShardMasks
+from pipeline.paths import PROJECT_ROOT
+from pipeline.shards import ShardWriter, sa1b_record
+from pipeline.stages import run_stage
 from pipeline.synthetic import make_scene
 from pipeline.training.optim import lr_factor
 from sam_core.metrics import amg_matches, next_click, resolution_ceiling

@@ -20,7 +20,6 @@ from sam_core.amg_utils import area_from_rle, decode_rle, encode_rle, run_length
 from .sam_reference import model_pair, reference_sam, scene_image
 
 
-
 @pytest.fixture(autouse=True)
 def _inference_only():
     """No autograd in this module's tests (a module-level switch would leak into

@@ -14,7 +14,6 @@ from sam_core import SamAutomaticMaskGenerator, SamPredictor
 from .sam_reference import model_pair, scene_image
 
 
-
 @pytest.fixture(autouse=True)
 def _inference_only():
     """No autograd in this module's tests (a module-level switch would leak into

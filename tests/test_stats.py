@@ -21,10 +21,11 @@ import pytest
 import yaml
 from scipy.spatial import ConvexHull
 
-from .dataset_factory import MODEL_SHA256, REPO, compose, make_dataset
-from pipeline.stages import run_stage
 from pipeline.dataset import committed_shards
+from pipeline.stages import run_stage
 from pipeline.stats import SIZE_BIN_EDGES, concavity, shard_stats
+
+from .dataset_factory import MODEL_SHA256, REPO, compose, make_dataset
 
 
 @pytest.fixture(scope="module")

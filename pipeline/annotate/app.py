@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
-from pipeline.lease import Lease
 from pipeline.annotate.embeddings import exported_decoder, load_sam
 from pipeline.annotate.queue import plan_queue
 from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.store import WORK_DIR
+from pipeline.lease import Lease
 from pipeline.model import model_identity
 from pipeline.paths import is_url, user_path
 from pipeline.provenance import code_version
