@@ -80,10 +80,12 @@ def measure(url: str, clicks: int, chromium: str) -> dict:
           }
           return t;
         }""")
-        info = page.evaluate("({threads: navigator.hardwareConcurrency, isolated: self.crossOriginIsolated, ua: navigator.userAgent})")
+        info = page.evaluate("({threads: navigator.hardwareConcurrency, isolated: self.crossOriginIsolated, "
+                             "ua: navigator.userAgent})")
         browser.close()
     mask = [r["mask_ms"] for r in records]
-    phases = {f"{name}_median": statistics.median(r[name] for r in records) for name in ("before_ms", "run_ms", "upsample_ms")}
+    phases = {f"{name}_median": statistics.median(r[name] for r in records)
+              for name in ("before_ms", "run_ms", "upsample_ms")}
     painted = [r["painted_ms"] for r in records]
     return {
         "clicks": len(records), "image": f"{view['width']}x{view['height']}",
@@ -97,12 +99,14 @@ def measure(url: str, clicks: int, chromium: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="model config: default (vit_tiny_512), vit_tiny, vit_b, vit_l, vit_h")
+    parser.add_argument("--model", default="default",
+                        help="model config: default (vit_tiny_512), vit_tiny, vit_b, vit_l, vit_h")
     parser.add_argument("--random-weights", action="store_true", help="implied for vit_b/l/h")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
     parser.add_argument("--clicks", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime-web threads (0: its default)")
-    parser.add_argument("--chromium", default=os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
+    parser.add_argument("--chromium",
+                        default=os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -125,7 +129,8 @@ def main() -> int:
     finally:
         tool.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result.update(model=tool.session.model.arch, weights="random" if "model.checkpoint=null" in overrides else "checkpoint",
+    result.update(model=tool.session.model.arch,
+                  weights="random" if "model.checkpoint=null" in overrides else "checkpoint",
                   embedding=list(tool.session.model.embedding_shape), threads_setting=args.threads,
                   encoder_s=round(encoder_s, 2), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                   load_average=os.getloadavg())

@@ -44,7 +44,9 @@ def synthetic_images(folder: Path, count: int, width: int, height: int) -> list[
         image = base.copy()
         for _ in range(4):
             x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(0, height * 3 // 4)
-            image[y0 : y0 + rng.integers(20, height // 2), x0 : x0 + rng.integers(20, width // 2)] = rng.integers(0, 255, 3)
+            image[y0 : y0 + rng.integers(20, height // 2), x0 : x0 + rng.integers(20, width // 2)] = (
+                rng.integers(0, 255, 3)
+            )
         path = folder / f"img{n:06d}.jpg"
         Image.fromarray(image).save(path, quality=90)
         paths.append(path)
@@ -82,8 +84,10 @@ class MemorySampler(threading.Thread):
         mib = lambda b: round(b / 2**20, 1)  # noqa: E731
         return {
             "samples": len(busy),
-            "driver_rss_mib": {"after_first_quarter": mib(busy[quarter][1]), "end": mib(busy[-1][1]), "max": mib(max(s[1] for s in busy))},
-            "worker_rss_mib": {"after_first_quarter": mib(busy[quarter][2]), "end": mib(busy[-1][2]), "max": mib(max(s[2] for s in busy))},
+            "driver_rss_mib": {"after_first_quarter": mib(busy[quarter][1]), "end": mib(busy[-1][1]),
+                               "max": mib(max(s[1] for s in busy))},
+            "worker_rss_mib": {"after_first_quarter": mib(busy[quarter][2]), "end": mib(busy[-1][2]),
+                               "max": mib(max(s[2] for s in busy))},
             # at 0%, 10%, ..., 100% of the run: growth shows as a trend, a cache as a step
             "worker_rss_mib_by_tenth": [mib(busy[min(len(busy) - 1, i * len(busy) // 10)][2]) for i in range(11)],
         }

@@ -81,7 +81,8 @@ def refine(scenes: int, size: tuple[int, int], sweep: bool) -> None:
         print("\nsweep: mean box IoU gain over the four errors, and the share worsened")
         print("| min_predicted_iou | min_stability | margin | gain | worsened |")
         print("|---|---|---|---|---|")
-        for min_iou, min_stab, margin in itertools.product((0.0, 0.5, 0.6, 0.7), (0.0, 0.85, 0.9), (0.1, 0.2, 0.3, 0.5)):
+        for min_iou, min_stab, margin in itertools.product((0.0, 0.5, 0.6, 0.7), (0.0, 0.85, 0.9),
+                                                           (0.1, 0.2, 0.3, 0.5)):
             ms = [measure(e, min_iou, min_stab, margin) for e in DETECTOR_ERRORS]
             gain = np.mean([m["iou_after"] - m["iou_before"] for m in ms])
             worse = np.mean([m["worsened"] for m in ms])

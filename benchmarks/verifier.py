@@ -106,7 +106,8 @@ def main() -> None:
     t0 = time.perf_counter()
 
     parts = []
-    for index, (scene, records) in enumerate(pool(generator, scene_seeds("train", args.train_seed_start, args.train_scenes),
+    for index, (scene, records) in enumerate(pool(generator,
+                                                  scene_seeds("train", args.train_seed_start, args.train_scenes),
                                                   size, args.cache, tag)):
         iou = verifier.best_ious(records, scene.masks)
         parts.append(verifier.Examples(verifier.mask_features(records, scene.image), iou >= verifier.GOOD_IOU,
@@ -186,7 +187,8 @@ def table(result: dict) -> str:
         b, v, p = r["baseline"], r["verifier"], r["thresholds"]
         lines.append(
             f"| {r['recall_level']:.3f} | {p['pred_iou']:.3f} / {p['stability']:.2f} | {b['precision@0.5']:.3f} | "
-            f"{b['recall@0.5']:.3f} | {b['precision@0.75']:.3f} | {b['recall@0.75']:.3f} | {b['masks_per_image']:.1f} | "
+            f"{b['recall@0.5']:.3f} | {b['precision@0.75']:.3f} | {b['recall@0.75']:.3f} | "
+            f"{b['masks_per_image']:.1f} | "
             f"{r['verifier_threshold']:.4g} | {v['precision@0.5']:.3f} | {v['recall@0.5']:.3f} | "
             f"{v['precision@0.75']:.3f} | {v['recall@0.75']:.3f} | {v['masks_per_image']:.1f} |")
     info = result["verifier_validation"]

@@ -109,7 +109,8 @@ class LocalRayCluster:
         from ray.util.state import list_nodes
 
         try:
-            return sum(n.state == "ALIVE" for n in list_nodes(address=self.dashboard, timeout=5, raise_on_missing_output=False))
+            return sum(n.state == "ALIVE"
+                       for n in list_nodes(address=self.dashboard, timeout=5, raise_on_missing_output=False))
         except Exception:  # dashboard not up yet
             return 0
 

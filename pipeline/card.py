@@ -199,6 +199,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any], name: str, license: st
                            for caption, stem in FIGURE_STEMS.items())
     license_line = (f"`{license}`" if license not in ("unknown", "other") else
                     f"`{license}`: set `stage.license=<identifier>` when running `+stage=stats`")
+    sources_line = (f"{meta['sources']:,} distinct source images (see `source` in the manifest)." if meta["sources"]
+                    else "Sources are not recorded (no manifest).")
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -233,7 +235,7 @@ sample = dataset[0]          # "jpg": a PIL image, "json": the SA-1B record, "__
 
 ### Source Data
 
-{f"{meta['sources']:,} distinct source images (see `source` in the manifest)." if meta["sources"] else "Sources are not recorded (no manifest)."}
+{sources_line}
 
 ### Annotations
 

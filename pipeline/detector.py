@@ -96,7 +96,8 @@ def load_state(model: torch.nn.Module, data: bytes, name: str) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"detector {name} does not fit its configured arch: {str(err).splitlines()[1].strip()}") from None
+        raise ValueError(f"detector {name} does not fit its configured arch: "
+                         f"{str(err).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise ValueError(f"detector {name} does not fit its configured arch: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

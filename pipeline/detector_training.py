@@ -141,7 +141,8 @@ def held_out(data: dict[str, Any], eval_cfg: dict[str, Any]) -> Iterator[BoxSamp
                 if count == n:
                     return
     if count == 0:
-        raise ValueError("no held-out images in data.datasets: raise data.holdout_fraction or use eval.source=synthetic")
+        raise ValueError("no held-out images in data.datasets: "
+                         "raise data.holdout_fraction or use eval.source=synthetic")
 
 
 # ------------------------------------------------------------------------------ worker
@@ -179,7 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()  # Ray's (a restarted worker) wins over the one on disk
     with resume.as_directory() if resume is not None else nullcontext(config.get("resume_from")) as folder:
         if folder is not None:
-            model.load_state_dict(torch.load(Path(folder) / detector.MODEL_FILE, map_location=device, weights_only=True))
+            model.load_state_dict(torch.load(Path(folder) / detector.MODEL_FILE, map_location=device,
+                                             weights_only=True))
             state = torch.load(Path(folder) / TRAIN_STATE_FILE, map_location=device, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -210,7 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    torch.save({k: v.detach().cpu() for k, v in bare.state_dict().items()}, Path(tmp) / detector.MODEL_FILE)
+                    torch.save({k: v.detach().cpu() for k, v in bare.state_dict().items()},
+                               Path(tmp) / detector.MODEL_FILE)
                     torch.save({"step": step + 1, "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "history": history}, Path(tmp) / TRAIN_STATE_FILE)
                     (Path(tmp) / "step.json").write_text(json.dumps({"step": step + 1}))  # written last

@@ -103,7 +103,8 @@ class DetectorSource:
             return []
         self.predictor.set_image(image.rgb)
         answer = predict_boxes(self.predictor, boxes, multimask_output=bool(p["multimask_output"]),
-                               boxes_per_batch=p["boxes_per_batch"], stability_score_offset=float(p["stability_score_offset"]))
+                               boxes_per_batch=p["boxes_per_batch"],
+                               stability_score_offset=float(p["stability_score_offset"]))
         records = []
         for i in range(len(boxes)):
             if (answer.areas[i] == 0 or answer.predicted_iou[i] < float(p["min_predicted_iou"])

@@ -191,7 +191,8 @@ class UnitScheduler:
                 raise
             self.start_failures[slot] += 1
             if self.start_failures[slot] > self.max_unit_retries:
-                raise RuntimeError(f"worker {slot} died {self.start_failures[slot]} times in a row while starting: {e}") from e
+                raise RuntimeError(f"worker {slot} died {self.start_failures[slot]} times in a row while starting: "
+                                   f"{e}") from e
             log.warning("worker %d died while starting (%s); replacing it", slot, type(e).__name__)
             self._replace(slot)
             return None

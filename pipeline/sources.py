@@ -476,7 +476,8 @@ def _tar_rest(f, offset: int, size: int | None, listed: int) -> str | None:
     block = f.read(tarfile.BLOCKSIZE)
     if not block.strip(b"\0"):
         return None  # the end-of-archive blocks
-    return f"damaged tar: a bad header at byte {offset} of {size} after {listed} members; the members after it are not listed"
+    return (f"damaged tar: a bad header at byte {offset} of {size} after {listed} members; "
+            "the members after it are not listed")
 
 
 def _tar_problem(fs: AbstractFileSystem, url: str, size: int | None, error: Exception, listed: int) -> str:
@@ -549,7 +550,8 @@ def _read_local(path: str, item: Entry, max_bytes: int | None) -> bytes:
     # stat before opening: a device or FIFO is refused without being opened at all...
     kind = _special_kind(os.stat(path).st_mode)
     if kind is not None:
-        raise IsADirectoryError(path) if kind == "a directory" else ReadRefused(f"is {kind}, not a regular file: not opened")
+        raise (IsADirectoryError(path) if kind == "a directory"
+               else ReadRefused(f"is {kind}, not a regular file: not opened"))
     # ...and O_NONBLOCK keeps a FIFO swapped in since from blocking the open itself.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as f:

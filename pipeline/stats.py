@@ -220,7 +220,8 @@ class ShardStats:
     """Statistics of one shard: ``masks`` (MASK_SCHEMA), ``images`` (IMAGE_SCHEMA),
     ``shard`` (one SHARD_SCHEMA row, with the CPU seconds of this thread from JSON bytes
     to the per-mask and per-image tables, ``table_cpu_s``, and in all, ``total_cpu_s``,
-    which adds reading the tar and the concavity sample) and ``skipped``: (key, reason) of records that could not be read."""
+    which adds reading the tar and the concavity sample) and ``skipped``: (key, reason) of
+    records that could not be read."""
 
     masks: pa.Table
     images: pa.Table

@@ -364,7 +364,7 @@ def _visible_instances(
     keep: list[int] = []
     new_index: dict[int, int] = {}
     masks: list[np.ndarray] = []
-    for idx, (kind, ids, parent) in enumerate(instances):
+    for idx, (_kind, ids, parent) in enumerate(instances):
         area = int(counts[ids].sum())
         if area < min_area:
             continue
@@ -409,7 +409,8 @@ def coco_instances(scenes: list[Scene], file_names: list[str]) -> dict:
     for image_id, (scene, name) in enumerate(zip(scenes, file_names), 1):
         h, w = scene.image.shape[:2]
         images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-        rles = mask_utils.encode(np.asfortranarray(scene.masks.transpose(1, 2, 0).astype(np.uint8))) if len(scene.masks) else []
+        rles = (mask_utils.encode(np.asfortranarray(scene.masks.transpose(1, 2, 0).astype(np.uint8)))
+                if len(scene.masks) else [])
         for index, (rle, box, category) in enumerate(zip(rles, scene.boxes_xyxy(), scene.category_ids)):
             x0, y0, x1, y1 = (float(v) for v in box)
             annotations.append({

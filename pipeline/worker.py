@@ -126,7 +126,8 @@ class UnitWorker:
                 if result.error is not None:
                     errors.append(result.error)
                 else:
-                    pending_writes.append(write_pool.submit(writer.write, result.row["key"], result.jpeg, result.record))
+                    pending_writes.append(write_pool.submit(writer.write, result.row["key"], result.jpeg,
+                                                            result.record))
                     while len(pending_writes) > 2:
                         pending_writes.popleft().result()
                 rows.append(result.row)
@@ -253,7 +254,8 @@ class UnitWorker:
         except Exception as e:  # an image the model cannot handle must not sink the unit
             return None, ("annotate", f"mask generation failed: {type(e).__name__}: {e}")
 
-    def _row(self, item: Item, shard: str, prepared: PreparedImage | None, num_masks: int, status: str) -> dict[str, Any]:
+    def _row(self, item: Item, shard: str, prepared: PreparedImage | None, num_masks: int,
+             status: str) -> dict[str, Any]:
         return {
             "key": item.key,
             "image_id": item.image_id,
@@ -368,7 +370,8 @@ class _Attempt:
         try:
             data = read_item(self.item, self.max_file_bytes)
         except FileNotFoundError:
-            return None, ("read", "file not found: it was listed or enumerated but does not exist (deleted, moved, or a broken link)")
+            return None, ("read", "file not found: it was listed or enumerated but does not exist "
+                                  "(deleted, moved, or a broken link)")
         except IsADirectoryError:
             return None, ("read", "is a directory, not an image file")
         except PermissionError:
@@ -387,6 +390,7 @@ class _Attempt:
         except PrivacyUnavailable:
             raise  # the installation's fault, not the image's: the unit fails and says why
         except MemoryError:
-            return None, ("decode", "ran out of memory decoding it: lower stage.image.max_decoded_bytes or give workers more memory")
+            return None, ("decode", "ran out of memory decoding it: "
+                                    "lower stage.image.max_decoded_bytes or give workers more memory")
         except Exception as e:  # a decoder bug on one file must not sink the unit
             return None, ("decode", f"decoding failed: {type(e).__name__}: {e}")

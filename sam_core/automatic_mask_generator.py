@@ -111,7 +111,8 @@ class SamAutomaticMaskGenerator:
             )
         else:
             if len(point_grids) != crop_n_layers + 1:
-                raise ValueError(f"point_grids needs crop_n_layers + 1 = {crop_n_layers + 1} grids, got {len(point_grids)}")
+                raise ValueError(f"point_grids needs crop_n_layers + 1 = {crop_n_layers + 1} grids, "
+                                 f"got {len(point_grids)}")
             self.point_grids = [np.asarray(g, dtype=float) for g in point_grids]
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch

@@ -127,7 +127,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--preset", default="default", choices=sorted(AMG_PRESETS))
     parser.add_argument("--points-per-side", type=int, default=None)
     parser.add_argument("--points-per-batch", type=int, default=64)
-    parser.add_argument("--permissive", action="store_true", help="IoU and stability filters off (as many masks as possible)")
+    parser.add_argument("--permissive", action="store_true",
+                        help="IoU and stability filters off (as many masks as possible)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16 also times the bf16 fast path and its parity with sam_core's fp32 path")
     parser.add_argument("--skip-official", action="store_true")
@@ -146,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         state = ours.state_dict()
     ours.load_state_dict(state)
     ours.to(device)
-    settings: Dict[str, Any] = dict(AMG_PRESETS[args.preset], points_per_batch=args.points_per_batch, output_mode="coco_rle")
+    settings: Dict[str, Any] = dict(AMG_PRESETS[args.preset], points_per_batch=args.points_per_batch,
+                                    output_mode="coco_rle")
     if args.points_per_side:
         settings["points_per_side"] = args.points_per_side
     if args.permissive:
@@ -156,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     results: Dict[str, Any] = {
         "arch": args.arch, "checkpoint": args.checkpoint, "device": str(device), "images": len(images),
         "image_size": [list(images[0].shape[:2])], "settings": settings, "torch": torch.__version__,
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }
     ours_gen = SamAutomaticMaskGenerator(ours, **settings)
@@ -164,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.precision != "fp32":
         fast = SamAutomaticMaskGenerator(ours, **settings, precision=args.precision)
         rows[f"sam_core {args.precision}"] = time_generator(fast.generate, images, device)
-        results["fast_path_parity"] = mask_parity(rows["sam_core"]["outputs"], rows[f"sam_core {args.precision}"]["outputs"])
+        results["fast_path_parity"] = mask_parity(rows["sam_core"]["outputs"],
+                                                  rows[f"sam_core {args.precision}"]["outputs"])
     if not args.skip_official:
         official_sam, OfficialGenerator = _official_oracle()
         official_settings = {k: v for k, v in settings.items() if k != "max_mask_area_fraction"}

@@ -13,9 +13,12 @@ from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTr
 # Published sizes, plus the project's small model (trained on synthetic scenes; see
 # docs and the retrain stage). Every size is expressed by the same parameters.
 ENCODER_SIZES: Dict[str, dict] = {
-    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)),
-    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)),
-    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11)),
+    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+                  encoder_global_attn_indexes=(7, 15, 23, 31)),
+    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                  encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                  encoder_global_attn_indexes=(2, 5, 8, 11)),
     "vit_tiny": dict(
         encoder_embed_dim=192,
         encoder_depth=6,
@@ -72,7 +75,8 @@ def _build_sam(
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=decoder_mlp_dim, num_heads=8),
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=decoder_mlp_dim,
+                                          num_heads=8),
             transformer_dim=prompt_embed_dim,
             iou_head_depth=3,
             iou_head_hidden_dim=iou_head_hidden_dim,

@@ -110,7 +110,8 @@ def resize_positions(state: Dict[str, torch.Tensor], model: nn.Module) -> list[s
             grid = F.interpolate(value.permute(0, 3, 1, 2).float(), size=tuple(want.shape[1:3]),
                                  mode="bicubic", align_corners=False)
             state[key] = grid.permute(0, 2, 3, 1).to(value.dtype)
-        elif key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) and value.ndim == 2 and value.shape[1] == want.shape[1]:
+        elif (key.endswith((".attn.rel_pos_h", ".attn.rel_pos_w")) and value.ndim == 2
+              and value.shape[1] == want.shape[1]):
             rows = F.interpolate(value.T[None].float(), size=want.shape[0], mode="linear", align_corners=False)
             state[key] = rows[0].T.to(value.dtype)
         else:
@@ -146,7 +147,8 @@ def load_checkpoint(
     )
     if missing or unexpected or mismatched:
         parts = [f"{path} does not fit {arch}"]
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", mismatched)):
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")

@@ -1,6 +1,7 @@
 """Exports a SAM's prompt encoder and mask decoder to ONNX (see ``sam_core.onnx``).
 
-    python -m sam_core.export_onnx --arch vit_tiny_512 --checkpoint models/sam_vit_tiny_512_synthetic.pth --output decoder.onnx
+    python -m sam_core.export_onnx --arch vit_tiny_512 --checkpoint models/sam_vit_tiny_512_synthetic.pth \\
+        --output decoder.onnx
     python -m sam_core.export_onnx --arch vit_h --checkpoint sam_vit_h_4b8939.pth --output sam_vit_h_decoder.onnx
 
 The graph takes one image embedding (compute it with ``SamPredictor.set_image`` and
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sam_core.export_onnx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", required=True, choices=sorted(sam_model_registry), help="model architecture")
     parser.add_argument("--checkpoint", help="state dict to export (official format); omit only with --random-weights")
-    parser.add_argument("--random-weights", action="store_true", help="export a randomly initialised model (benchmarks)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="export a randomly initialised model (benchmarks)")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--return-single-mask", action="store_true",
                         help="output only the best mask (the official option of the same name)")

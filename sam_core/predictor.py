@@ -103,10 +103,12 @@ class SamPredictor:
                 raise ValueError(
                     f"point_coords must be Nx2 with N labels; got {point_coords.shape} and {point_labels.shape}"
                 )
-            coords = torch.as_tensor(self.transform.apply_coords(point_coords, original_size), dtype=torch.float, device=self.device)[None]
+            coords = torch.as_tensor(self.transform.apply_coords(point_coords, original_size), dtype=torch.float,
+                                     device=self.device)[None]
             labels = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
-            boxes = torch.as_tensor(self.transform.apply_boxes(np.asarray(box), original_size), dtype=torch.float, device=self.device)
+            boxes = torch.as_tensor(self.transform.apply_boxes(np.asarray(box), original_size), dtype=torch.float,
+                                    device=self.device)
             boxes = boxes.reshape(1, 4)
         if mask_input is not None:
             masks = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]

@@ -141,7 +141,8 @@ def test_request_bodies_are_limited(serve, tmp_path):
     def chunks():  # no Content-Length: the limit holds for streamed bodies too
         yield json.dumps(big).encode()
 
-    assert served.api.put("/api/images/sa_1", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+    assert served.api.put("/api/images/sa_1", content=chunks(),
+                          headers={"content-type": "application/json"}).status_code == 413
 
 
 def test_two_annotators_never_share_an_image(serve, tmp_path):
@@ -178,7 +179,8 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     m1 = a_mask(48, 64, 5, 5, 20, 30)
     masks = [{"uid": "m1", "counts": counts_from_mask(m1), "provenance": "model_assisted", "clicks": 3,
               "seconds": 4.5, "annotator": "ann", "point_coords": [[10, 12]]}]
-    assert api.put("/api/images/sa_1", json={"client": "a", "masks": masks}).json() == {"saved": True, "committed": False}
+    assert (api.put("/api/images/sa_1", json={"client": "a", "masks": masks}).json()
+            == {"saved": True, "committed": False})
     served.close()
 
     # A new server on the same output: the accepted mask is still there.
@@ -187,7 +189,8 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     view = api.post("/api/lease", json={"client": "a", "key": "sa_1"}).json()
     assert [m["uid"] for m in view["masks"]] == ["m1"]
     assert np.array_equal(mask_from_counts(view["masks"][0]["counts"], 48, 64), m1)
-    assert api.put("/api/images/sa_1", json={"client": "a", "masks": view["masks"], "done": True}).json()["committed"] is False
+    assert api.put("/api/images/sa_1",
+                   json={"client": "a", "masks": view["masks"], "done": True}).json()["committed"] is False
     second = api.post("/api/lease", json={"client": "a", "after": "sa_1"}).json()
     assert second["key"] == "sa_2"
     # A late save of the image the browser just left is kept and does not move its lease.
@@ -253,7 +256,8 @@ def test_bad_image_is_recorded_and_skipped(serve, tmp_path):
 
 
 def test_dataset_masks_open_prefilled_as_automatic(serve, tmp_path):
-    source = make_dataset(tmp_path / "auto", num_shards=1, images_per_shard=2, masks_per_image=(3, 2), sizes=((48, 64),))
+    source = make_dataset(tmp_path / "auto", num_shards=1, images_per_shard=2, masks_per_image=(3, 2),
+                          sizes=((48, 64),))
     output = tmp_path / "out"
     served = serve(tmp_path / "auto", output, images_per_unit=2)
     api = served.api
@@ -285,7 +289,8 @@ def test_simulated_annotator_through_the_stage(tmp_path):
     truth_path = write_scenes(tmp_path / "scenes", 2, (256, 256))
     port = free_port()
     cfg = compose("annotate", tmp_path / "scenes" / "images", tmp_path / "out",
-                  [f"stage.port={port}", f"stage.token={TOKEN}", "stage.exit_when_done=true", "stage.images_per_unit=1"])
+                  [f"stage.port={port}", f"stage.token={TOKEN}", "stage.exit_when_done=true",
+                   "stage.images_per_unit=1"])
     summary: dict = {}
     stage = threading.Thread(target=lambda: summary.update(run_stage(cfg)))
     stage.start()

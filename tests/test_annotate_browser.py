@@ -42,7 +42,8 @@ class Stage:
                    "stage.port=0", "stage.images_per_unit=1", f"hydra.run.dir={tmp / 'hydra'}", *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.output = output
-        self.process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
         self.lines: list[str] = []
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -98,7 +99,8 @@ def browser():
 
 def truth_masks(truth: dict, file_name: str) -> list[np.ndarray]:
     image = next(i for i in truth["images"] if i["file_name"] == file_name)
-    return [mask_utils.decode(a["segmentation"]).astype(bool) for a in truth["annotations"] if a["image_id"] == image["id"]]
+    return [mask_utils.decode(a["segmentation"]).astype(bool)
+            for a in truth["annotations"] if a["image_id"] == image["id"]]
 
 
 def screen_point(page, x: float, y: float) -> tuple[float, float]:
@@ -251,9 +253,11 @@ def test_prefilled_masks_select_delete_accept_all(browser, tmp_path):
         press_and_wait_saved(page, "Delete")
         assert page.evaluate("window.sam.state.masks.length") == 3
         page.keyboard.press("Shift+A")
-        page.wait_for_function("window.sam.state.masks.every(m => m.provenance === 'automatic_accepted')", timeout=10_000)
+        page.wait_for_function("window.sam.state.masks.every(m => m.provenance === 'automatic_accepted')",
+                               timeout=10_000)
         page.keyboard.press("m")
-        page.wait_for_function("document.getElementById('status').textContent.includes('no more images')", timeout=30_000)
+        page.wait_for_function("document.getElementById('status').textContent.includes('no more images')",
+                               timeout=30_000)
         (sample,) = list(iter_samples(str(tmp_path / "out")))
         anns = sample.record["annotations"]
         assert [a["provenance"] for a in anns] == ["automatic_accepted"] * 3

@@ -111,8 +111,10 @@ def files() -> dict[str, tuple[bytes, str | None]]:
         "photo.bmp": (encode(_image(13), "BMP"), OK),
         "multipage.tif": (multipage_tiff(), OK),
         "cmyk.tif": (encode(_image(14, mode="CMYK"), "TIFF"), OK),
-        "float.tif": (encode(Image.fromarray(np.linspace(-1, 7, 64 * 48, dtype=np.float32).reshape(48, 64), "F"), "TIFF"), OK),
-        "int32.tif": (encode(Image.fromarray((np.arange(64 * 48, dtype=np.int32) * 20).reshape(48, 64), "I"), "TIFF"), OK),
+        "float.tif": (encode(Image.fromarray(np.linspace(-1, 7, 64 * 48, dtype=np.float32).reshape(48, 64), "F"),
+                             "TIFF"), OK),
+        "int32.tif": (encode(Image.fromarray((np.arange(64 * 48, dtype=np.int32) * 20).reshape(48, 64), "I"),
+                             "TIFF"), OK),
         "tall_thin.png": (encode(_image(15, size=(16, 400)), "PNG"), OK),
         # the wrong extension
         "png_inside.jpg": (encode(_image(16), "PNG"), OK),
@@ -184,7 +186,8 @@ def build_matrix(root: Path, outside: Path) -> dict[str, str | None]:
 
 
 @pytest.mark.timeout(600)
-def test_every_kind_of_bad_or_unusual_input_gets_a_record_or_an_error_row(compose_config, tmp_path, tiny_checkpoint, ray_local):
+def test_every_kind_of_bad_or_unusual_input_gets_a_record_or_an_error_row(compose_config, tmp_path, tiny_checkpoint,
+                                                                          ray_local):
     root, out = tmp_path / "matrix", tmp_path / "out"
     expected = build_matrix(root, tmp_path / "outside")
     assert len(expected) >= 40
@@ -329,7 +332,8 @@ def test_non_finite_weights_are_refused_at_load(nan_checkpoint):
     assert "image_encoder.pos_embed" in str(error.value) and "iou_prediction_head" in str(error.value)
 
 
-def test_a_run_with_non_finite_weights_fails_instead_of_writing_an_empty_dataset(compose_config, tmp_path, nan_checkpoint, ray_local):
+def test_a_run_with_non_finite_weights_fails_instead_of_writing_an_empty_dataset(compose_config, tmp_path,
+                                                                                 nan_checkpoint, ray_local):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.jpg").write_bytes(good_corpus()["plain.jpg"])
     cfg = compose_config("+stage=fully_auto", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",

@@ -115,12 +115,14 @@ def test_boxes_follow_exif_rotation_and_resizing_into_the_stored_image(orientati
     bright = prepared.rgb.mean(-1) > 140
     ys, xs = np.nonzero(bright)
     truth = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-    raw_row = {"x0": 50.0, "y0": 10.0, "x1": 80.0, "y1": 25.0, "normalized": False, "frame_width": 90, "frame_height": 60}
+    raw_row = {"x0": 50.0, "y0": 10.0, "x1": 80.0, "y1": 25.0, "normalized": False, "frame_width": 90,
+               "frame_height": 60}
     assert box_files.stored_boxes(raw_row, (90, 60), orientation, stored, "raw") == pytest.approx(truth, abs=1.5)
     if orientation >= 5:  # a quarter turn: the declared size tells the frame
         assert box_files.stored_boxes(raw_row, (90, 60), orientation, stored) == pytest.approx(truth, abs=1.5)
     # The same box given in the frame as shown, found by its declared size.
-    upright = np.asarray(Image.fromarray(raw).transpose(_TRANSPOSE[orientation]) if orientation > 1 else Image.fromarray(raw))
+    upright = np.asarray(Image.fromarray(raw).transpose(_TRANSPOSE[orientation]) if orientation > 1
+                         else Image.fromarray(raw))
     ys, xs = np.nonzero(upright.mean(-1) > 140)
     h, w = upright.shape[:2]
     shown_row = {"x0": float(xs.min()), "y0": float(ys.min()), "x1": xs.max() + 1.0, "y1": ys.max() + 1.0,
@@ -168,7 +170,8 @@ def test_coco_boxes_are_read_and_matched_and_every_mismatch_is_reported(tmp_path
     path.write_text(json.dumps(coco))
     boxes = box_files.load(str(path))
     assert boxes.kind == "coco" and boxes.crowd == 1 and boxes.categories == [{"id": 3, "name": "cat"}]
-    assert len(boxes.invalid) == 2 and any("id 11" in r for r in boxes.invalid) and any("image id 9" in r for r in boxes.invalid)
+    assert (len(boxes.invalid) == 2 and any("id 11" in r for r in boxes.invalid)
+            and any("image id 9" in r for r in boxes.invalid))
     rows = boxes.table.to_pylist()
     one = [r for r in rows if r["name"] == "a/one.jpg"]
     assert [(r["x0"], r["y0"], r["x1"], r["y1"], r["category_id"], r["score"], r["prompt_id"]) for r in one] == [
@@ -185,7 +188,8 @@ def test_coco_boxes_are_read_and_matched_and_every_mismatch_is_reported(tmp_path
 def test_yolo_labels_match_by_stem_and_by_yolo_s_images_labels_rule(tmp_path):
     labels = tmp_path / "data" / "labels" / "train"
     labels.mkdir(parents=True)
-    (labels / "cat.txt").write_text("2 0.5 0.5 0.2 0.4\n0 0.1 0.1 0.1 0.1 0.75\n7 0.5 0.5 0.2 0.2 0.4 0.4 2 0.6 0.6 0\n")
+    (labels / "cat.txt").write_text("2 0.5 0.5 0.2 0.4\n0 0.1 0.1 0.1 0.1 0.75\n"
+                                    "7 0.5 0.5 0.2 0.2 0.4 0.4 2 0.6 0.6 0\n")
     (labels / "empty.txt").write_text("")
     (labels / "bad.txt").write_text("0 0.5 0.5\nx y z w h\n")
     boxes = box_files.load(str(tmp_path / "data" / "labels"))

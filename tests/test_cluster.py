@@ -54,8 +54,8 @@ def test_fully_auto_on_s3_killed_and_resumed_then_stats_from_s3(s3_env, tmp_path
     fs.put(str(local_images) + "/", "engine/images/", recursive=True)
     inp, out = "s3://engine/images", "s3://engine/dataset"
     command = stage_command(
-        "+stage=fully_auto", f"input={inp}", f"output={out}", "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}", *FAST,
-        "stage.images_per_unit=1", "cluster.num_cpus=1", f"hydra.run.dir={tmp_path / 'run'}",
+        "+stage=fully_auto", f"input={inp}", f"output={out}", "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}",
+        *FAST, "stage.images_per_unit=1", "cluster.num_cpus=1", f"hydra.run.dir={tmp_path / 'run'}",
     )
 
     # First run: SIGKILL the driver and every process it started (its Ray workers too, as

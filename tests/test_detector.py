@@ -56,7 +56,8 @@ def test_boxes_of_records_and_scenes_and_the_held_out_split(tmp_path):
     assert from_scene.boxes[0].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     record = {"annotations": [{"bbox": [2, 3, 10, 4]}, {"bbox": [0, 0, 3, 3]}]}
     assert detector.boxes_from_record(record, min_area=16).tolist() == [[2, 3, 12, 7]]
-    flipped = detector.flip(detector.BoxSample("k", np.zeros((8, 20, 3), np.uint8), np.array([[2, 1, 5, 4]], np.float32)))
+    flipped = detector.flip(detector.BoxSample("k", np.zeros((8, 20, 3), np.uint8),
+                                               np.array([[2, 1, 5, 4]], np.float32)))
     assert flipped.boxes.tolist() == [[15, 1, 18, 4]]
 
     keys = [f"sa_{i}" for i in range(2000)]
@@ -75,7 +76,8 @@ def test_resnet50_backbone_weights_load_by_path_and_bad_files_are_refused(tmp_pa
     body = model.backbone.body.state_dict()
     assert torch.equal(body["layer4.2.conv3.weight"], resnet.state_dict()["layer4.2.conv3.weight"])
     assert torch.equal(body["bn1.running_var"], resnet.state_dict()["bn1.running_var"])
-    assert not model.backbone.body.conv1.weight.requires_grad and model.backbone.body.layer4[0].conv1.weight.requires_grad
+    assert (not model.backbone.body.conv1.weight.requires_grad
+            and model.backbone.body.layer4[0].conv1.weight.requires_grad)
 
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(ValueError, match="do not fit a torchvision ResNet-50"):
@@ -132,7 +134,8 @@ def test_detector_stage_trains_resumes_registers_and_predicts(compose_config, tm
     first = held[:3]  # stage.eval.num_images of the datasets' held-out share, in shard order
     assert ev == summary["eval"] and ev["images"] == len(first)
     assert ev["boxes"] == sum(len(boxes[k]) for k in first) and 0.0 <= ev["box_ap"] <= 1.0
-    assert json.loads((folder / "detector.json").read_text())["model"]["arch"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert (json.loads((folder / "detector.json").read_text())["model"]["arch"]
+            == "fasterrcnn_mobilenet_v3_large_320_fpn")
 
     sha = detector.detector_identity(str(folder))
     model, _ = detector.load_detector(str(folder), expected_sha256=sha)

@@ -106,7 +106,8 @@ def test_a_resumed_run_with_other_settings_or_another_model_is_refused(
     run_stage(compose_config(*overrides(inp, out, checkpoint)))
     recorded = (out / "config.yaml").read_bytes()
 
-    with pytest.raises(ConfigMismatch, match=r"amg.points_per_side: 4 \(recorded\) vs 5 \(this run\)\nWrite to a new output=.*allow_config_change"):
+    with pytest.raises(ConfigMismatch, match=r"amg.points_per_side: 4 \(recorded\) vs 5 \(this run\)"
+                                             r"\nWrite to a new output=.*allow_config_change"):
         run_stage(compose_config(*overrides(inp, out, checkpoint, "amg.points_per_side=5")))
     # The same path, other weights: the sha256 tells.
     torch.manual_seed(1)

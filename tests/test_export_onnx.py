@@ -39,7 +39,8 @@ def image() -> np.ndarray:
 @pytest.fixture(scope="module", params=["random_vit_tiny", "default_model"])
 def model(request, tiny_checkpoint, tmp_path_factory, image):
     """(predictor with the image set, onnxruntime session of the same model)."""
-    arch, checkpoint = ("vit_tiny", tiny_checkpoint) if request.param == "random_vit_tiny" else ("vit_tiny_512", DEFAULT_MODEL)
+    arch, checkpoint = (("vit_tiny", tiny_checkpoint) if request.param == "random_vit_tiny"
+                        else ("vit_tiny_512", DEFAULT_MODEL))
     predictor = SamPredictor(sam_model_registry[arch](checkpoint=str(checkpoint)))
     predictor.set_image(image)
     return predictor, _exported(tmp_path_factory, arch, checkpoint)
@@ -84,7 +85,8 @@ def assert_agree(onnx_masks, onnx_scores, torch_masks, torch_scores):
 CASES = {
     "one_click": dict(points=[[150, 120]], labels=[1]),
     "three_clicks": dict(points=[[150, 120], [60, 200], [300, 40]], labels=[1, 0, 1]),
-    "six_clicks": dict(points=[[150, 120], [60, 200], [300, 40], [10, 10], [410, 290], [200, 150]], labels=[1, 0, 1, 0, 0, 1]),
+    "six_clicks": dict(points=[[150, 120], [60, 200], [300, 40], [10, 10], [410, 290], [200, 150]],
+                       labels=[1, 0, 1, 0, 0, 1]),
     "box": dict(box=[40, 30, 260, 220]),
     "box_and_clicks": dict(points=[[150, 120], [60, 200]], labels=[1, 0], box=[40, 30, 260, 220]),
 }
@@ -141,7 +143,8 @@ def test_return_single_mask(tiny_checkpoint, tmp_path_factory, image):
     assert_agree(masks, scores, multi[best : best + 1], multi_scores[best : best + 1])
     masks, scores, _ = run_onnx(session, predictor, **CASES["three_clicks"])
     prompt = CASES["three_clicks"]
-    single, single_scores, _ = predictor.predict(np.array(prompt["points"]), np.array(prompt["labels"]), multimask_output=False)
+    single, single_scores, _ = predictor.predict(np.array(prompt["points"]), np.array(prompt["labels"]),
+                                                 multimask_output=False)
     assert_agree(masks, scores, single, single_scores)
 
 
@@ -168,7 +171,8 @@ def test_export_refuses_missing_weights(tmp_path):
     with pytest.raises(SystemExit):
         export_main(["--arch", "vit_tiny", "--output", str(tmp_path / "x.onnx")])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        export_main(["--arch", "vit_tiny", "--checkpoint", str(tmp_path / "none.pth"), "--output", str(tmp_path / "x.onnx")])
+        export_main(["--arch", "vit_tiny", "--checkpoint", str(tmp_path / "none.pth"),
+                     "--output", str(tmp_path / "x.onnx")])
 
 
 def test_low_res_graph_and_its_upscaling_match_pytorch(tmp_path_factory, image):
@@ -185,11 +189,13 @@ def test_low_res_graph_and_its_upscaling_match_pytorch(tmp_path_factory, image):
         if "points" in prompt:
             coords, labels = np.array(prompt["points"], float), np.array(prompt["labels"], float)
         if "box" in prompt:
-            coords, labels = np.concatenate([coords, np.reshape(prompt["box"], (2, 2))]), np.concatenate([labels, [2, 3]])
+            coords, labels = (np.concatenate([coords, np.reshape(prompt["box"], (2, 2))]),
+                              np.concatenate([labels, [2, 3]]))
         else:
             coords, labels = np.concatenate([coords, [[0, 0]]]), np.concatenate([labels, [-1]])
         feeds = {"image_embeddings": predictor.get_image_embedding().numpy(),
-                 "point_coords": predictor.transform.apply_coords(coords, predictor.original_size)[None].astype(np.float32),
+                 "point_coords": (predictor.transform.apply_coords(coords, predictor.original_size)[None]
+                                  .astype(np.float32)),
                  "point_labels": labels[None].astype(np.float32), "mask_input": np.zeros((1, 1, 128, 128), np.float32),
                  "has_mask_input": np.zeros(1, np.float32)}
         scores, low_res = session.run(None, feeds)

@@ -30,8 +30,8 @@ FAST = ["amg.points_per_side=4", "amg.pred_iou_thresh=0", "amg.stability_score_t
 
 
 def overrides(inp, out, checkpoint, *extra: str) -> list[str]:
-    return ["+stage=fully_auto", f"input={inp}", f"output={out}", "model=vit_tiny", f"model.checkpoint={checkpoint}", *FAST,
-            *extra]
+    return ["+stage=fully_auto", f"input={inp}", f"output={out}", "model=vit_tiny", f"model.checkpoint={checkpoint}",
+            *FAST, *extra]
 
 
 def check_dataset(out: Path, inp: str) -> dict[str, dict]:
@@ -77,7 +77,8 @@ def test_default_config_runs_the_samples_with_the_default_model(compose_config, 
     assert cfg.model.arch == "vit_tiny_512"
     assert cfg.model.checkpoint == str(REPO / "models" / "sam_vit_tiny_512_synthetic.pth")
     assert len(enumerate_input(cfg.input)) >= 5
-    missing = compose_config("+stage=fully_auto", f"output={tmp_path / 'out'}", f"model.checkpoint={tmp_path / 'no.pth'}")
+    missing = compose_config("+stage=fully_auto", f"output={tmp_path / 'out'}",
+                             f"model.checkpoint={tmp_path / 'no.pth'}")
     with pytest.raises(FileNotFoundError, match="model.checkpoint="):
         run_stage(missing)
     assert not (tmp_path / "out").exists(), "nothing may be written before the checks pass"
@@ -99,7 +100,8 @@ def test_nonexistent_input_fails_before_any_work(compose_config, tmp_path, tiny_
     assert not (tmp_path / "out").exists()
 
 
-def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_folder, tmp_path, tiny_checkpoint, ray_local):
+def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_folder, tmp_path, tiny_checkpoint,
+                                                        ray_local):
     inp = image_folder(with_bad=True)
     out = tmp_path / "out"
     cfg = compose_config(*overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=5", "stage.image.short_side=96"))
@@ -112,10 +114,12 @@ def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_fol
     assert summary["units"] == summary["units_committed"] == 4
     assert summary["masks"] == sum(len(r["annotations"]) for r in records.values()) > 0
 
-    rows = {r["source"].rsplit("/", 1)[-1]: r for r in manifest.read_table(str(out)).to_pylist() if "/a/" in r["source"]}
+    rows = {r["source"].rsplit("/", 1)[-1]: r
+            for r in manifest.read_table(str(out)).to_pylist() if "/a/" in r["source"]}
     by_key = {r["key"]: r for r in rows.values()}
     # Original JPEG bytes are kept; the large image is resized and its masks follow.
-    plain = next(s for shard in sorted((out / "shards").iterdir()) for s in iter_shard(str(shard)) if s.key == rows["plain.jpg"]["key"])
+    plain = next(s for shard in sorted((out / "shards").iterdir()) for s in iter_shard(str(shard))
+                 if s.key == rows["plain.jpg"]["key"])
     assert plain.jpg == good_corpus()["plain.jpg"]
     assert (rows["large.jpg"]["width"], rows["large.jpg"]["height"]) == (128, 96)
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (48, 64)
@@ -145,7 +149,8 @@ def test_list_naming_missing_files(compose_config, tmp_path, tiny_checkpoint, ra
     out = tmp_path / "out"
     summary = run_stage(compose_config(*overrides(listing, out, tiny_checkpoint)))
     assert summary["images_ok"] == 1 and summary["images_failed"] == 2
-    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in manifest.read_table(str(out), manifest.ERRORS_DIR).to_pylist()}
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"]
+               for r in manifest.read_table(str(out), manifest.ERRORS_DIR).to_pylist()}
     assert "file not found" in reasons["two.jpg"] and "directory" in reasons["photos"]
     check_dataset(out, str(listing))
 
@@ -172,7 +177,8 @@ def test_poison_input_is_isolated_and_the_run_goes_on(compose_config, tmp_path, 
         (inp / f"photo{n}.jpg").write_bytes(encode(Image.fromarray(scene(64, 48, n)), "JPEG"))
     (inp / "poison.jpg").write_bytes(good_corpus()["plain.jpg"])
     out = tmp_path / "out"
-    cfg = compose_config(*overrides(inp, out, tiny_checkpoint, "stage.num_actors=1", "stage.fault_injection.kill_worker_on=[*/poison.jpg]"))
+    cfg = compose_config(*overrides(inp, out, tiny_checkpoint, "stage.num_actors=1",
+                                    "stage.fault_injection.kill_worker_on=[*/poison.jpg]"))
     summary = run_stage(cfg)
     assert summary["images_ok"] == 3 and summary["images_failed"] == 1
     assert summary["actors"][0]["restarts"] == 3  # pipelined try, then two careful tries
@@ -200,13 +206,15 @@ def _wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_once(compose_config, tmp_path, tiny_checkpoint, ray_local):
+def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_once(compose_config, tmp_path,
+                                                                                  tiny_checkpoint, ray_local):
     inp = tmp_path / "images"
     inp.mkdir()
     for n in range(12):
         (inp / f"photo{n:02d}.jpg").write_bytes(encode(Image.fromarray(scene(64, 48, n)), "JPEG"))
     out = tmp_path / "out"
-    args = overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=2", "amg.points_per_side=6", "cluster.num_cpus=2")
+    args = overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=2", "amg.points_per_side=6",
+                     "cluster.num_cpus=2")
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", *args, f"hydra.run.dir={tmp_path / 'hydra'}"],

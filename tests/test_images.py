@@ -186,7 +186,8 @@ def test_decoded_bytes_count_bands_and_bytes_per_sample_before_decoding():
     rgba16 = sixteen_bit_png(100, 50, bands=4)
     rgb8 = encode(Image.fromarray(scene(100, 50, 1)), "PNG")
     assert prepare_image(rgb8, max_decoded_bytes=100 * 50 * 3).width == 100
-    with pytest.raises(ImageError, match=r"16 bits a sample decodes to 40000 bytes, over stage.image.max_decoded_bytes=39999"):
+    with pytest.raises(ImageError, match=r"16 bits a sample decodes to 40000 bytes, "
+                                         r"over stage.image.max_decoded_bytes=39999"):
         prepare_image(rgba16, max_decoded_bytes=100 * 50 * 8 - 1)
     assert prepare_image(rgba16, max_decoded_bytes=100 * 50 * 8).width == 100
     grey16 = sixteen_bit_png(100, 50, bands=1)

@@ -59,8 +59,8 @@ def _mtimes(paths: list[Path]) -> list[int]:
 def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_checkpoint, pool, tmp_path,
                                                 caplog):
     out = tmp_path / "out"
-    args = ["+stage=loop", f"input={pool}", f"output={out}", "model=vit_tiny", f"stage.init_checkpoint={tiny_checkpoint}",
-            *TINY]
+    args = ["+stage=loop", f"input={pool}", f"output={out}", "model=vit_tiny",
+            f"stage.init_checkpoint={tiny_checkpoint}", *TINY]
     rounds = out / "rounds"
     caplog.set_level(logging.INFO, logger="pipeline")
 
@@ -83,7 +83,8 @@ def test_loop_rounds_report_registry_and_resume(ray_local, compose_config, tiny_
     other_model.write_bytes(tiny_checkpoint.read_bytes())
     other_args = [a if not a.startswith("stage.init_checkpoint=") else f"stage.init_checkpoint={other_model}"
                   for a in args]
-    for changed, named in ((other_args, "from_model"), ([*args, "stage.retrain.optim.lr=1e-3"], "stage.retrain.optim.lr"),
+    for changed, named in ((other_args, "from_model"),
+                           ([*args, "stage.retrain.optim.lr=1e-3"], "stage.retrain.optim.lr"),
                            ([*args, "amg.points_per_side=8"], "amg.points_per_side")):
         with pytest.raises(RuntimeError, match=rf"round 1 .* cut short .*{re.escape(named)}: "):
             run_stage(compose_config(*changed))

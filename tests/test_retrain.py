@@ -171,7 +171,8 @@ def test_retrain_end_to_end_resume_official_loading_and_eval(tmp_path, ray_local
             global_attn_indexes=(2, 5), out_chans=128, use_rel_pos=True, mlp_ratio=4, qkv_bias=True,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         ),
-        prompt_encoder=PromptEncoder(embed_dim=128, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16),
+        prompt_encoder=PromptEncoder(embed_dim=128, image_embedding_size=(16, 16), input_image_size=(256, 256),
+                                     mask_in_chans=16),
         mask_decoder=MaskDecoder(
             transformer_dim=128, transformer=TwoWayTransformer(depth=2, embedding_dim=128, mlp_dim=512, num_heads=8),
             iou_head_hidden_dim=128,

@@ -60,7 +60,8 @@ def test_renamed_key_is_named_in_the_error(official_checkpoint, tmp_path):
     with pytest.raises(CheckpointError) as err:
         sam_model_registry["vit_tiny"](checkpoint=str(bad))
     message = str(err.value)
-    assert "mask_decoder.iou_token.weight_renamed" in message and "missing keys: mask_decoder.iou_token.weight" in message
+    assert ("mask_decoder.iou_token.weight_renamed" in message
+            and "missing keys: mask_decoder.iou_token.weight" in message)
     assert str(bad) in message
 
 
@@ -93,7 +94,8 @@ def test_a_model_moves_to_another_input_size(official_checkpoint):
         if key not in resized:  # windowed blocks' tables and every weight carry over unchanged
             assert torch.equal(big_state[key], value), key
     # Resampling keeps the table's values: the ends of the distance axis stay close.
-    h_small, h_big = small_state["image_encoder.blocks.5.attn.rel_pos_h"], big_state["image_encoder.blocks.5.attn.rel_pos_h"]
+    h_small, h_big = (small_state["image_encoder.blocks.5.attn.rel_pos_h"],
+                      big_state["image_encoder.blocks.5.attn.rel_pos_h"])
     assert torch.allclose(h_big[31], h_small[15], atol=0.02)  # distance 0 sits in the middle of both
     assert resize_positions(dict(big_state), big) == []  # nothing to do at the same size
 

@@ -74,7 +74,8 @@ def test_point_prompts(predictors, multimask):
 def test_box_and_mask_prompts(predictors):
     p_ref, p_ours = predictors
     first = p_ref.predict(box=np.array([50, 40, 260, 220]), multimask_output=False, return_logits=True)
-    _assert_predictions_close(first, p_ours.predict(box=np.array([50, 40, 260, 220]), multimask_output=False, return_logits=True))
+    _assert_predictions_close(first, p_ours.predict(box=np.array([50, 40, 260, 220]), multimask_output=False,
+                                                    return_logits=True))
     kwargs = dict(point_coords=np.array([[120.0, 100.0]]), point_labels=np.array([1]),
                   box=np.array([50, 40, 260, 220]), mask_input=first[2], multimask_output=True)
     ref_out, our_out = p_ref.predict(**kwargs), p_ours.predict(**kwargs)
@@ -105,7 +106,8 @@ def test_image_batch_matches_single_images(pair):
         single.set_image(img)
         torch.testing.assert_close(batched.get_image_embedding(i), single.get_image_embedding(), rtol=1e-4, atol=1e-4)
         kwargs = dict(point_coords=np.array([[50.0, 60.0]]), point_labels=np.array([1]))
-        np.testing.assert_allclose(batched.predict(**kwargs, image_index=i)[1], single.predict(**kwargs)[1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(batched.predict(**kwargs, image_index=i)[1], single.predict(**kwargs)[1],
+                                   rtol=1e-4, atol=1e-4)
 
 
 def _rle_of(record):
@@ -134,7 +136,8 @@ def _match(ref_records, our_records):
 # collapse to one: parity runs with NMS disabled (IoU > 1 never happens) so that
 # every filter, score and encoding is compared mask by mask. NMS, crop-edge filtering
 # and clean-up on localised masks are compared with the trained model (test below).
-PERMISSIVE = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, crop_nms_thresh=1.0)
+PERMISSIVE = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                  crop_nms_thresh=1.0)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +163,7 @@ def test_automatic_generator_matches_official(pair, image, settings):
     # 1 of 192 masks (IoU 0.977, the rest identical), so allow 1% such flips.
     ious = np.array([iou for _, _, iou in pairs])
     assert (ious >= 0.99).mean() >= 0.99 and ious.min() >= 0.95, sorted(ious)[:5]
-    for a, b, iou in pairs:
+    for a, b, _iou in pairs:
         assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-3
         assert abs(a["stability_score"] - b["stability_score"]) < 1e-3
         assert a["crop_box"] == b["crop_box"]

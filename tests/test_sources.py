@@ -40,7 +40,8 @@ def test_glob(image_folder):
 def test_text_list_keeps_its_order_and_names_missing_files(image_folder, tmp_path):
     root = image_folder(with_bad=False)
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# photos\nimages/a/rotated.jpg\n{root}/a/plain.jpg\n\nimages/a/missing.jpg\nimages/a/rotated.jpg\n")
+    listing.write_text(f"# photos\nimages/a/rotated.jpg\n{root}/a/plain.jpg\n\n"
+                       "images/a/missing.jpg\nimages/a/rotated.jpg\n")
     items = enumerate_input(str(listing))
     assert [i.source.rsplit("/", 1)[-1] for i in items] == ["rotated.jpg", "plain.jpg", "missing.jpg"]
     assert read_item(items[0]) == good_corpus()["rotated.jpg"]

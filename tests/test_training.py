@@ -264,7 +264,8 @@ def _official_small_sam():
             global_attn_indexes=(1,), out_chans=64, use_rel_pos=True, mlp_ratio=4, qkv_bias=True,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         ),
-        prompt_encoder=PromptEncoder(embed_dim=64, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16),
+        prompt_encoder=PromptEncoder(embed_dim=64, image_embedding_size=(16, 16), input_image_size=(256, 256),
+                                     mask_in_chans=16),
         mask_decoder=MaskDecoder(
             transformer_dim=64, transformer=TwoWayTransformer(depth=2, embedding_dim=64, mlp_dim=256, num_heads=8),
             iou_head_hidden_dim=64,

@@ -73,10 +73,11 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     decoder = exported_decoder(sam, cfg.model.arch, identity, cache)
     _save_config(output, cfg)
     h, w = sam.prompt_encoder.image_embedding_size
-    model = ModelInfo(cfg.model.arch, identity, sam.image_encoder.img_size, (1, sam.prompt_encoder.embed_dim, h, w), decoder)
+    model = ModelInfo(cfg.model.arch, identity, sam.image_encoder.img_size, (1, sam.prompt_encoder.embed_dim, h, w),
+                      decoder)
     session = Session(plan, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
-                      lease_s=float(stage.lease_s), lookahead=int(stage.lookahead), cache_size=int(stage.embedding_cache),
-                      check_output_lease=lease.check)
+                      lease_s=float(stage.lease_s), lookahead=int(stage.lookahead),
+                      cache_size=int(stage.embedding_cache), check_output_lease=lease.check)
     token = str(stage.token) if stage.token else secrets.token_urlsafe(24)
     app = create_app(session, token, annotator=str(stage.annotator), max_body_bytes=int(stage.max_body_mb * 1e6),
                      threads=int(stage.browser_threads))

@@ -91,7 +91,8 @@ def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache
     page upsamples the one mask it shows), exported once per (arch, checkpoint sha256)
     and written atomically; random weights are exported on every call."""
     os.makedirs(cache_dir, exist_ok=True)
-    name = f"{arch}-{identity[:16]}-lowres.onnx" if identity != RANDOM_WEIGHTS else f"{arch}-random-{os.getpid()}-lowres.onnx"
+    name = (f"{arch}-{identity[:16]}-lowres.onnx" if identity != RANDOM_WEIGHTS
+            else f"{arch}-random-{os.getpid()}-lowres.onnx")
     path = os.path.join(cache_dir, name)
     if identity != RANDOM_WEIGHTS and os.path.isfile(path):
         return path

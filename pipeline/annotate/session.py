@@ -77,7 +77,7 @@ class Session:
         self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()
         self._cache_size = max(2, cache_size)
         self._lock = threading.RLock()
-        for unit, keys in plan.units.items():  # finished before a crash, not yet committed
+        for unit, _keys in plan.units.items():  # finished before a crash, not yet committed
             self._maybe_commit(unit)
 
     # --- images --------------------------------------------------------------------------
@@ -255,7 +255,8 @@ class Session:
             })
         if done and any(m["provenance"] == AUTOMATIC for m in saved):
             count = sum(m["provenance"] == AUTOMATIC for m in saved)
-            raise Invalid(f"{count} automatic mask(s) are not reviewed yet: accept or delete them before marking the image done")
+            raise Invalid(f"{count} automatic mask(s) are not reviewed yet: "
+                          "accept or delete them before marking the image done")
         self.store.save(ImageState(key, saved, done=done))
         return {"saved": True, "committed": self._maybe_commit(entry.unit)}
 

@@ -233,7 +233,8 @@ def coco_truth(annotations: str | os.PathLike) -> Truth:
     return truth
 
 
-def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = (512, 512), seed_start: int = 0) -> Path:
+def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = (512, 512),
+                 seed_start: int = 0) -> Path:
     """Held-out synthetic scenes as ``images/scene_<seed>.png`` plus their masks as a COCO
     instances JSON; returns the JSON's path."""
     from PIL import Image

@@ -138,7 +138,8 @@ def dataset_mask(mask: dict[str, Any], width: int, height: int) -> dict[str, Any
         "bbox": [float(v) for v in mask_utils.toBbox(coco)],
         "predicted_iou": mask.get("predicted_iou", PERSON_SCORE) if automatic else PERSON_SCORE,
         "stability_score": mask.get("stability_score", PERSON_SCORE) if automatic else PERSON_SCORE,
-        "crop_box": mask.get("crop_box") if automatic and mask.get("crop_box") else [0.0, 0.0, float(width), float(height)],
+        "crop_box": (mask.get("crop_box") if automatic and mask.get("crop_box")
+                     else [0.0, 0.0, float(width), float(height)]),
         "point_coords": mask.get("point_coords") or [],
         "provenance": mask["provenance"],
         "clicks": int(mask.get("clicks", 0)),

@@ -5,7 +5,8 @@ Class-agnostic (one category, "object", id 1) unless the dataset has categories
 ``category_id``. ``iscrowd`` 0, segmentations kept as compressed RLE (what pycocotools'
 COCO and COCOeval read), area recomputed from the RLE, bbox too in COCO's convention,
 except for masks whose record names the object's box (``box``: a detector's box, or a
-refined or pasted one), which is kept; a record's ``score`` is kept too. The JSON is streamed: images and annotations are serialised per shard into part files
+refined or pasted one), which is kept; a record's ``score`` is kept too. The JSON is
+streamed: images and annotations are serialised per shard into part files
 (in a hidden ``.parts-*`` folder beside the JSON) and concatenated in shard order, so the
 export never holds the dataset in memory. The JSON appears under its name only when
 complete; the parts folder is removed at the end and, after a killed run, by the next

@@ -338,7 +338,8 @@ def check_plan(dataset: str) -> list[Problem]:
               f"{found.pending[:10]}")
     return ([Problem("", key, "plan", "planned in a committed unit but missing from the manifest (lost)")
              for key in found.lost]
-            + [Problem("", key, "plan", "listed more than once in the manifest (duplicated)") for key in found.duplicated]
+            + [Problem("", key, "plan", "listed more than once in the manifest (duplicated)")
+               for key in found.duplicated]
             + [Problem("", key, "plan", "in the manifest but not in the run's plan") for key in found.unplanned])
 
 

@@ -115,7 +115,8 @@ class MaskDecoder(nn.Module):
         run_transformer's outputs."""
         upscaled = self.output_upscaling(features)
         mask_tokens = tokens[:, 1 : 1 + self.num_mask_tokens, :]
-        hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+                               dim=1)
         n, c, h, w = upscaled.shape
         return (hyper_in @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
 
