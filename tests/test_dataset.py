@@ -114,3 +114,35 @@ def _compose(stage: str, shard: Path, out: Path):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[f"+stage={stage}", f"input={shard}", f"output={out}"])
+
+
+def test_an_untarred_shard_reads_the_way_sam2_reads_sa1b(compose_config, tmp_path, tiny_checkpoint, ray_local):
+    """SAM 2's SA-1B loader lists a folder of sa_<id>.jpg / sa_<id>.json, parses the id
+    from the name and decodes the masks with pycocotools: so does this test."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from tests.conftest import encode, scene
+    from tests.test_fully_auto import overrides
+
+    inp = tmp_path / "images"
+    inp.mkdir()
+    for n in range(3):
+        (inp / f"holiday photo {n}.jpg").write_bytes(encode(Image.fromarray(scene(64, 48, n)), "JPEG"))
+    out = tmp_path / "out"
+    run_stage(compose_config(*overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=3")))
+    folder = tmp_path / "untarred"
+    with tarfile.open(out / "shards" / "sa_000000.tar") as tar:
+        tar.extractall(folder, filter="data")
+    images = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")
+    assert len(images) == 3
+    for image in images:
+        image_id = int(image.stem.split("_")[-1])  # SAM 2: the id is the name's last part
+        record = json.loads((folder / f"sa_{image_id}.json").read_text())
+        assert record["image"]["image_id"] == image_id and record["image"]["file_name"] == image.name
+        assert record["image"]["source"].endswith(".jpg") and len(record["image"]["source_sha256"]) == 64
+        height, width = np.asarray(Image.open(image)).shape[:2]
+        for annotation in record["annotations"]:
+            if annotation["area"] > 0:  # SAM 2 keeps masks with area > 0
+                assert mask_utils.decode(annotation["segmentation"]).shape == (height, width)
