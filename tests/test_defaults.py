@@ -31,7 +31,7 @@ def test_image_decoding_defaults_are_the_configs(fully_auto):
         assert image[name] == value, (
             f"prepare_image({name}={value!r}) but conf/image/default.yaml has {image[name]!r}")
     assert fully_auto["privacy"]["blur"] is False
-    assert set(image) == set(library) | set(READ_LIMITS), "every image setting is a prepare_image argument or a read limit"
+    assert set(image) == set(library) | set(READ_LIMITS), "an image setting is neither an argument nor a read limit"
 
 
 def test_scheduler_and_worker_defaults_are_the_configs(fully_auto):
