@@ -79,7 +79,7 @@ def test_load_dataset_of_the_root_reads_the_shards_only(tmp_path):
 
 def test_a_stale_errors_part_goes_when_the_unit_reruns_clean(tmp_path):
     root = str(tmp_path)
-    row = {"key": "k", "source": "s", "stage": "decode", "reason": "truncated"}
+    row = {"key": "k", "source": "s", "phase": "decode", "reason": "truncated"}
     manifest.write_part(root, manifest.ERRORS_DIR, 3, [row])
     assert manifest.read_table(root, manifest.ERRORS_DIR).to_pylist() == [row]
     manifest.write_part(root, manifest.ERRORS_DIR, 3, [])

@@ -223,7 +223,11 @@ def test_generator_presets_agree_with_the_amg_configs(preset, compose_config):
     signature = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     library = {k: p.default for k, p in signature.items() if k not in ("self", "model", "output_mode")}
     library.update(AMG_PRESETS[preset])
+    from pipeline.model import PIPELINE_AMG_KEYS  # the mask verifier's keys: not the generator's
+
     conf = dict(compose_config("+stage=fully_auto", "output=/x", "model=vit_h", f"amg={preset}").amg)
+    assert set(PIPELINE_AMG_KEYS) <= conf.keys()
+    conf = {k: v for k, v in conf.items() if k not in PIPELINE_AMG_KEYS}
     assert conf.keys() == library.keys()
     assert conf == pytest.approx(library)
 
