@@ -27,6 +27,7 @@ STAGES = {
     "semi_auto": "pipeline.stages.semi_auto",
     "box_prompts": "pipeline.stages.box_prompts",
     "augment": "pipeline.stages.augment",
+    "engine": "pipeline.stages.engine",
 }
 
 # ${project_root:} lets configs name files shipped with the repository (sample images,

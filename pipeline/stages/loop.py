@@ -25,9 +25,9 @@ import posixpath
 import time
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline import registry, storage
+from pipeline import compose, registry, storage
 from pipeline.dataset import iter_samples
 from pipeline.evaluation import EVAL_FILE, evaluate_model
 from pipeline.model import model_identity
@@ -44,44 +44,8 @@ REPORT_MD = "loop_report.md"
 REPORT_JSON = "loop_report.json"
 METRICS = ("point_miou_1", "point_miou_5", "point_miou_1_oracle", "box_miou", "amg_recall_0.5",
            "amg_recall_0.75", "amg_precision_0.5", "amg_precision_0.75", "amg_masks_per_image")
-# Settings that decide how or when a round runs, not what it makes: a cut round may be
-# resumed with other values (e.g. stop it at another step, on other hardware).
-RUN_CONTROL = (
-    "stage.retrain.stop_at_step", "stage.retrain.log_every", "stage.retrain.checkpoint_every",
-    "stage.retrain.keep_checkpoints", "stage.retrain.max_failures", "stage.retrain.use_gpu",
-    "stage.retrain.cpus_per_worker", "stage.retrain.bf16",
-    "stage.fully_auto.num_actors", "stage.fully_auto.cpus_per_actor", "stage.fully_auto.units_in_flight_per_actor",
-    "stage.fully_auto.prefetch", "stage.fully_auto.max_unit_retries", "stage.fully_auto.max_image_crashes",
-    "stage.fully_auto.placement_timeout_s", "stage.fully_auto.fault_injection",
-)
-
-
 def round_name(n: int) -> str:
     return f"round_{n:03d}"
-
-
-def _derive(cfg: DictConfig, sub: str, **values: Any) -> DictConfig:
-    """The root config with ``stage`` replaced by ``cfg.stage[sub]`` and ``values`` set
-    (dotted keys allowed), as if that stage had been run from the command line."""
-    derived = cfg.copy()
-    with open_dict(derived):
-        derived.stage = OmegaConf.to_container(cfg.stage[sub], resolve=False)
-        for key, value in values.items():
-            OmegaConf.update(derived, key, value, merge=False, force_add=True)
-    return derived
-
-
-class _Timing:
-    """Seconds per phase of one round, accumulated in ``timing.json`` across invocations
-    (a phase cut by a kill loses only the time of that attempt)."""
-
-    def __init__(self, round_dir: str):
-        self.url = storage.join(round_dir, TIMING_FILE)
-        self.seconds: dict[str, float] = storage.read_json(self.url) or {}
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 3)
-        storage.write_json(self.url, self.seconds)
 
 
 def kept_masks(dataset: str, min_predicted_iou: float, min_stability: float) -> tuple[int, int]:
@@ -98,28 +62,12 @@ def kept_masks(dataset: str, min_predicted_iou: float, min_stability: float) -> 
 def round_settings(cfg: DictConfig) -> dict[str, Any]:
     """What a round's result depends on besides its start model, as dotted keys: the
     pool, the model architecture, the generator and every sub-stage setting except
-    ``RUN_CONTROL`` and those the loop sets per round."""
+    ``compose.RUN_CONTROL`` and those the loop sets per round."""
     stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    flat = _flatten({"input": user_path(cfg.input), "model.arch": cfg.model.arch,
-                     "amg": OmegaConf.to_container(cfg.amg, resolve=True),
-                     "stage": {k: stage[k] for k in ("version_prefix", "fully_auto", "retrain", "eval")}})
-    per_round = ("stage.retrain.version", "stage.retrain.init_checkpoint")
-    return {k: v for k, v in flat.items() if not k.startswith(RUN_CONTROL + per_round)}
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    missing = object()
-    return [f"{k}: {before.get(k, missing)!r} then, {now.get(k, missing)!r} now".replace(repr(missing), "unset")
-            for k in sorted(set(before) | set(now)) if before.get(k, missing) != now.get(k, missing)]
+    return compose.settings({"input": user_path(cfg.input), "model.arch": cfg.model.arch,
+                             "amg": OmegaConf.to_container(cfg.amg, resolve=True),
+                             "stage": {k: stage[k] for k in ("version_prefix", "fully_auto", "retrain", "eval")}},
+                            per_run=("stage.retrain.version", "stage.retrain.init_checkpoint"))
 
 
 def _check_resume(cfg: DictConfig, output: str, start_model: str) -> None:
@@ -143,19 +91,18 @@ def _check_resume(cfg: DictConfig, output: str, start_model: str) -> None:
             now = {"from_model": model, "from_model_sha256": model_identity(model), **round_settings(cfg)}
             before = {"from_model": started["from_model"], "from_model_sha256": started["from_model_sha256"],
                       **started["settings"]}
-            differ = _differences(before, now)
+            differ = compose.differences(before, now)
             if differ:
-                shown = "; ".join(differ[:10]) + (f"; ... ({len(differ)} in all)" if len(differ) > 10 else "")
                 raise RuntimeError(
                     f"round {n} in {output} was cut short and started with other settings than this "
-                    f"run's: {shown}. Rerun with the settings it started with to finish it, or use "
+                    f"run's: {compose.shown(differ)}. Rerun with the settings it started with to finish it, or use "
                     "another output"
                 )
         return
 
 
 def _evaluate(cfg: DictConfig, model: str, out_dir: str) -> dict[str, Any]:
-    stage = _derive(cfg, "eval").stage
+    stage = compose.derive(cfg, "eval").stage
     arch = stage.arch or cfg.stage.retrain.arch
     return evaluate_model(arch, model, stage, cfg.amg, out_dir, device=cfg.model.device)
 
@@ -184,12 +131,12 @@ def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, An
         storage.write_json(storage.join(rdir, START_FILE), {
             "from_model": model, "from_model_sha256": model_identity(model), "settings": round_settings(cfg),
         })
-    timing = _Timing(rdir)
+    timing = compose.Timing(storage.join(rdir, TIMING_FILE))
     pool = user_path(cfg.input)
     log.info("round %d: fully_auto with %s over %s", n, model, pool)
 
     t0 = time.perf_counter()
-    annotated = fully_auto.run(_derive(cfg, "fully_auto", input=pool, output=dataset,
+    annotated = fully_auto.run(compose.derive(cfg, "fully_auto", input=pool, output=dataset,
                                        **{"model.checkpoint": model}))
     if annotated["units_committed"]:
         timing.add("fully_auto", time.perf_counter() - t0)
@@ -217,7 +164,7 @@ def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, An
         t0 = time.perf_counter()
         extra = OmegaConf.to_container(stage.retrain.data, resolve=True)["shards"] or []
         shards = [dataset, *(user_path(e) for e in ([extra] if isinstance(extra, str) else extra))]
-        trained = retrain.run(_derive(
+        trained = retrain.run(compose.derive(
             cfg, "retrain", output=output,
             **{"stage.version": version, "stage.init_checkpoint": model, "stage.data.shards": shards},
         ))
