@@ -1,0 +1,102 @@
+"""The three-stage data engine end to end at toy size: the annotation tool's real server
+and exported decoder driven by the simulated annotator, semi_auto's detector (Ray
+Train) and box prompts (Ray actors), the verifier, fully_auto, retrain between stages
+and the control; stopped mid-stage, refused with other settings, resumed to the end."""
+from __future__ import annotations
+
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import manifest
+from pipeline.dataset import iter_samples
+from pipeline.stages import run_stage
+from tests.conftest import REPO
+
+TOY = [
+    "model=vit_tiny", f"stage.init_checkpoint={REPO / 'models' / 'sam_vit_tiny_synthetic.pth'}",
+    "stage.scenes.size=[192,192]", "stage.scenes.assisted_manual=2", "stage.scenes.semi_auto=2",
+    "stage.scenes.fully_auto=2", "stage.annotator.max_clicks=3",
+    "stage.annotate.images_per_unit=1", "stage.semi_auto.images_per_unit=2", "stage.fully_auto.images_per_unit=2",
+    "amg.points_per_side=4",
+    # Two training steps of one small image per model.
+    "stage.retrain.steps=2", "stage.retrain.batch_size=1", "stage.retrain.checkpoint_every=1",
+    "stage.retrain.log_every=1", "stage.retrain.optim.warmup_steps=1", "stage.retrain.interactive.num_rounds=2",
+    "stage.retrain.interactive.num_rounds_without_point=1", "stage.retrain.interactive.loss_size=128",
+    "stage.retrain.data.max_masks_per_image=2",
+    # A two-step detector is unsure of everything: take its best boxes as they are.
+    "stage.semi_auto.detector.steps=2", "stage.semi_auto.detector.checkpoint_every=1",
+    "stage.semi_auto.detector.model.min_size=128", "stage.semi_auto.detector.model.max_size=128",
+    "stage.semi_auto.detector.data.synthetic.size=[192,192]",
+    "stage.semi_auto.prompt.min_box_score=0", "stage.semi_auto.prompt.max_boxes=4",
+    "stage.semi_auto.prompt.min_predicted_iou=0", "stage.semi_auto.prompt.min_stability=0",
+    "stage.eval.num_images=1", "stage.eval.size=[192,192]", "stage.eval.max_masks_per_image=4",
+    "stage.eval.amg.points_per_side=4",
+]
+
+
+def test_engine_runs_three_stages_stops_mid_stage_and_resumes(ray_local, compose_config, tmp_path):
+    out = tmp_path / "engine"
+    args = ["+stage=engine", f"output={out}", *TOY]
+
+    # 1. Stopped mid-stage: the annotator saves one of stage 1's two images, then stops.
+    cut = run_stage(compose_config(*args, "stage.stop_after_images=1"))
+    assert not cut["complete"] and [r["stage"] for r in cut["summary"]] == ["start"]
+    first = out / "stages" / "1_assisted_manual" / "dataset"
+    assert len(manifest.read_table(str(first))) == 1
+    assert not (out / "stages" / "1_assisted_manual" / "done.json").exists()
+    saved = [s.record for s in iter_samples(str(first), images=False)]
+    assert len(saved) == 1 and saved[0]["annotations"]
+
+    # 2. Other settings on a cut run are refused before any work, naming the difference.
+    with pytest.raises(RuntimeError, match=re.escape("stage.retrain.steps: 2 then, 3 now")):
+        run_stage(compose_config(*[a for a in args if not a.startswith("stage.retrain.steps")],
+                                 "stage.retrain.steps=3"))
+
+    # 3. The same command finishes every stage; the annotated image is not annotated again.
+    done = run_stage(compose_config(*args))
+    assert done["complete"], done
+    rows = {r["stage"]: r for r in done["summary"]}
+    assert list(rows) == ["start", "assisted_manual", "semi_auto", "fully_auto"]
+    assert len(manifest.read_table(str(first))) == 2
+    records = {s.key: s.record for s in iter_samples(str(first), images=False)}
+    assert len(records) == 2 and saved[0] in records.values()  # the first image's masks, unchanged
+
+    # Every figure of a row is there and computed from the data.
+    drawn = [a for r in records.values() for a in r["annotations"]]
+    assert rows["assisted_manual"]["images"] == 2
+    assert rows["assisted_manual"]["clicks_per_mask"] == pytest.approx(sum(a["clicks"] for a in drawn) / len(drawn))
+    assert all(a["provenance"] == "model_assisted" and 1 <= a["clicks"] <= 3 for a in drawn)
+    for name in ("assisted_manual", "semi_auto", "fully_auto"):
+        row = rows[name]
+        for key in ("masks_per_image", "label_miou", "point_miou_1", "box_miou", "control_point_miou_1",
+                    "control_box_miou", "model_s_per_mask"):
+            assert row[key] is not None and row[key] >= 0, (name, key)
+    semi = json.loads((out / "stages" / "2_semi_auto" / "done.json").read_text())
+    assert semi["prefilled"] > 0 and rows["semi_auto"]["prefilled_per_image"] == semi["prefilled"] / 2
+    decisions = pq.read_table(out / "stages" / "2_semi_auto" / "decisions.parquet").to_pylist()
+    assert len(decisions) == semi["prefilled"]
+    accepted = sum(d["decision"] == "accepted" for d in decisions)
+    assert accepted == semi["accepted_unchanged"] == semi["decisions"]["accepted"]
+    for name in ("semi_auto", "fully_auto"):
+        assert 0 <= rows[name]["automatic_recall_0.5"] <= 1 and 0 <= rows[name]["automatic_precision_0.5"] <= 1
+
+    # Models between stages: each from the one before; the control from the same start.
+    report = json.loads((out / "engine_report.json").read_text())
+    stages = report["rows"]
+    assert report["stages_done"] == 3 and [r["stage"] for r in stages][1:] == ["assisted_manual", "semi_auto",
+                                                                              "fully_auto"]
+    for before, after in zip(stages, stages[1:]):
+        assert after["from_model"] == before["model"]
+    assert stages[-1]["model"].endswith("engine_3/model.pth") and stages[-1]["control_model"].endswith(
+        "control_3/model.pth")
+    md = (out / "engine_report.md").read_text()
+    assert md.count("\n| ") == 5 and (out / "engine_report.png").stat().st_size > 1000
+
+    # 4. A third run does nothing again: no model retrained, the report unchanged.
+    models = {p.parent.name: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.pth")}
+    again = run_stage(compose_config(*args))
+    assert again["complete"] and again["summary"] == done["summary"]
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.pth")} == models
