@@ -32,6 +32,7 @@ TOY = [
     "stage.semi_auto.detector.data.synthetic.size=[192,192]",
     "stage.semi_auto.prompt.min_box_score=0", "stage.semi_auto.prompt.max_boxes=4",
     "stage.semi_auto.prompt.min_predicted_iou=0", "stage.semi_auto.prompt.min_stability=0",
+    "stage.verifier.synthetic.count=2", "stage.verifier.synthetic.size=[192,192]",
     "stage.eval.num_images=1", "stage.eval.size=[192,192]", "stage.eval.max_masks_per_image=4",
     "stage.eval.amg.points_per_side=4",
 ]
