@@ -239,8 +239,9 @@ class _Engine:
         t0 = time.perf_counter()
         filled = semi_auto.run(compose.derive(self.cfg, "semi_auto", input=pool["images"], output=queue,
                                               **{"model.checkpoint": self.model, "stage.masks": self.datasets[:-1]}))
-        if filled["units_committed"]:
-            timing.add("semi_auto", time.perf_counter() - t0)
+        if filled["units_committed"]:  # the detector's training apart from the pre-filling pass
+            timing.add("detector", time.perf_counter() - t0 - filled["wall_s"])
+            timing.add("semi_auto", filled["wall_s"])
         sources = {r["key"]: r["source"] for r in manifest.read_table(queue).to_pylist()}  # the pool's files
         self._annotate(queue, dataset, truth, timing, sources)
         decisions = storage.join(sdir, "decisions.parquet")
@@ -499,8 +500,8 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any]]] = [
 
 def _model_seconds_per_mask(row: dict[str, Any]) -> float | None:
     """Seconds the model spent per mask of the stage's dataset: the automatic pass
-    (semi_auto / fully_auto) plus the annotator's decoder time (the per-mask seconds the
-    annotation records carry)."""
+    (semi_auto's box-prompted pre-filling, fully_auto; training not counted) plus the
+    annotator's decoder time (the per-mask seconds the annotation records carry)."""
     if not row.get("masks"):
         return None
     automatic = sum(row["seconds"].get(k, 0.0) for k in ("semi_auto", "fully_auto"))
