@@ -216,20 +216,20 @@ def test_console_shows_each_progress_line_once_and_no_ray_noise(tmp_path, tiny_c
     (tmp_path / "data").mkdir()
     _write_shard(tmp_path / "data" / "sa_000000.tar", [5])
     command = [sys.executable, "-m", "pipeline.run", "+stage=retrain", "output=runs/r1", "stage.version=q",
-               "stage.steps=12", *TINY, "stage.checkpoint_every=6", "stage.eval.enabled=false",
+               "stage.steps=6", *TINY, "stage.checkpoint_every=3", "stage.eval.enabled=false",
                "cluster.num_cpus=1", "stage.init_checkpoint=models/start.pth", "stage.data.shards=data"]
     done = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
-    steps = re.findall(r"\[retrain\] step (\d+)/12 ", done.stdout)
-    assert steps == [str(i) for i in range(1, 13)], done.stdout[-3000:]
+    steps = re.findall(r"\[retrain\] step (\d+)/6 ", done.stdout)
+    assert steps == [str(i) for i in range(1, 7)], done.stdout[-3000:]
     assert "Failed to query Ray Train Controller" not in done.stdout
     registered = tmp_path / "runs" / "r1" / "models" / "q"
     config = yaml.safe_load((registered / "config.yaml").read_text())
     assert config["stage"]["init_checkpoint"] == str(tmp_path / "models" / "start.pth")
     assert json.loads((registered / "data.json").read_text())["shards"] == [str(tmp_path / "data" / "sa_000000.tar")]
     kept = sorted(p.name for p in (tmp_path / "runs" / "r1" / "train_runs" / "q").glob("checkpoint_0*"))
-    assert kept == ["checkpoint_00000006", "checkpoint_00000012"]
+    assert kept == ["checkpoint_00000003", "checkpoint_00000006"]
     assert all((tmp_path / "runs/r1/train_runs/q" / k / "complete.json").is_file() for k in kept)
 
 
