@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import storage
+from pipeline import registry, storage
 
 # Settings that decide how or when a sub-stage runs, not what it makes (matched by their
 # last dotted part): a cut run may be resumed with other values, e.g. on other hardware.
@@ -29,6 +29,16 @@ def derive(cfg: DictConfig, sub: str, **values: Any) -> DictConfig:
         for key, value in values.items():
             OmegaConf.update(derived, key, value, merge=False, force_add=True)
     return derived
+
+
+def start_model(cfg: DictConfig, output: str, stage: str) -> str:
+    """The model a composing stage starts from: ``stage.init_checkpoint`` (a path or a
+    version registered under ``output``), else ``model.checkpoint``."""
+    spec = cfg.stage.init_checkpoint if cfg.stage.init_checkpoint is not None else cfg.model.checkpoint
+    model = registry.resolve_model(spec, output, "start model")
+    if model is None:
+        raise ValueError(f"the {stage} needs a start model: stage.init_checkpoint=<path or registered version>")
+    return model
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

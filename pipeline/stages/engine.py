@@ -78,10 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if is_url(output):
         raise ValueError(f"output={output}: the engine's simulated annotator needs a local output folder")
     storage.writable(output)
-    spec = stage.init_checkpoint if stage.init_checkpoint is not None else cfg.model.checkpoint
-    start_model = registry.resolve_model(spec, output, "start model")
-    if start_model is None:
-        raise ValueError("the engine needs a start model: stage.init_checkpoint=<path or registered version>")
+    start_model = compose.start_model(cfg, output, "engine")
     _check_resume(cfg, output, start_model)
     pools = write_pools(output, stage.scenes)
 

@@ -236,10 +236,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.stage
     output = user_path(cfg.output)
     storage.writable(output)
-    spec = stage.init_checkpoint if stage.init_checkpoint is not None else cfg.model.checkpoint
-    start_model = registry.resolve_model(spec, output, "start model")
-    if start_model is None:
-        raise ValueError("the loop needs a start model: stage.init_checkpoint=<path or registered version>")
+    start_model = compose.start_model(cfg, output, "loop")
     _check_resume(cfg, output, start_model)
     storage.write_bytes(storage.join(output, "loop_config.yaml"), OmegaConf.to_yaml(cfg.stage, resolve=False).encode())
 
