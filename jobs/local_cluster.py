@@ -168,6 +168,10 @@ if __name__ == "__main__":
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=1, help="CPUs per node (ray start takes whole numbers)")
     args = parser.parse_args()
+    # Ctrl-C and `kill` both stop the nodes. A shell starts background jobs with SIGINT
+    # ignored, and Python keeps an inherited SIG_IGN: restore the default handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with LocalRayCluster(args.nodes, args.num_cpus) as cluster:
         print(f"Ray {args.nodes} nodes up: ray.init(address='{cluster.address}'); "
               f"python jobs/submit.py --address {cluster.dashboard} ...", flush=True)
