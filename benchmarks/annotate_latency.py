@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.annotate.app import build  # noqa: E402
-from pipeline.synthetic import make_scene  # noqa: E402
+from pipeline.truth.synthetic import make_scene  # noqa: E402
 
 
 def compose(overrides: list[str]):

@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline import manifest  # noqa: E402
-from pipeline.shards import iter_shard  # noqa: E402
-from pipeline.sources import enumerate_input  # noqa: E402
+from pipeline.dataset.shards import iter_shard  # noqa: E402
+from pipeline.inputs.entries import enumerate_input  # noqa: E402
 
 
 def write_images(folder: Path, start: int, count: int, rng: np.random.Generator) -> None:

@@ -28,8 +28,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.images import prepare_image  # noqa: E402
-from pipeline.model import build_generator  # noqa: E402
+from pipeline.inputs.images import prepare_image  # noqa: E402
+from pipeline.models.loader import build_generator  # noqa: E402
 from pipeline.stages import run_stage  # noqa: E402
 
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = """
 import sys
 sys.path.insert(0, sys.argv[2])
-from pipeline.images import prepare_image
+from pipeline.inputs.images import prepare_image
 def peak():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
@@ -58,7 +58,7 @@ def cases(width: int, height: int) -> dict[str, tuple[np.ndarray, str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="6000x4000", help="WIDTHxHEIGHT")
-    parser.add_argument("--code", default=str(REPO), help="checkout whose pipeline.images to measure")
+    parser.add_argument("--code", default=str(REPO), help="checkout whose pipeline.inputs.images to measure")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     print(f"prepare_image peak memory, {width}x{height} ({width * height / 1e6:.0f} Mpx), code: {args.code}")

@@ -3,7 +3,7 @@
     python benchmarks/prompt_stages.py refine [--scenes 24] [--sweep]
     python benchmarks/prompt_stages.py miou [--scenes 24]
 
-``refine``: boxes jittered the way a detector errs (pipeline.synthetic.detector_boxes:
+``refine``: boxes jittered the way a detector errs (pipeline.truth.synthetic.detector_boxes:
 shift, scale, loose, tight) prompt the model; each box is refined by its mask
 (sam_core.box_prompts.refine_boxes, the thresholds of conf/stage/box_prompts.yaml) and
 the box IoU with the true box is printed before and after, with the shares of boxes
@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.synthetic import DETECTOR_ERRORS, coco_instances, detector_boxes, make_scene, scene_seeds  # noqa: E402
+from pipeline.truth.synthetic import DETECTOR_ERRORS, coco_instances, detector_boxes, make_scene, scene_seeds  # noqa: E402
 
 MODEL = REPO / "models" / "sam_vit_tiny_512_synthetic.pth"
 ARCH = "vit_tiny_512"

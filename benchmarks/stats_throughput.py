@@ -26,7 +26,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.stats import image_mask_columns, shard_stats  # noqa: E402
+from pipeline.stats.tables import image_mask_columns, shard_stats  # noqa: E402
 
 HEIGHT, WIDTH = 1500, 2250
 

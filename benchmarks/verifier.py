@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/verifier.py [--train-scenes 30] [--test-scenes 20] [--points-per-side 16]
 
 With the shipped default model (conf/model/default.yaml) and its generator thresholds,
-the verifier is fitted (``pipeline.verifier.fit``: validation images inside the training
+the verifier is fitted (``pipeline.models.verifier.fit``: validation images inside the training
 scenes choose its threshold) on the masks of synthetic training scenes, labelled by the
 simulated annotator's rule (good: IoU with the truth >= 0.9). On held-out test scenes
 (the eval stage's), the generator's masks are then filtered two ways:
@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline import verifier  # noqa: E402
-from pipeline.model import build_generator  # noqa: E402
-from pipeline.synthetic import make_scene, scene_seeds  # noqa: E402
+from pipeline.models.loader import build_generator  # noqa: E402
+from pipeline.truth.synthetic import make_scene, scene_seeds  # noqa: E402
 from sam_core.metrics import amg_matches  # noqa: E402
 
 IOUS = (0.5, 0.75)

@@ -9,7 +9,7 @@
 The entry point is always ``python -m pipeline.run <overrides> cluster=existing``: the
 job's driver runs on the cluster and joins it with ``address: auto``. The address may
 also come from RAY_ADDRESS (as for the ``ray job`` CLI). The overrides are checked here
-before anything is submitted (``pipeline.config_guard``: no ``_target_`` outside the
+before anything is submitted (``pipeline.config.guard``: no ``_target_`` outside the
 allow-list, no config from outside conf/), and again by the entry point on the cluster.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def entrypoint(overrides: List[str]) -> str:
     """The driver command for a stage: the overrides, plus cluster=existing unless given.
 
     Raises SystemExit for a command line ``pipeline.run`` would refuse."""
-    from pipeline.config_guard import check_command_line
+    from pipeline.config.guard import check_command_line
 
     if not any(o.lstrip("+").startswith("stage=") for o in overrides):
         raise SystemExit("submit needs a stage, e.g. +stage=fully_auto")

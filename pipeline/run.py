@@ -3,7 +3,7 @@
 Only the command line lives here; nothing imports this module (stages are dispatched
 by ``pipeline.stages.run_stage``).
 
-The command line is checked (``pipeline.config_guard``) before ``hydra.main`` sees it:
+The command line is checked (``pipeline.config.guard``) before ``hydra.main`` sees it:
 Hydra configures logging and instantiates ``hydra.callbacks`` before the task function
 runs, so a check inside ``main`` would come too late.
 """
@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config_guard import ConfigRefused, check_command_line
+from pipeline.config.guard import ConfigRefused, check_command_line
 from pipeline.stages import run_stage
 
 log = logging.getLogger("pipeline")

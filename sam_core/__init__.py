@@ -15,8 +15,8 @@ from .build import (
     sam_model_registry,
 )
 from .checkpoint import CheckpointError, ChecksumError, checkpoint_sha256, load_checkpoint, read_state_dict
-from .inputs import as_rgb_uint8
 from .predictor import SamPredictor
+from .utils.inputs import as_rgb_uint8
 
 __all__ = [
     "AMG_PRESETS",

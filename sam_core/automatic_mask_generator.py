@@ -8,7 +8,7 @@ Deliberate differences, none of which change the returned masks:
     official uncompressed form, and converted to the requested output_mode at the end;
   * extra option ``max_mask_area_fraction`` drops masks covering at least that fraction
     of the image (SA-1B used 0.95); None (the default) keeps the official behaviour;
-  * the input image is validated and converted (see sam_core.inputs.as_rgb_uint8).
+  * the input image is validated and converted (see sam_core.utils.inputs.as_rgb_uint8).
 Extra option ``precision="bf16"`` (a fast path for GPUs, off by default) runs the image
 encoder under bfloat16 autocast; the mask decoder, whose outputs are thresholded
 (predicted IoU, stability, binarisation), stays in float32: with the decoder in bf16 too,
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torchvision.ops.boxes import batched_nms, box_area
 
-from .amg_utils import (
+from .modeling import Sam
+from .predictor import SamPredictor
+from .utils.amg import (
     MaskData,
     area_from_rle,
     batch_iterator,
@@ -43,9 +45,7 @@ from .amg_utils import (
     uncrop_masks,
     uncrop_points,
 )
-from .inputs import as_rgb_uint8
-from .modeling import Sam
-from .predictor import SamPredictor
+from .utils.inputs import as_rgb_uint8
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torchvision.ops import boxes as box_ops
 
-from .amg_utils import batched_mask_to_box, calculate_stability_score, encode_rle
 from .predictor import SamPredictor
+from .utils.amg import batched_mask_to_box, calculate_stability_score, encode_rle
 
 
 @dataclass

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sizes import ENCODER_SIZES
+
 OFFICIAL_CHECKPOINTS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
@@ -81,8 +83,6 @@ def describe_architecture(state: Dict[str, torch.Tensor]) -> str:
         return "no SAM image encoder (image_encoder.pos_embed is absent)"
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
     embed_dim, grid = pos.shape[-1], pos.shape[1]
-    from .build import ENCODER_SIZES  # local import: build imports this module
-
     same = [name for name, sizes in ENCODER_SIZES.items()
             if sizes["encoder_embed_dim"] == embed_dim and sizes["encoder_depth"] == depth]
     exact = [name for name in same if ENCODER_SIZES[name].get("image_size", 1024) // 16 == grid]

@@ -2,7 +2,7 @@
 of automatically generated masks against ground truth.
 
 Pure functions of masks and a predictor; nothing here reads files or knows where the
-ground truth came from (``pipeline.evaluation`` composes them into a report).
+ground truth came from (``pipeline.models.evaluation`` composes them into a report).
 """
 from __future__ import annotations
 

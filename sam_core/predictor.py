@@ -7,9 +7,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .inputs import as_rgb_uint8
 from .modeling import Sam
-from .transforms import ResizeLongestSide
+from .utils.inputs import as_rgb_uint8
+from .utils.transforms import ResizeLongestSide
 
 
 class SamPredictor:

@@ -1,6 +1,6 @@
 """The official ``segment_anything`` package as an oracle: its classes wired with the
 sizes of any sam_core architecture, and pairs of (official model, sam_core model) with
-identical random weights, for the parity tests. ``python -m sam_core.bench`` imports
+identical random weights, for the parity tests. ``python -m sam_core.tools.bench`` imports
 it only when it compares with the official generator."""
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from jobs.local_cluster import free_port
-from pipeline import manifest
 from pipeline.annotate.app import build
 from pipeline.annotate.embeddings import exported_decoder, load_sam
 from pipeline.annotate.queue import plan_queue
@@ -22,9 +21,10 @@ from pipeline.annotate.rle import counts_from_mask, mask_from_counts
 from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.simulated import SimulatedAnnotator, coco_truth, write_scenes
-from pipeline.dataset import iter_samples
-from pipeline.lease import LeaseHeld
-from pipeline.model import model_identity
+from pipeline.dataset import manifest
+from pipeline.dataset.lease import LeaseHeld
+from pipeline.dataset.listing import iter_samples
+from pipeline.models.loader import model_identity
 from pipeline.stages import run_stage
 
 from .dataset_factory import compose, make_dataset

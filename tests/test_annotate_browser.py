@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.annotate.simulated import Decoder, write_scenes
 from pipeline.clicks import next_click
-from pipeline.dataset import iter_samples
+from pipeline.dataset.listing import iter_samples
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")

@@ -15,11 +15,13 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from pipeline import dataset, manifest, paste, paste_plan, plan, shards
-from pipeline.images import prepare_image
-from pipeline.sources import read_item
+from pipeline.dataset import listing as dataset
+from pipeline.dataset import manifest, plan, shards
+from pipeline.inputs.entries import read_item
+from pipeline.inputs.images import prepare_image
+from pipeline.masks import paste, paste_plan
 from pipeline.stages import run_stage
-from pipeline.synthetic import CATEGORIES, make_scene, scene_seeds
+from pipeline.truth.synthetic import CATEGORIES, make_scene, scene_seeds
 from tests.test_box_prompts import kill_mid_run
 
 

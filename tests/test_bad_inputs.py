@@ -22,9 +22,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import manifest
-from pipeline.shards import iter_shard
-from pipeline.sources import Item, Unit, enumerate_input
+from pipeline.dataset import manifest
+from pipeline.dataset.shards import iter_shard
+from pipeline.inputs.entries import Item, Unit, enumerate_input
 from pipeline.stages import run_stage
 from tests.conftest import (
     SERIAL,
@@ -229,7 +229,7 @@ def test_every_kind_of_bad_or_unusual_input_gets_a_record_or_an_error_row(compos
     assert (by_source["large.jpg"]["width"], by_source["large.jpg"]["height"]) == (192, 128)
     assert errors["fifo.jpg"]["phase"] == "enumerate" and errors["link_outside.jpg"]["phase"] == "enumerate"
     # The privacy step blurred the face (x 37-95, y 25-83 at this size) before storing it.
-    from pipeline.images import prepare_image
+    from pipeline.inputs.images import prepare_image
 
     def detail(rgb: np.ndarray) -> float:
         return float(np.abs(np.diff(rgb[35:75, 45:85].astype(np.int16), axis=1)).mean())
@@ -256,7 +256,7 @@ class HangingFileSystem(fsspec.AbstractFileSystem):
 
 @pytest.fixture
 def annotator(tiny_checkpoint, tmp_path):
-    from pipeline.worker import UnitWorker
+    from pipeline.execution.worker import UnitWorker
 
     def make(**image_cfg):
         model = {"arch": "vit_tiny", "checkpoint": str(tiny_checkpoint), "device": "cpu"}

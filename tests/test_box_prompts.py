@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import box_files, manifest
-from pipeline.images import prepare_image
-from pipeline.sources import Entry, InputError
+from pipeline.dataset import manifest
+from pipeline.inputs import box_files
+from pipeline.inputs.entries import Entry, InputError
+from pipeline.inputs.images import prepare_image
 from pipeline.stages import run_stage
-from pipeline.synthetic import coco_instances, make_scene, scene_seeds
+from pipeline.truth.synthetic import coco_instances, make_scene, scene_seeds
 from sam_core import SamPredictor, sam_model_registry
 from sam_core.box_prompts import box_iou, predict_boxes, refine_boxes
 from tests.conftest import REPO, encode
@@ -316,7 +317,7 @@ def kill_mid_run(args: list[str], out: Path, tmp_path: Path, condition) -> None:
 
 
 def _records(out: Path) -> list[dict]:
-    from pipeline.dataset import iter_samples
+    from pipeline.dataset.listing import iter_samples
 
     return [s.record for s in iter_samples(str(out), images=False)]
 
@@ -351,7 +352,7 @@ def test_refinement_with_the_shipped_model_improves_loose_and_shifted_boxes():
     a detector errs, refined with the shipped thresholds."""
     from omegaconf import OmegaConf
 
-    from pipeline.synthetic import detector_boxes
+    from pipeline.truth.synthetic import detector_boxes
 
     conf = OmegaConf.load(REPO / "conf" / "stage" / "box_prompts.yaml").refine
     predictor = SamPredictor(sam_model_registry["vit_tiny_512"](checkpoint=str(DEFAULT_MODEL)).eval())
@@ -379,8 +380,8 @@ def test_refinement_with_the_shipped_model_improves_loose_and_shifted_boxes():
 def test_box_source_maps_boxes_and_keypoints_into_the_resized_image(tmp_path, tiny_checkpoint):
     """The worker's mask source, without Ray: keypoints become points of the stored
     (resized) image, a box outside the image makes no mask, a clipped one does."""
-    from pipeline.mask_sources import build
-    from pipeline.sources import Item
+    from pipeline.inputs.entries import Item
+    from pipeline.masks.sources import build
 
     coco = {"images": [{"id": 1, "file_name": "a.png", "width": 128, "height": 96},
                        {"id": 2, "file_name": "b.png", "width": 50, "height": 50}],

@@ -216,8 +216,9 @@ def test_readme_cluster_walkthrough_as_written(tmp_path):
         # not for the cluster's 2 CPUs, which no node has.
         gcs = re.search(r"address='([^']+)'", hint).group(1)
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys, ray; from omegaconf import OmegaConf; from pipeline.cluster import "
-             "pool_size; ray.init(address=sys.argv[1], log_to_driver=False); size = pool_size(OmegaConf.create("
+            [sys.executable, "-c", "import sys, ray; from omegaconf import OmegaConf; "
+             "from pipeline.execution.cluster import pool_size; "
+             "ray.init(address=sys.argv[1], log_to_driver=False); size = pool_size(OmegaConf.create("
              "{'num_actors': None, 'cpus_per_actor': 1}), 1); print('pool', size.actors, size.num_cpus)", gcs],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )
@@ -239,8 +240,8 @@ class _Idle:
 
 
 def test_no_placeable_actor_fails_with_a_clear_error_instead_of_hanging(ray_local):
-    from pipeline.scheduler import PlacementError, UnitScheduler
-    from pipeline.sources import Item, Unit
+    from pipeline.execution.scheduler import PlacementError, UnitScheduler
+    from pipeline.inputs.entries import Item, Unit
 
     # Asks for a resource no node has, as a replacement does whose node is gone.
     remote = ray_local.remote(_Idle).options(num_cpus=0, resources={"lost_node": 1})

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.config_guard import ConfigRefused, check_command_line, check_config
+from pipeline.config.guard import ConfigRefused, check_command_line, check_config
 from pipeline.stages import STAGES, run_stage
 
 from .dataset_factory import REPO, compose, make_dataset

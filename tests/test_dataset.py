@@ -1,4 +1,4 @@
-"""Every reader lists committed units through pipeline.dataset and reads only what it uses."""
+"""Every reader lists committed units through pipeline.dataset.listing and reads only what it uses."""
 from __future__ import annotations
 
 import io
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import dataset, manifest
-from pipeline.shards import ShardWriter, iter_shard, shard_name
+from pipeline.dataset import listing as dataset
+from pipeline.dataset import manifest
+from pipeline.dataset.shards import ShardWriter, iter_shard, shard_name
 from pipeline.stages import run_stage
 
 MARKER = "pwned.txt"
@@ -54,8 +55,8 @@ def test_reading_a_hostile_shard_executes_nothing(generated_sample, tmp_path):
     assert [s.key for s in samples] == ["sa_1"] and samples[0].record == record
     assert not marker.exists()
     # Retrain, eval and loop read shards as training data and ground truth.
-    from pipeline.ground_truth import ShardMasks
     from pipeline.stages import loop
+    from pipeline.truth.ground_truth import ShardMasks
 
     assert len(list(ShardMasks([str(shard)]))) == 1
     assert loop.kept_masks(shard, 0.0, 0.0) == (1, 1)

@@ -10,7 +10,7 @@ from PIL import Image
 
 import sam_core
 from pipeline.stages import run_stage
-from sam_core.bench import mask_parity
+from sam_core.tools.bench import mask_parity
 from tests.conftest import REPO
 from tests.sam_reference import official_sam
 from tests.test_fully_auto import check_dataset

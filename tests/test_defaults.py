@@ -7,9 +7,9 @@ import inspect
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.images import READ_LIMITS, prepare_image
-from pipeline.scheduler import UnitScheduler
-from pipeline.worker import UnitWorker
+from pipeline.execution.scheduler import UnitScheduler
+from pipeline.execution.worker import UnitWorker
+from pipeline.inputs.images import READ_LIMITS, prepare_image
 
 
 def defaults(function) -> dict:

@@ -14,10 +14,10 @@ import torchvision
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import detector
-from pipeline.shards import ShardWriter, sa1b_record
+from pipeline.dataset.shards import ShardWriter, sa1b_record
+from pipeline.models import detector
 from pipeline.stages import run_stage
-from pipeline.synthetic import make_scene
+from pipeline.truth.synthetic import make_scene
 
 SIZE = (128, 128)
 TINY = [

@@ -10,8 +10,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import manifest
-from pipeline.dataset import iter_samples
+from pipeline.dataset import manifest
+from pipeline.dataset.listing import iter_samples
 from pipeline.stages import run_stage
 from tests.conftest import REPO
 
@@ -114,7 +114,7 @@ def test_pools_and_the_controls_truth_are_written_once_and_load_in_pycocotools(t
     from pycocotools.coco import COCO
 
     from pipeline.stages.engine import STAGES, Truth, write_pools
-    from pipeline.synthetic import make_scene
+    from pipeline.truth.synthetic import make_scene
 
     scenes = OmegaConf.create({"size": [64, 80], "seed_start": 700000, "assisted_manual": 2, "semi_auto": 1,
                                "fully_auto": 3})

@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import isolated, lease, manifest, plan, storage
-from pipeline.lease import Lease, LeaseHeld, LeaseLost
-from pipeline.plan import PlanError
-from pipeline.provenance import ConfigMismatch
-from pipeline.sources import enumerate_input
+from pipeline import storage
+from pipeline.dataset import isolated, lease, manifest, plan
+from pipeline.dataset.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.dataset.plan import PlanError
+from pipeline.dataset.provenance import ConfigMismatch
+from pipeline.inputs.entries import enumerate_input
 from pipeline.stages import run_stage
 from tests.conftest import encode, scene
 from tests.test_fully_auto import check_dataset, overrides
@@ -129,7 +130,7 @@ def test_a_resumed_run_with_other_settings_or_another_model_is_refused(
 
 
 def test_each_worker_verifies_the_checkpoint_it_loads(tmp_path, tiny_checkpoint):
-    from pipeline.worker import UnitWorker
+    from pipeline.execution.worker import UnitWorker
     from sam_core import ChecksumError, checkpoint_sha256
 
     spec = {"kind": "grid", "model": {"arch": "vit_tiny", "checkpoint": str(tiny_checkpoint), "device": "cpu"},
@@ -206,7 +207,7 @@ def test_a_second_run_on_a_live_output_stops_and_touches_nothing(compose_config,
 
 
 def test_a_worker_that_lost_the_lease_commits_nothing(tmp_path, tiny_checkpoint):
-    from pipeline.worker import UnitWorker
+    from pipeline.execution.worker import UnitWorker
 
     inp = photos(tmp_path / "images", ["a.jpg"])
     out = str(tmp_path / "out")

@@ -1,4 +1,4 @@
-"""The ONNX decoder (sam_core.onnx) against the PyTorch predictor, with onnxruntime.
+"""The ONNX decoder (sam_core.utils.onnx) against the PyTorch predictor, with onnxruntime.
 
 Masks must agree on at least 99.9% of pixels and IoU predictions within 1e-3, for
 points, boxes, mask inputs and several prompt counts; on random weights and on the
@@ -13,10 +13,10 @@ import onnxruntime
 import pytest
 import torch
 
-from pipeline.synthetic import make_scene
+from pipeline.truth.synthetic import make_scene
 from sam_core import SamPredictor, sam_model_registry
-from sam_core.export_onnx import main as export_main
-from sam_core.onnx import LOW_RES_INPUT_NAMES, upscale_low_res
+from sam_core.tools.export_onnx import main as export_main
+from sam_core.utils.onnx import LOW_RES_INPUT_NAMES, upscale_low_res
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "sam_vit_tiny_512_synthetic.pth"

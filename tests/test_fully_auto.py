@@ -19,9 +19,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline import manifest
-from pipeline.shards import iter_shard
-from pipeline.sources import InputError, enumerate_input
+from pipeline.dataset import manifest
+from pipeline.dataset.shards import iter_shard
+from pipeline.inputs.entries import InputError, enumerate_input
 from pipeline.stages import run_stage
 from tests.conftest import REPO, bad_corpus, encode, good_corpus, scene
 
@@ -259,8 +259,8 @@ def test_sigkill_of_a_worker_then_of_the_driver_then_rerun_gives_every_image_onc
 def test_progress_is_batched_and_adds_up(compose_config, image_folder, tmp_path, tiny_checkpoint, monkeypatch, careful):
     """Progress messages sum to the unit's summary; normal tries batch them (one message
     per image cost as much as a small model), careful tries report every image."""
-    from pipeline import plan
-    from pipeline import worker as worker_module
+    from pipeline.dataset import plan
+    from pipeline.execution import worker as worker_module
 
     inp = image_folder(with_bad=True)
     out = str(tmp_path / "out")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import manifest
+from pipeline.dataset import manifest
 from pipeline.stages import run_stage
 
 from .dataset_factory import compose, make_dataset, write_shard

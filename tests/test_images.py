@@ -1,4 +1,4 @@
-"""pipeline.images: every conversion of the corpus, and every refusal with its reason."""
+"""pipeline.inputs.images: every conversion of the corpus, and every refusal with its reason."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageError, prepare_image
+from pipeline.inputs.images import ImageError, prepare_image
 from tests.conftest import bad_corpus, encode, good_corpus, png_header_only, scene
 
 
@@ -159,7 +159,7 @@ def test_metadata_of_other_formats_is_not_carried_into_the_stored_jpeg(fmt):
     ids=["progressive", "restart-markers", "4:4:4", "optimised"],
 )
 def test_metadata_strip_is_lossless_for_every_kind_of_jpeg_stream(params):
-    from pipeline.images import strip_jpeg_metadata
+    from pipeline.inputs.images import strip_jpeg_metadata
     from tests.conftest import SERIAL
 
     image = Image.fromarray(scene(96, 64, 5))
@@ -172,7 +172,7 @@ def test_metadata_strip_is_lossless_for_every_kind_of_jpeg_stream(params):
 
 
 def test_a_jpeg_stream_the_stripper_cannot_follow_is_re_encoded():
-    from pipeline.images import strip_jpeg_metadata
+    from pipeline.inputs.images import strip_jpeg_metadata
 
     data = good_corpus()["plain.jpg"]
     assert strip_jpeg_metadata(data[:-2]) is None  # no end marker

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.stages import run_stage
-from pipeline.synthetic import make_scene
+from pipeline.truth.synthetic import make_scene
 
 # Sub-stage settings small enough for a CPU test: a 4x4 point grid, 2 training steps
 # of 1 image, one held-out image. The random start model predicts low IoUs, so the
@@ -156,8 +156,8 @@ def test_training_batches_skip_images_without_masks():
     """A round whose model kept no mask on an image still trains on the other images."""
     import numpy as np
 
-    from pipeline.ground_truth import GroundTruth
     from pipeline.training.stream import to_batch
+    from pipeline.truth.ground_truth import GroundTruth
 
     scene = make_scene(3, size=(96, 128))
     empty = GroundTruth("empty", scene.image, np.zeros((0, 96, 128), bool))
@@ -171,8 +171,8 @@ def test_training_batches_skip_images_without_masks():
 def test_generated_masks_train_the_iou_head_only_if_configured():
     import numpy as np
 
-    from pipeline.ground_truth import GroundTruth
     from pipeline.training.stream import to_batch
+    from pipeline.truth.ground_truth import GroundTruth
 
     scene = make_scene(3, size=(96, 128))
     labeled = GroundTruth("labeled", scene.image, scene.masks)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.stages import run_stage
-from pipeline.synthetic import make_scene
+from pipeline.truth.synthetic import make_scene
 from tests.test_loop import TINY as LOOP_TINY
 from tests.test_retrain import TINY as RETRAIN_TINY
 from tests.test_retrain import _write_shard
@@ -124,7 +124,7 @@ def test_loop_on_s3(bucket, tmp_path, tiny_checkpoint):
     import pyarrow.parquet as pq
     import s3fs
 
-    from pipeline.model import model_identity
+    from pipeline.models.loader import model_identity
 
     manifest = pq.read_table(f"{b}/loop/rounds/round_001/dataset/manifest", filesystem=s3fs.S3FileSystem())
     assert set(manifest.column("model_sha256").to_pylist()) == {model_identity(str(tiny_checkpoint))}

@@ -19,12 +19,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import sam_core
-from pipeline.ground_truth import CocoInstances, ShardMasks
+from pipeline.dataset.shards import ShardWriter, sa1b_record
 from pipeline.paths import PROJECT_ROOT
-from pipeline.shards import ShardWriter, sa1b_record
 from pipeline.stages import run_stage
-from pipeline.synthetic import make_scene
 from pipeline.training.optim import lr_factor
+from pipeline.truth.ground_truth import CocoInstances, ShardMasks
+from pipeline.truth.synthetic import make_scene
 from sam_core.metrics import amg_matches, next_click, resolution_ceiling
 
 TINY = [
@@ -253,7 +253,7 @@ def test_checkpoints_are_trusted_only_when_marked_complete(tmp_path):
 def test_registered_config_is_read_without_resolvers(tmp_path, monkeypatch):
     """A version's config.yaml is data: an interpolation in it is not resolved (it could
     read the environment), and only a plain architecture name is taken from it."""
-    from pipeline import registry
+    from pipeline.models import registry
 
     monkeypatch.setenv("SECRET_FOR_TEST", "vit_tiny")
     version = tmp_path / "models" / "v001"
@@ -264,7 +264,7 @@ def test_registered_config_is_read_without_resolvers(tmp_path, monkeypatch):
     checkpoint = registry.resolve_model("v001", str(tmp_path))
     assert checkpoint == str(version / "model.pth")
     assert registry.registered_arch(checkpoint) == "${oc.env:SECRET_FOR_TEST}"
-    from pipeline.model import load_sam
+    from pipeline.models.loader import load_sam
 
     with pytest.raises(ValueError, match="unknown model.arch"):
         load_sam({"arch": registry.registered_arch(checkpoint), "checkpoint": checkpoint})

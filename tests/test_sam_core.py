@@ -15,7 +15,7 @@ from sam_core import (
     as_rgb_uint8,
     sam_model_registry,
 )
-from sam_core.amg_utils import area_from_rle, decode_rle, encode_rle, run_lengths, uncompressed_rle
+from sam_core.utils.amg import area_from_rle, decode_rle, encode_rle, run_lengths, uncompressed_rle
 
 from .sam_reference import model_pair, reference_sam, scene_image
 
@@ -223,7 +223,7 @@ def test_generator_presets_agree_with_the_amg_configs(preset, compose_config):
     signature = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     library = {k: p.default for k, p in signature.items() if k not in ("self", "model", "output_mode")}
     library.update(AMG_PRESETS[preset])
-    from pipeline.model import PIPELINE_AMG_KEYS  # the mask verifier's keys: not the generator's
+    from pipeline.models.loader import PIPELINE_AMG_KEYS  # the mask verifier's keys: not the generator's
 
     conf = dict(compose_config("+stage=fully_auto", "output=/x", "model=vit_h", f"amg={preset}").amg)
     assert set(PIPELINE_AMG_KEYS) <= conf.keys()

@@ -11,13 +11,14 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import detector, manifest
-from pipeline.images import prepare_image
-from pipeline.mask_sources import DetectorSource
-from pipeline.shards import iter_shard
-from pipeline.sources import InputError
+from pipeline.dataset import manifest
+from pipeline.dataset.shards import iter_shard
+from pipeline.inputs.entries import InputError
+from pipeline.inputs.images import prepare_image
+from pipeline.masks.sources import DetectorSource
+from pipeline.models import detector
 from pipeline.stages import run_stage
-from pipeline.synthetic import make_scene, scene_seeds
+from pipeline.truth.synthetic import make_scene, scene_seeds
 from tests.conftest import REPO
 from tests.test_detector import SIZE, write_dataset
 

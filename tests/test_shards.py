@@ -1,4 +1,4 @@
-"""pipeline.shards and pipeline.manifest: SA-1B records from the real generator, tars
+"""pipeline.dataset.shards and pipeline.dataset.manifest: SA-1B records from the real generator, tars
 read back with webdataset, tarfile, Ray Data and pycocotools, atomic commits."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from pipeline import manifest
-from pipeline.model import build_generator
-from pipeline.shards import ShardWriter, annotation_id, iter_shard, sa1b_record
+from pipeline.dataset import manifest
+from pipeline.dataset.shards import ShardWriter, annotation_id, iter_shard, sa1b_record
+from pipeline.models.loader import build_generator
 from tests.conftest import encode, scene
 
 AMG = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}

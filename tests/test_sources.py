@@ -1,4 +1,4 @@
-"""pipeline.sources: every kind of input, deterministic names, clear refusals."""
+"""pipeline.inputs.entries: every kind of input, deterministic names, clear refusals."""
 from __future__ import annotations
 
 import fsspec
@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.sources import InputError, enumerate_input, read_item
+from pipeline.inputs.entries import InputError, enumerate_input, read_item
 from tests.conftest import good_corpus
 
 
@@ -146,7 +146,7 @@ def test_special_files_become_items_with_a_problem_and_are_never_opened(tmp_path
 def test_read_item_refuses_a_fifo_swapped_in_after_enumeration(tmp_path):
     import os
 
-    from pipeline.sources import ReadRefused
+    from pipeline.inputs.entries import ReadRefused
 
     (tmp_path / "x.jpg").write_bytes(good_corpus()["plain.jpg"])
     (item,) = enumerate_input(str(tmp_path / "x.jpg"))
@@ -171,7 +171,7 @@ def test_symlinks_out_of_the_input_are_refused_unless_followed(tmp_path, caplog)
     (root / "linked_in").symlink_to(root / "sub")
     (root / "sub" / "loop").symlink_to(root)
 
-    with caplog.at_level("INFO", logger="pipeline.sources"):
+    with caplog.at_level("INFO", logger="pipeline.inputs.entries"):
         items = {i.source.rsplit("/", 1)[-1]: i for i in enumerate_input(str(root))}
     assert set(items) == {"real.jpg", "out.jpg", "in.jpg", "gone.jpg"}  # no folder listed twice
     assert items["in.jpg"].problem is None and read_item(items["in.jpg"]) == plain
@@ -218,7 +218,7 @@ def test_a_folder_named_like_a_glob_is_a_folder(tmp_path, caplog):
     root.mkdir()
     (root / "x.jpg").write_bytes(good_corpus()["plain.jpg"])
     (root / "notes.txt").write_text("not an image")
-    with caplog.at_level("INFO", logger="pipeline.sources"):
+    with caplog.at_level("INFO", logger="pipeline.inputs.entries"):
         (item,) = enumerate_input(str(root))
     assert item.source == f"{root}/x.jpg"
     assert ".txt (1)" in caplog.text  # what was skipped is said
@@ -311,7 +311,7 @@ def test_a_parquet_list_needs_a_column_of_strings(tmp_path):
 
 
 def test_read_item_refuses_files_over_the_size_limit_before_reading_them(tmp_path):
-    from pipeline.sources import ReadRefused
+    from pipeline.inputs.entries import ReadRefused
 
     (tmp_path / "x.jpg").write_bytes(good_corpus()["plain.jpg"])
     (item,) = enumerate_input(str(tmp_path / "x.jpg"))

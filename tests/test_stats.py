@@ -21,9 +21,9 @@ import pytest
 import yaml
 from scipy.spatial import ConvexHull
 
-from pipeline.dataset import committed_shards
+from pipeline.dataset.listing import committed_shards
 from pipeline.stages import run_stage
-from pipeline.stats import SIZE_BIN_EDGES, concavity, shard_stats
+from pipeline.stats.tables import SIZE_BIN_EDGES, concavity, shard_stats
 
 from .dataset_factory import MODEL_SHA256, REPO, compose, make_dataset
 
@@ -121,7 +121,7 @@ def test_summary_matches_independent_counts(stats_run):
     dataset, summary = stats_run
     counts = np.array([len(s.masks) for s in dataset.samples])
     expected_bins = [np.mean(counts <= 10), np.mean((counts > 10) & (counts <= 50)), 0, 0, 0]
-    from pipeline.stats import summarize
+    from pipeline.stats.tables import summarize
 
     full = summarize(dataset.root / "stats")
     assert full["images"] == summary["images"] == len(dataset.samples)

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.synthetic import KINDS, TEST_SEED_OFFSET, SceneConfig, make_scene, scene_seeds
+from pipeline.truth.synthetic import KINDS, TEST_SEED_OFFSET, SceneConfig, make_scene, scene_seeds
 
 SEEDS = range(40)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.synthetic import make_scene
+from pipeline.truth.synthetic import make_scene
 from sam_core import sam_model_registry
 from sam_core.training import (
     InteractiveConfig,

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import verifier
-from pipeline.model import build_generator
-from pipeline.provenance import ConfigMismatch
-from pipeline.shards import iter_shard
+from pipeline.dataset.provenance import ConfigMismatch
+from pipeline.dataset.shards import iter_shard
+from pipeline.models import verifier
+from pipeline.models.loader import build_generator
 from pipeline.stages import run_stage
-from pipeline.synthetic import iter_scenes, make_scene, scene_seeds
+from pipeline.truth.synthetic import iter_scenes, make_scene, scene_seeds
 from tests.conftest import REPO
 
 # The shipped 256-px model with its shipped thresholds (model=vit_tiny): fast enough for

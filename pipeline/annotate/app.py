@@ -15,10 +15,10 @@ from pipeline.annotate.queue import plan_queue
 from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.store import WORK_DIR
-from pipeline.lease import Lease
-from pipeline.model import model_identity
+from pipeline.dataset.lease import Lease
+from pipeline.dataset.provenance import code_version
+from pipeline.models.loader import model_identity
 from pipeline.paths import is_url, user_path
-from pipeline.provenance import code_version
 
 
 @dataclass

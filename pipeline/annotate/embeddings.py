@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 import sam_core
-from pipeline.images import PreparedImage
-from pipeline.model import RANDOM_WEIGHTS, resolve_device
-from sam_core.onnx import export
+from pipeline.inputs.images import PreparedImage
+from pipeline.models.loader import RANDOM_WEIGHTS, resolve_device
+from sam_core.utils.onnx import export
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 leases that keep two annotators off the same image.
 
 ``plan_queue`` is the one place that decides the images, their ids and their units: the
-output's recorded plan (``pipeline.plan``), as fully_auto's. ``Leases`` here are per
+output's recorded plan (``pipeline.dataset.plan``), as fully_auto's. ``Leases`` here are per
 image, between annotators of one server; the output itself is held by the server's
-run through ``pipeline.lease`` (one writer per output).
+run through ``pipeline.dataset.lease`` (one writer per output).
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline import dataset, plan, shards, storage
-from pipeline.sources import Item, enumerate_input
+from pipeline import storage
+from pipeline.dataset import listing as dataset
+from pipeline.dataset import plan, shards
+from pipeline.inputs.entries import Item, enumerate_input
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Plan:
 def plan_queue(input_spec: str, output: str, images_per_unit: int, prefill: bool = True) -> Plan:
     """The images of ``input_spec`` as a queue of units of ``images_per_unit``.
 
-    Inputs are what ``pipeline.sources.enumerate_input`` accepts; a dataset written by
+    Inputs are what ``pipeline.inputs.entries.enumerate_input`` accepts; a dataset written by
     this project counts by its committed shards only. Ids, keys (``sa_<image_id>``) and
     units come from the output's plan, recorded at the first start and extended with new
     inputs later (an input named ``sa_<n>.jpg``, e.g. from an SA-1B-style dataset, keeps

@@ -11,13 +11,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import manifest, storage
+from pipeline import storage
 from pipeline.annotate.embeddings import ImageModel
 from pipeline.annotate.queue import Entry, Leases, Plan
 from pipeline.annotate.rle import RleError, compressed_rle, uncompressed_counts
 from pipeline.annotate.store import AUTOMATIC, WORK_DIR, ImageState, Store
-from pipeline.images import ImageError, PreparedImage, prepare_image, split_image_cfg
-from pipeline.sources import ReadRefused, read_item
+from pipeline.dataset import manifest
+from pipeline.inputs.entries import ReadRefused, read_item
+from pipeline.inputs.images import ImageError, PreparedImage, prepare_image, split_image_cfg
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Session:
     image_cfg: keyword arguments of ``prepare_image``, plus ``max_file_bytes`` for
     ``read_item``. lookahead: images embedded ahead
     of the one an annotator opens. check_output_lease: raises when this run no longer
-    holds the output (``pipeline.lease.Lease.check``), called before each commit.
+    holds the output (``pipeline.dataset.lease.Lease.check``), called before each commit.
     """
 
     def __init__(

@@ -34,8 +34,8 @@ from pycocotools import mask as mask_utils
 
 from pipeline.annotate.rle import counts_from_mask, mask_from_counts
 from pipeline.clicks import mask_iou, next_click
-from sam_core.onnx import upscale_low_res
-from sam_core.transforms import ResizeLongestSide
+from sam_core.utils.onnx import upscale_low_res
+from sam_core.utils.transforms import ResizeLongestSide
 
 Truth = Callable[[dict[str, Any]], "np.ndarray | None"]  # image view -> N x H x W bool
 
@@ -239,7 +239,7 @@ def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = 
     instances JSON; returns the JSON's path."""
     from PIL import Image
 
-    from pipeline.synthetic import make_scene, scene_seeds
+    from pipeline.truth.synthetic import make_scene, scene_seeds
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 from pycocotools import mask as mask_utils
 
-from pipeline import manifest, shards, storage
+from pipeline import storage
 from pipeline.annotate.queue import Entry
-from pipeline.images import PreparedImage
+from pipeline.dataset import manifest, shards
+from pipeline.inputs.images import PreparedImage
 
 log = logging.getLogger(__name__)
 

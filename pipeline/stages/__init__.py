@@ -1,7 +1,7 @@
 """One module per stage; each exposes ``run(cfg) -> dict`` (a summary).
 
 Stages are looked up in this allow-list, never imported from a name taken verbatim
-from the config, and every configuration is checked by ``pipeline.config_guard``
+from the config, and every configuration is checked by ``pipeline.config.guard``
 before a stage runs, so a config cannot make us execute arbitrary code.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config_guard import check_config
+from pipeline.config.guard import check_config
 from pipeline.paths import PROJECT_ROOT
 
 STAGES = {

@@ -4,10 +4,10 @@ dataset of backgrounds with objects pasted onto them.
     python -m pipeline.run +stage=augment input=<dataset> output=<dataset> [stage.backgrounds=<images>]
 
 The paste plan (which objects onto which background, balanced by category:
-``pipeline.paste_plan``) is made at the first start and recorded in the output with the
+``pipeline.masks.paste_plan``) is made at the first start and recorded in the output with the
 input's categories; each output image is then made by the worker's ``paste`` mask source
-(``pipeline.paste``: transform, blend, occlusion), the way every annotating stage runs
-(``pipeline.driver``: lease, identity check, plan, exactly once). The summary adds the
+(``pipeline.masks.paste``: transform, blend, occlusion), the way every annotating stage runs
+(``pipeline.execution.driver``: lease, identity check, plan, exactly once). The summary adds the
 category histogram against the requested balance; ``<output>/augment_preview.jpg`` shows
 the first images with pasted objects outlined. COCO: ``+stage=export_coco input=<output>``.
 """
@@ -19,8 +19,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import dataset, driver, manifest, paste, paste_plan, storage
-from pipeline.plan import Plan
+from pipeline import storage
+from pipeline.dataset import listing as dataset
+from pipeline.dataset import manifest
+from pipeline.dataset.plan import Plan
+from pipeline.execution import driver
+from pipeline.masks import paste, paste_plan
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ PREVIEW_FILE = "augment_preview.jpg"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs the stage; returns the summary of ``pipeline.driver.run`` plus ``augment``
+    """Runs the stage; returns the summary of ``pipeline.execution.driver.run`` plus ``augment``
     (see ``report``)."""
     cfg = driver.resolve_paths(cfg, "stage.backgrounds")
     stage, output, source = cfg.stage, str(cfg.output), str(cfg.input)

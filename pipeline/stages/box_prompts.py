@@ -5,11 +5,11 @@
 (a box file: a COCO instances JSON, a YOLO labels folder or a Parquet table.)
 
 The box file is read and matched to the input's images on the driver
-(``pipeline.box_files``: the matching rule and what is reported), recorded in the output
+(``pipeline.inputs.box_files``: the matching rule and what is reported), recorded in the output
 (``boxes.parquet``, ``categories.json``), and every named image is annotated the way
-every annotating stage runs (``pipeline.driver``: lease, identity check, plan, exactly
+every annotating stage runs (``pipeline.execution.driver``: lease, identity check, plan, exactly
 once): one image embedding per image, all its boxes in one decoder batch
-(``pipeline.mask_sources.BoxSource``), optionally refined (``stage.refine_boxes``).
+(``pipeline.masks.sources.BoxSource``), optionally refined (``stage.refine_boxes``).
 Each mask record carries its box's category, score and the box used. The COCO JSON of
 the result comes from ``+stage=export_coco input=<dataset>`` (categories included).
 
@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import box_files, dataset, driver, manifest, plan
-from pipeline.model import model_identity
-from pipeline.sources import InputError
+from pipeline.dataset import listing as dataset
+from pipeline.dataset import manifest, plan
+from pipeline.execution import driver
+from pipeline.inputs import box_files
+from pipeline.inputs.entries import InputError
+from pipeline.models.loader import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ EXAMPLES = 5
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs the stage; returns the summary of ``pipeline.driver.run`` plus ``boxes``
+    """Runs the stage; returns the summary of ``pipeline.execution.driver.run`` plus ``boxes``
     (the matching and the masks made, see ``report``)."""
     cfg = driver.resolve_paths(cfg, "stage.boxes")
     if not cfg.stage.boxes:
@@ -54,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise InputError(
             f"stage.boxes={cfg.stage.boxes} names none of the {len(entries)} images of input={cfg.input} "
             f"(it names e.g. {matching.missing[:EXAMPLES]}; the input has e.g. "
-            f"{[e.name for e in entries[:EXAMPLES]]}): see pipeline/box_files.py for the matching rule"
+            f"{[e.name for e in entries[:EXAMPLES]]}): see pipeline/inputs/box_files.py for the matching rule"
         )
     model_sha256 = model_identity(cfg.model.checkpoint)
     container = OmegaConf.to_container(cfg, resolve=True)

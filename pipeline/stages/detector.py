@@ -3,8 +3,8 @@ stage with Ray Train and registers it with its held-out box AP.
 
     python -m pipeline.run +stage=detector output=DIR [stage.data.datasets=DATASET] [stage.steps=N]
 
-The model, data and AP are ``pipeline.detector``; training and registration are
-``pipeline.detector_training`` (semi_auto calls the same).
+The model, data and AP are ``pipeline.models.detector``; training and registration are
+``pipeline.training.detector`` (semi_auto calls the same).
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.detector_training import train
+from pipeline.training.detector import train
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Returns ``pipeline.detector_training.train``'s summary (version, path, steps,
+    """Returns ``pipeline.training.detector.train``'s summary (version, path, steps,
     complete, final_loss, seconds_per_step, eval)."""
     summary = train(cfg)
     ev = summary["eval"]

@@ -42,14 +42,17 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import compose, manifest, registry, storage
-from pipeline.cluster import connect
-from pipeline.dataset import iter_samples
-from pipeline.evaluation import EVAL_FILE, evaluate_model
-from pipeline.model import model_identity
+from pipeline import storage
+from pipeline.compose import settings as compose
+from pipeline.dataset import manifest
+from pipeline.dataset.listing import iter_samples
+from pipeline.execution.cluster import connect
+from pipeline.models import registry
+from pipeline.models.evaluation import EVAL_FILE, evaluate_model
+from pipeline.models.loader import model_identity
 from pipeline.paths import is_url, user_path
 from pipeline.stages import fully_auto, retrain, semi_auto, verifier
-from pipeline.synthetic import coco_instances, make_scene, scene_seeds
+from pipeline.truth.synthetic import coco_instances, make_scene, scene_seeds
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +448,7 @@ def automatic_figures(dataset: str, truth: Truth, sources: dict[str, str] | None
 
 def write_decisions(queue: str, annotated: str, path: str) -> dict[str, int]:
     """The annotators' decisions on the pre-filled masks of ``queue`` as a table the
-    verifier learns from (``pipeline.verifier.read_decisions``): ``accepted`` when the
+    verifier learns from (``pipeline.models.verifier.read_decisions``): ``accepted`` when the
     annotated dataset holds the mask unchanged (``automatic_accepted``, same RLE), else
     ``deleted`` (an edited mask is not told apart from a deleted one: both were not good
     as they were, which is what the verifier learns)."""
@@ -453,7 +456,7 @@ def write_decisions(queue: str, annotated: str, path: str) -> dict[str, int]:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline.verifier import FEATURES, mask_features
+    from pipeline.models.verifier import FEATURES, mask_features
 
     kept = {key: {a["segmentation"]["counts"] for a in record["annotations"]
                   if a.get("provenance") == "automatic_accepted"} for key, record in _records(annotated)}

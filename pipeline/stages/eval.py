@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from pipeline import registry, storage
-from pipeline.evaluation import evaluate_model
+from pipeline import storage
+from pipeline.models import registry
+from pipeline.models.evaluation import evaluate_model
 from pipeline.paths import user_path
 
 

@@ -29,9 +29,9 @@ import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
 
 from pipeline import storage
-from pipeline.dataset import committed_shards, read_categories
-from pipeline.readers import dataset_paths, map_shards
-from pipeline.shards import iter_shard
+from pipeline.dataset.listing import committed_shards, read_categories
+from pipeline.dataset.readers import dataset_paths, map_shards
+from pipeline.dataset.shards import iter_shard
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@
 
 Everything that can be checked without a worker (the input exists and holds images,
 the checkpoint exists) is checked before anything is written. Then the run goes the
-way of every annotating stage (``pipeline.driver``): the output's lease, the identity
+way of every annotating stage (``pipeline.execution.driver``): the output's lease, the identity
 check against the output's recorded settings, the plan, and the units not yet
 committed on a pool of actors, each asking SAM's point grid for masks
-(``pipeline.mask_sources.GridSource``). Rerunning the same command after any crash
+(``pipeline.masks.sources.GridSource``). Rerunning the same command after any crash
 finishes the dataset exactly once.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import driver
-from pipeline.driver import SUMMARY_FILE  # noqa: F401  (the loop reads a round's summary by it)
-from pipeline.model import model_identity
-from pipeline.verifier import verifier_identity
+from pipeline.execution import driver
+from pipeline.execution.driver import SUMMARY_FILE  # noqa: F401  (the loop reads a round's summary by it)
+from pipeline.models.loader import model_identity
+from pipeline.models.verifier import verifier_identity
 
-# What defines a dataset: a resumed run must agree on these (pipeline.provenance).
+# What defines a dataset: a resumed run must agree on these (pipeline.dataset.provenance).
 IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "amg", "stage.image",  # image has privacy
             "stage.keep_sa1b_ids")
 # Batching and time limits: the same masks either way.
@@ -30,7 +30,7 @@ IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns (and saves as ``summary.json``) the run's summary (keys:
-    ``pipeline.driver.run``)."""
+    ``pipeline.execution.driver.run``)."""
     cfg = driver.resolve_paths(cfg, "amg.verifier")
     entries = driver.list_inputs(cfg)
     model_sha256 = model_identity(cfg.model.checkpoint)

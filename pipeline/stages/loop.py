@@ -27,10 +27,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import compose, registry, storage
-from pipeline.dataset import iter_samples
-from pipeline.evaluation import EVAL_FILE, evaluate_model
-from pipeline.model import model_identity
+from pipeline import storage
+from pipeline.compose import settings as compose
+from pipeline.dataset.listing import iter_samples
+from pipeline.models import registry
+from pipeline.models.evaluation import EVAL_FILE, evaluate_model
+from pipeline.models.loader import model_identity
 from pipeline.paths import user_path
 from pipeline.stages import fully_auto, retrain
 

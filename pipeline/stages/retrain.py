@@ -4,11 +4,11 @@
 
 One ``TorchTrainer`` worker per GPU (DDP, bf16 autocast) or one CPU worker locally
 (``pipeline.training``). Data: synthetic scenes, SA-1B shards (filtered by predicted
-IoU and stability) and COCO instance files, alone or mixed (``pipeline.ground_truth``).
+IoU and stability) and COCO instance files, alone or mixed (``pipeline.truth.ground_truth``).
 Checkpoints go to ``<output>/train_runs/<version>/``; rerunning the same version
 resumes from the last complete one. The finished model is registered as
-``<output>/models/<version>/`` (``pipeline.registry``) and evaluated on held-out
-ground truth (``pipeline.evaluation``). Output may be a local path or an fsspec URL.
+``<output>/models/<version>/`` (``pipeline.models.registry``) and evaluated on held-out
+ground truth (``pipeline.models.evaluation``). Output may be a local path or an fsspec URL.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline import registry, storage
-from pipeline.cluster import connect
-from pipeline.dataset import committed_shards
-from pipeline.evaluation import evaluate_model
+from pipeline import storage
+from pipeline.dataset.listing import committed_shards
+from pipeline.execution.cluster import connect
+from pipeline.models import registry
+from pipeline.models.evaluation import evaluate_model
 from pipeline.paths import user_path
 from pipeline.training import checkpoints
 from pipeline.training.trainer import TRAIN_RUNS_DIR, fit, worker_config

@@ -4,11 +4,11 @@
 
 SAM's data engine, stage 2: a class-agnostic detector trained on the boxes of the masks
 collected so far (``stage.masks``; settings ``stage.detector``, trained and registered by
-``pipeline.detector_training`` under ``<output>/models/``: a rerun finds the same version)
+``pipeline.training.detector`` under ``<output>/models/``: a rerun finds the same version)
 proposes boxes; the confident ones prompt SAM (one embedding, all boxes in one decoder
 batch), and the confident masks are written, each marked automatic, as an SA-1B dataset
 that ``+stage=annotate`` opens pre-filled. It runs the way every annotating stage runs
-(``pipeline.driver``: lease, identity check, plan, exactly once); the detector's identity
+(``pipeline.execution.driver``: lease, identity check, plan, exactly once); the detector's identity
 is part of the dataset's.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import driver
-from pipeline.detector import detector_identity
-from pipeline.detector_training import train
-from pipeline.model import model_identity
-from pipeline.sources import InputError
-from pipeline.verifier import verifier_identity
+from pipeline.execution import driver
+from pipeline.inputs.entries import InputError
+from pipeline.models.detector import detector_identity
+from pipeline.models.loader import model_identity
+from pipeline.models.verifier import verifier_identity
+from pipeline.training.detector import train
 
 IDENTITY = ("input", "model.arch", "model_sha256", "detector_sha256", "verifier_sha256", "amg.verifier",
             "amg.verifier_precision", "stage.prompt", "stage.image", "stage.privacy", "stage.keep_sa1b_ids")
@@ -30,7 +30,7 @@ IDENTITY_IGNORES = ("stage.prompt.boxes_per_batch",)  # batching: same masks
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Returns ``pipeline.driver.run``'s summary plus detector (the training summary)
+    """Returns ``pipeline.execution.driver.run``'s summary plus detector (the training summary)
     and prefilled_masks_per_image (over the whole dataset)."""
     cfg = driver.resolve_paths(cfg, "amg.verifier")
     if not cfg.stage.masks:

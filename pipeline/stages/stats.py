@@ -16,10 +16,11 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline import card, report, storage
-from pipeline.dataset import committed_shards
-from pipeline.readers import TableSink, dataset_paths, map_shards
-from pipeline.stats import IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, shard_stats, summarize
+from pipeline import storage
+from pipeline.dataset.listing import committed_shards
+from pipeline.dataset.readers import TableSink, dataset_paths, map_shards
+from pipeline.stats import card, report
+from pipeline.stats.tables import IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, shard_stats, summarize
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ import pycocotools.mask as mask_utils
 from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline import plan, storage
-from pipeline.dataset import committed_shards
-from pipeline.readers import TableSink, dataset_paths, map_shards, output_or_none
+from pipeline import storage
+from pipeline.dataset import plan
+from pipeline.dataset.listing import committed_shards
+from pipeline.dataset.readers import TableSink, dataset_paths, map_shards, output_or_none
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def _shard_label(value: object) -> str:
 
 
 def check_plan(dataset: str) -> list[Problem]:
-    """The manifest against the run's recorded plan (``pipeline.plan.audit``): images of
+    """The manifest against the run's recorded plan (``pipeline.dataset.plan.audit``): images of
     committed units missing from the manifest (lost), keys listed twice, keys the plan
     never gave out. Units not committed yet are no problem (the run is unfinished; it is
     printed so nobody mistakes a partial dataset for a whole one)."""

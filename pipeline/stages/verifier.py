@@ -14,11 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import verifier, versions
-from pipeline.model import build_generator, generator_kwargs, model_identity
+from pipeline import versions
+from pipeline.dataset.provenance import code_version
+from pipeline.models import verifier
+from pipeline.models.loader import build_generator, generator_kwargs, model_identity
 from pipeline.paths import user_path
-from pipeline.provenance import code_version
-from pipeline.synthetic import iter_scenes, scene_seeds
+from pipeline.truth.synthetic import iter_scenes, scene_seeds
 
 log = logging.getLogger(__name__)
 

@@ -8,5 +8,5 @@
     plots.py        the training curve of a registered model
 
 The model, losses and prompt simulation are ``sam_core.training`` (no Ray, no files);
-the sources are ``pipeline.ground_truth``; registered versions are ``pipeline.registry``.
+the sources are ``pipeline.truth.ground_truth``; registered versions are ``pipeline.models.registry``.
 """

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from pipeline.ground_truth import CocoInstances, GroundTruth, ShardMasks, SyntheticScenes
+from pipeline.truth.ground_truth import CocoInstances, GroundTruth, ShardMasks, SyntheticScenes
 
 
 def _sources(data: Mapping[str, Any], img_size: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.model import load_sam
+from pipeline.models.loader import load_sam
 from pipeline.training import checkpoints
 from pipeline.training.optim import make_optimizer, make_scheduler
 from pipeline.training.stream import to_batch, training_stream
