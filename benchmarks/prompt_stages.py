@@ -60,26 +60,27 @@ def refine(scenes: int, size: tuple[int, int], sweep: bool) -> None:
     seconds = time.perf_counter() - start
     joined = {e: [np.concatenate(parts) for parts in zip(*answers[e])] for e in DETECTOR_ERRORS}
 
-    def measure(error: str, min_iou: float, min_stability: float, margin: float) -> dict[str, float]:
+    def measure(error: str, min_iou: float, stability_score_thresh: float, margin: float) -> dict[str, float]:
         truth, prompt, mask_box, iou, stability = joined[error]
-        boxes, trusted = refine_boxes(prompt, mask_box, iou, stability, min_iou, min_stability, margin)
+        boxes, trusted = refine_boxes(prompt, mask_box, iou, stability, min_iou, stability_score_thresh, margin)
         before, after = box_iou(prompt, truth), box_iou(boxes, truth)
         return {"boxes": len(truth), "iou_before": before.mean(), "iou_after": after.mean(),
                 "improved": (after > before + 1e-9).mean(), "worsened": (after < before - 1e-9).mean(),
                 "trusted": trusted.mean(), "mask_extent_iou": box_iou(mask_box, truth).mean()}
 
     print(f"refine: {scenes} held-out scenes {size[1]}x{size[0]}, model {MODEL.name}, thresholds "
-          f"min_predicted_iou={conf.min_predicted_iou} min_stability={conf.min_stability} margin={conf.margin}; "
+          f"pred_iou_thresh={conf.pred_iou_thresh} stability_score_thresh={conf.stability_score_thresh} "
+          f"margin={conf.margin}; "
           f"{seconds:.0f} s of prompting")
     print("| error | boxes | box IoU before | after | improved | worsened | trusted | mask extent alone |")
     print("|---|---|---|---|---|---|---|---|")
     for error in DETECTOR_ERRORS:
-        m = measure(error, conf.min_predicted_iou, conf.min_stability, conf.margin)
+        m = measure(error, conf.pred_iou_thresh, conf.stability_score_thresh, conf.margin)
         print(f"| {error} | {m['boxes']} | {m['iou_before']:.3f} | {m['iou_after']:.3f} | {m['improved']:.1%} | "
               f"{m['worsened']:.1%} | {m['trusted']:.1%} | {m['mask_extent_iou']:.3f} |")
     if sweep:
         print("\nsweep: mean box IoU gain over the four errors, and the share worsened")
-        print("| min_predicted_iou | min_stability | margin | gain | worsened |")
+        print("| pred_iou_thresh | stability_score_thresh | margin | gain | worsened |")
         print("|---|---|---|---|---|")
         for min_iou, min_stab, margin in itertools.product((0.0, 0.5, 0.6, 0.7), (0.0, 0.85, 0.9),
                                                            (0.1, 0.2, 0.3, 0.5)):

@@ -135,15 +135,15 @@ def refine_boxes(
     mask_boxes: np.ndarray,
     predicted_iou: np.ndarray,
     stability_score: np.ndarray,
-    min_predicted_iou: float,
-    min_stability: float,
+    pred_iou_thresh: float,
+    stability_score_thresh: float,
     margin: float,
     min_margin_px: float = 2.0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """(boxes, trusted): each prompt box replaced by its mask's extent where trusted.
 
-    A mask is trusted when its predicted IoU >= ``min_predicted_iou``, its stability
-    >= ``min_stability``, it is not empty, and its extent lies inside the prompt box
+    A mask is trusted when its predicted IoU >= ``pred_iou_thresh``, its stability
+    >= ``stability_score_thresh``, it is not empty, and its extent lies inside the prompt box
     grown on each side by ``margin`` times the box's width (left, right) or height (top,
     bottom), at least ``min_margin_px``. Untrusted boxes are returned unchanged.
     All boxes are Nx4 XYXY edges; returns a new Nx4 float array and an N bool array.
@@ -161,8 +161,8 @@ def refine_boxes(
     )
     nonempty = (extent[:, 2] > extent[:, 0]) & (extent[:, 3] > extent[:, 1])
     trusted = (
-        (np.asarray(predicted_iou) >= min_predicted_iou)
-        & (np.asarray(stability_score) >= min_stability)
+        (np.asarray(predicted_iou) >= pred_iou_thresh)
+        & (np.asarray(stability_score) >= stability_score_thresh)
         & nonempty & inside
     )
     return np.where(trusted[:, None], extent, prompt), trusted

@@ -15,17 +15,18 @@ from pycocotools import mask as mask_utils
 
 from jobs.local_cluster import free_port
 from pipeline.annotate.app import build
-from pipeline.annotate.embeddings import exported_decoder, load_sam
-from pipeline.annotate.queue import plan_queue
+from pipeline.annotate.embeddings import exported_decoder
+from pipeline.annotate.queue import load_queue
 from pipeline.annotate.rle import counts_from_mask, mask_from_counts
 from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
-from pipeline.annotate.simulated import SimulatedAnnotator, coco_truth, write_scenes
+from pipeline.annotate.simulated import SimulatedAnnotator
 from pipeline.dataset import manifest
 from pipeline.dataset.lease import LeaseHeld
 from pipeline.dataset.listing import iter_samples
-from pipeline.models.loader import model_identity
+from pipeline.models.loader import load_sam, model_identity
 from pipeline.stages import run_stage
+from pipeline.truth.pools import Truth, write_scenes
 
 from .dataset_factory import compose, make_dataset
 
@@ -37,13 +38,13 @@ class Served:
 
     def __init__(self, input_spec: Path, output: Path, checkpoint: Path, decoder_cache: Path,
                  images_per_unit: int = 2, lease_s: float = 60.0):
-        self.plan = plan_queue(str(input_spec), str(output), images_per_unit)
-        sam = load_sam("vit_tiny", str(checkpoint), "cpu")
+        self.queue = load_queue(str(input_spec), str(output), images_per_unit)
+        sam = load_sam({"arch": "vit_tiny", "checkpoint": str(checkpoint), "device": "cpu"})
         identity = model_identity(str(checkpoint))
         decoder = exported_decoder(sam, "vit_tiny", identity, str(decoder_cache))
         model = ModelInfo("vit_tiny", identity, 256, (1, 128, 16, 16), decoder)
         image_cfg = {"short_side": 1500, "max_pixels": 10_000_000, "min_side": 16, "jpeg_quality": 95}
-        self.session = Session(self.plan, str(output), sam, model, image_cfg, lease_s=lease_s)
+        self.session = Session(self.queue, str(output), sam, model, image_cfg, lease_s=lease_s)
         self.server = BackgroundServer(create_app(self.session, TOKEN, max_body_bytes=200_000)).start()
         self.api = httpx.Client(base_url=self.server.url, headers={"X-Token": TOKEN}, timeout=60)
 
@@ -306,7 +307,8 @@ def test_simulated_annotator_through_the_stage(tmp_path):
     # One writer per output: a second server (or any run) on it is refused while it runs.
     with pytest.raises(LeaseHeld):
         build(cfg)
-    report = SimulatedAnnotator(url, TOKEN, coco_truth(truth_path), max_clicks=8).run()
+    truth = Truth(truth_path)
+    report = SimulatedAnnotator(url, TOKEN, lambda view: truth(view["source"]), max_clicks=8).run()
     stage.join(60)
     assert not stage.is_alive() and summary["units_committed"] == 2
 

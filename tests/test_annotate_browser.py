@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.annotate.simulated import Decoder, write_scenes
-from pipeline.clicks import next_click
+from pipeline.annotate.simulated import Decoder
 from pipeline.dataset.listing import iter_samples
+from pipeline.truth.pools import write_scenes
+from sam_core.metrics import next_click
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or shutil.which("chromium-browser") or "")

@@ -366,7 +366,7 @@ def test_refinement_with_the_shipped_model_improves_loose_and_shifted_boxes():
             predictor.set_image(scene.image)
             answer = predict_boxes(predictor, prompt)
             boxes, trusted = refine_boxes(prompt, answer.mask_boxes, answer.predicted_iou, answer.stability_score,
-                                          conf.min_predicted_iou, conf.min_stability, conf.margin)
+                                          conf.pred_iou_thresh, conf.stability_score_thresh, conf.margin)
             assert (boxes[~trusted] == prompt[~trusted]).all(), "an untrusted box is never changed"
             trust.append(trusted)
             before.append(box_iou(prompt, truth))

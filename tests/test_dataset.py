@@ -55,11 +55,12 @@ def test_reading_a_hostile_shard_executes_nothing(generated_sample, tmp_path):
     assert [s.key for s in samples] == ["sa_1"] and samples[0].record == record
     assert not marker.exists()
     # Retrain, eval and loop read shards as training data and ground truth.
+    from pipeline.dataset.filters import MaskFilter
     from pipeline.stages import loop
     from pipeline.truth.ground_truth import ShardMasks
 
     assert len(list(ShardMasks([str(shard)]))) == 1
-    assert loop.kept_masks(shard, 0.0, 0.0) == (1, 1)
+    assert loop.kept_masks(shard, MaskFilter()) == (1, 1)
     assert not marker.exists()
     # The stages that read shards: stats, export_coco, validate (and retrain/eval/loop
     # through the same reader).

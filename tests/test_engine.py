@@ -31,7 +31,7 @@ TOY = [
     "stage.semi_auto.detector.model.min_size=128", "stage.semi_auto.detector.model.max_size=128",
     "stage.semi_auto.detector.data.synthetic.size=[192,192]",
     "stage.semi_auto.prompt.min_box_score=0", "stage.semi_auto.prompt.max_boxes=4",
-    "stage.semi_auto.prompt.min_predicted_iou=0", "stage.semi_auto.prompt.min_stability=0",
+    "stage.semi_auto.prompt.pred_iou_thresh=0", "stage.semi_auto.prompt.stability_score_thresh=0",
     "stage.verifier.synthetic.count=2", "stage.verifier.synthetic.size=[192,192]",
     # The control is the retrain stage on COCO truth (tests/test_retrain.py); its truth
     # files are tested below: left out here, it would add three trainings to the suite.
@@ -113,12 +113,17 @@ def test_pools_and_the_controls_truth_are_written_once_and_load_in_pycocotools(t
     from PIL import Image
     from pycocotools.coco import COCO
 
-    from pipeline.stages.engine import STAGES, Truth, write_pools
+    from pipeline.stages.engine import ENGINE_STAGES as STAGES
+    from pipeline.truth.pools import Truth, write_pools
     from pipeline.truth.synthetic import make_scene
 
     scenes = OmegaConf.create({"size": [64, 80], "seed_start": 700000, "assisted_manual": 2, "semi_auto": 1,
                                "fully_auto": 3})
-    pools = write_pools(str(tmp_path), scenes)
+    def write():
+        return write_pools(str(tmp_path / "scenes"), STAGES, {n: int(scenes[n]) for n in STAGES},
+                           int(scenes.seed_start), tuple(scenes.size))
+
+    pools = write()
     seen = 0
     for name in STAGES:
         upto = COCO(pools[name]["upto"])
@@ -134,5 +139,5 @@ def test_pools_and_the_controls_truth_are_written_once_and_load_in_pycocotools(t
     assert np.array_equal(np.asarray(Image.open(tmp_path / "scenes" / info["file_name"])), scene.image)
     assert np.array_equal(Truth(pools["fully_auto"]["truth"])("/anywhere/scene_700005.png"), scene.masks)
     before = (tmp_path / "scenes" / "done.json").stat().st_mtime_ns
-    write_pools(str(tmp_path), scenes)  # written once
+    write()  # written once
     assert (tmp_path / "scenes" / "done.json").stat().st_mtime_ns == before

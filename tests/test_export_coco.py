@@ -145,7 +145,8 @@ def test_export_from_s3_into_s3(s3_env, tmp_path, monkeypatch):
 
 
 def test_reading_stages_do_not_import_other_stages():
-    """What stats, validate and export_coco share lives in pipeline/dataset/readers.py."""
+    """What stats, validate and export_coco share lives below the stages (config.paths, dataset.tables,
+    execution.shard_map)."""
     import ast
 
     for name in ("stats", "validate", "export_coco"):

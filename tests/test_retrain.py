@@ -75,7 +75,7 @@ def test_lr_schedule_warms_up_then_steps_down():
 
 def test_shards_are_read_back_with_quality_filter(tmp_path):
     records = _write_shard(tmp_path / "sa_000000.tar", [1, 2])
-    got = list(ShardMasks([str(tmp_path / "sa_000000.tar")], min_predicted_iou=0.88, min_stability=0.95))
+    got = list(ShardMasks([str(tmp_path / "sa_000000.tar")], pred_iou_thresh=0.88, stability_score_thresh=0.95))
     assert [g.key for g in got] == ["sa_0", "sa_1"]
     for g, (scene, _) in zip(got, records):
         assert g.image.shape == (240, 320, 3)

@@ -28,8 +28,8 @@ DETECTOR = [
     f"stage.detector.data.synthetic.size=[{SIZE[0]},{SIZE[1]}]", "stage.detector.eval.num_images=2",
 ]
 # A detector trained for two steps is unsure of everything: take its best boxes as they are.
-PROMPT = ["stage.prompt.min_box_score=0", "stage.prompt.max_boxes=4", "stage.prompt.min_predicted_iou=0",
-          "stage.prompt.min_stability=0"]
+PROMPT = ["stage.prompt.min_box_score=0", "stage.prompt.max_boxes=4", "stage.prompt.pred_iou_thresh=0",
+          "stage.prompt.stability_score_thresh=0"]
 
 
 def test_semi_auto_prefills_detector_boxes_as_automatic_masks(compose_config, tmp_path, ray_local):
@@ -77,10 +77,10 @@ def test_semi_auto_prefills_detector_boxes_as_automatic_masks(compose_config, tm
                       "device": "cpu"},
             "detector": str(folder), "prompt": {"min_box_score": 0, "max_boxes": 8, "multimask_output": False,
                                                  "boxes_per_batch": None, "stability_score_offset": 1.0,
-                                                 "min_predicted_iou": 0, "min_stability": 0}}
+                                                 "pred_iou_thresh": 0, "stability_score_thresh": 0}}
     image = prepare_image((images / next(iter(sorted(p.name for p in images.iterdir())))).read_bytes())
     everything = DetectorSource(spec)(None, image)
     cut = float(np.median([r["predicted_iou"] for r in everything]))
-    confident = DetectorSource({**spec, "prompt": {**spec["prompt"], "min_predicted_iou": cut}})(None, image)
+    confident = DetectorSource({**spec, "prompt": {**spec["prompt"], "pred_iou_thresh": cut}})(None, image)
     assert [r["prompt_box"] for r in confident] == [r["prompt_box"] for r in everything if r["predicted_iou"] >= cut]
     assert 0 < len(confident) < len(everything)

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 
+from pipeline.dataset.validate import rle_counts
 from pipeline.stages import run_stage
-from pipeline.stages.validate import rle_counts
 
 from .dataset_factory import REPO, compose, make_dataset
 from .test_stats import FOREIGN, add_members

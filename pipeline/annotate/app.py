@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
-from pipeline.annotate.embeddings import exported_decoder, load_sam
-from pipeline.annotate.queue import plan_queue
+from pipeline.annotate.embeddings import exported_decoder
+from pipeline.annotate.queue import load_queue
 from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.store import WORK_DIR
 from pipeline.dataset.lease import Lease
 from pipeline.dataset.provenance import code_version
-from pipeline.models.loader import model_identity
-from pipeline.paths import is_url, user_path
+from pipeline.models.loader import ModelSpec, load_sam, model_identity
+from pipeline.paths import is_url
 
 
 @dataclass
@@ -49,7 +49,7 @@ def build(cfg: DictConfig) -> Tool:
     output's lease (one writer per output) until ``stop``; records the plan and
     ``config.yaml`` (without the token) and exports the decoder if needed."""
     stage = cfg.stage
-    output, source = user_path(str(cfg.output)), user_path(str(cfg.input))
+    output, source = str(cfg.output), str(cfg.input)
     lease = Lease(output, ttl_s=float(stage.output_lease_ttl_s))
     lease.acquire()
     try:
@@ -60,12 +60,11 @@ def build(cfg: DictConfig) -> Tool:
 
 
 def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: Lease) -> Tool:
-    plan = plan_queue(source, output, int(stage.images_per_unit), prefill=bool(stage.prefill))
-    checkpoint = user_path(cfg.model.checkpoint) if cfg.model.checkpoint else None
-    identity = model_identity(checkpoint)
-    sam = load_sam(cfg.model.arch, checkpoint, cfg.model.get("device", "auto"))
+    queue = load_queue(source, output, int(stage.images_per_unit), prefill=bool(stage.prefill))
+    identity = model_identity(cfg.model.checkpoint)
+    sam = load_sam(ModelSpec.of(cfg.model, sha256=identity))
     if stage.decoder_cache:
-        cache = user_path(stage.decoder_cache)
+        cache = str(stage.decoder_cache)
     elif is_url(output):
         cache = os.path.join(os.path.expanduser("~"), ".cache", "sam-data-engine", "decoder")
     else:
@@ -75,7 +74,7 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     h, w = sam.prompt_encoder.image_embedding_size
     model = ModelInfo(cfg.model.arch, identity, sam.image_encoder.img_size, (1, sam.prompt_encoder.embed_dim, h, w),
                       decoder)
-    session = Session(plan, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
+    session = Session(queue, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
                       lease_s=float(stage.lease_s), lookahead=int(stage.lookahead),
                       cache_size=int(stage.embedding_cache), check_output_lease=lease.check)
     token = str(stage.token) if stage.token else secrets.token_urlsafe(24)

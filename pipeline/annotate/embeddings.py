@@ -13,11 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
-import torch
 
 import sam_core
 from pipeline.inputs.images import PreparedImage
-from pipeline.models.loader import RANDOM_WEIGHTS, resolve_device
+from pipeline.models.loader import RANDOM_WEIGHTS
 from sam_core.utils.onnx import export
 
 log = logging.getLogger(__name__)
@@ -75,15 +74,6 @@ class ImageModel:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def load_sam(arch: str, checkpoint: str | None, device: str = "auto") -> sam_core.modeling.Sam:
-    if arch not in sam_core.sam_model_registry:
-        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
-    if checkpoint is None:
-        torch.manual_seed(0)  # random weights (benchmarks): the same ones on every start
-    sam = sam_core.sam_model_registry[arch](checkpoint=checkpoint)
-    return sam.to(resolve_device(device)).eval()
 
 
 def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache_dir: str) -> str:

@@ -1,8 +1,8 @@
 """The annotation queue: which images, with which ids and keys, in which units; and the
 leases that keep two annotators off the same image.
 
-``plan_queue`` is the one place that decides the images, their ids and their units: the
-output's recorded plan (``pipeline.dataset.plan``), as fully_auto's. ``Leases`` here are per
+``load_queue`` is the one place that decides the images, their ids and their units: the
+output's recorded plan (``pipeline.dataset.plan``), as fully_auto's. ``ImageLeases`` here are per
 image, between annotators of one server; the output itself is held by the server's
 run through ``pipeline.dataset.lease`` (one writer per output).
 """
@@ -26,7 +26,7 @@ LEASES_FILE = "leases.json"
 
 
 @dataclass(frozen=True)
-class Entry:
+class QueueImage:
     """One image of the queue: its SA-1B key ``sa_<image_id>``, its unit, where to read it."""
 
     key: str
@@ -40,7 +40,7 @@ class Entry:
 
 
 @dataclass
-class Plan:
+class Queue:
     """The queue's images in order, and the masks some of them come with.
 
     entries: every image of the input, in enumeration order.
@@ -48,7 +48,7 @@ class Plan:
     prefill: key -> SA-1B annotations of the input record (images from a dataset).
     """
 
-    entries: list[Entry]
+    entries: list[QueueImage]
     units: dict[int, list[str]]
     prefill: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -57,7 +57,7 @@ class Plan:
         self.position = {e.key: i for i, e in enumerate(self.entries)}
 
 
-def plan_queue(input_spec: str, output: str, images_per_unit: int, prefill: bool = True) -> Plan:
+def load_queue(input_spec: str, output: str, images_per_unit: int, prefill: bool = True) -> Queue:
     """The images of ``input_spec`` as a queue of units of ``images_per_unit``.
 
     Inputs are what ``pipeline.inputs.entries.enumerate_input`` accepts; a dataset written by
@@ -76,14 +76,14 @@ def plan_queue(input_spec: str, output: str, images_per_unit: int, prefill: bool
     entries, units = [], {}
     for unit in recorded.units:
         units[unit.index] = [item.key for item in unit.items]
-        entries += [Entry(item.key, item.image_id, unit.index, item) for item in unit.items]
-    queue = Plan(entries, units)
+        entries += [QueueImage(item.key, item.image_id, unit.index, item) for item in unit.items]
+    queue = Queue(entries, units)
     if prefill:
         queue.prefill = _prefill(entries)
     return queue
 
 
-def _prefill(entries: list[Entry]) -> dict[str, list[dict[str, Any]]]:
+def _prefill(entries: list[QueueImage]) -> dict[str, list[dict[str, Any]]]:
     """The annotations stored next to each tar member image (SA-1B JSON records)."""
     tars: dict[str, dict[str, str]] = {}  # tar url -> member key -> queue key
     for entry in entries:
@@ -101,12 +101,12 @@ def _prefill(entries: list[Entry]) -> dict[str, list[dict[str, Any]]]:
 
 
 @dataclass
-class Lease:
+class ImageLease:
     client: str
     expires: float
 
 
-class Leases:
+class ImageLeases:
     """Who holds which image, until when; saved in the output so a restart keeps them.
 
     A client holds at most one image; a lease not renewed within ``lease_s`` expires and
@@ -119,10 +119,10 @@ class Leases:
         self._fs, root = storage.filesystem(directory)
         self._path = storage.join(root, LEASES_FILE)
         self._lock = threading.Lock()
-        self._leases: dict[str, Lease] = {}
+        self._leases: dict[str, ImageLease] = {}
         if self._fs.exists(self._path):
             saved = json.loads(self._fs.cat_file(self._path))
-            self._leases = {k: Lease(v["client"], float(v["expires"])) for k, v in saved.items()}
+            self._leases = {k: ImageLease(v["client"], float(v["expires"])) for k, v in saved.items()}
 
     def holder(self, key: str) -> str | None:
         """The client holding ``key`` now, if any."""
@@ -140,7 +140,7 @@ class Leases:
                 return False
             for other in [k for k, lease in self._leases.items() if lease.client == client and k != key]:
                 del self._leases[other]
-            self._leases[key] = Lease(client, self.clock() + self.lease_s)
+            self._leases[key] = ImageLease(client, self.clock() + self.lease_s)
             self._expire()
             self._save()
             return True

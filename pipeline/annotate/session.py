@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.annotate.embeddings import ImageModel
-from pipeline.annotate.queue import Entry, Leases, Plan
+from pipeline.annotate.queue import ImageLeases, Queue, QueueImage
 from pipeline.annotate.rle import RleError, compressed_rle, uncompressed_counts
 from pipeline.annotate.store import AUTOMATIC, WORK_DIR, ImageState, Store
 from pipeline.dataset import manifest
@@ -60,11 +60,11 @@ class Session:
     """
 
     def __init__(
-        self, plan: Plan, output: str, sam, model: ModelInfo, image_cfg: dict[str, Any],
+        self, queue: Queue, output: str, sam, model: ModelInfo, image_cfg: dict[str, Any],
         lease_s: float = 120.0, lookahead: int = 2, cache_size: int = 16,
         check_output_lease: Callable[[], None] | None = None,
     ) -> None:
-        self.plan = plan
+        self.queue = queue
         self.output = output
         self.model = model
         # The time limits guard a batch run from one stuck input; here a person is waiting
@@ -73,22 +73,22 @@ class Session:
         self.max_file_bytes = limits["max_file_bytes"]
         self.lookahead = lookahead
         self.store = Store(output, check_output_lease)
-        self.leases = Leases(storage.join(output, WORK_DIR), lease_s)
+        self.leases = ImageLeases(storage.join(output, WORK_DIR), lease_s)
         self.images = ImageModel(sam, self._prepared_by_key, cache_size)
         self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()
         self._cache_size = max(2, cache_size)
         self._lock = threading.RLock()
-        for unit, _keys in plan.units.items():  # finished before a crash, not yet committed
+        for unit, _keys in queue.units.items():  # finished before a crash, not yet committed
             self._maybe_commit(unit)
 
     # --- images --------------------------------------------------------------------------
-    def entry(self, key: str) -> Entry:
-        entry = self.plan.by_key.get(key)
+    def entry(self, key: str) -> QueueImage:
+        entry = self.queue.by_key.get(key)
         if entry is None:
             raise KeyError(key)
         return entry
 
-    def prepared(self, entry: Entry) -> PreparedImage:
+    def prepared(self, entry: QueueImage) -> PreparedImage:
         """The image as it is shown and stored; a failure is recorded and raises Unavailable."""
         with self._lock:
             if entry.key in self._prepared:
@@ -116,15 +116,15 @@ class Session:
     def _prepared_by_key(self, key: str) -> PreparedImage:
         return self.prepared(self.entry(key))
 
-    def _check_prefill(self, entry: Entry, image: PreparedImage) -> None:
-        for ann in self.plan.prefill.get(entry.key, [])[:1]:
+    def _check_prefill(self, entry: QueueImage, image: PreparedImage) -> None:
+        for ann in self.queue.prefill.get(entry.key, [])[:1]:
             if list(ann["segmentation"]["size"]) != [image.height, image.width]:
                 raise ImageError(
                     f"its input masks are {ann['segmentation']['size']} but the image is "
                     f"{image.height}x{image.width} (resized by stage.image.short_side?)"
                 )
 
-    def _record_error(self, entry: Entry, reason: str, phase: str) -> None:
+    def _record_error(self, entry: QueueImage, reason: str, phase: str) -> None:
         log.warning("%s (%s) cannot be annotated: %s", entry.key, entry.source, reason)
         self.store.save(ImageState(entry.key, [], done=False, error=reason, phase=phase))
         self._maybe_commit(entry.unit)
@@ -138,7 +138,7 @@ class Session:
         return self.images.embedding(key)
 
     # --- the queue -----------------------------------------------------------------------
-    def lease(self, client: str, after: str | None = None, step: int = 1, key: str | None = None) -> Entry | None:
+    def lease(self, client: str, after: str | None = None, step: int = 1, key: str | None = None) -> QueueImage | None:
         """Gives ``client`` an image: ``key`` itself, or the next image to do after
         ``after`` (``step`` 1, wrapping around), or the previous one not committed
         (``step`` -1). Returns None when there is none."""
@@ -166,17 +166,17 @@ class Session:
         return None
 
     def _candidates(self, after: str | None, step: int):
-        entries = self.plan.entries
-        start = self.plan.position[after] if after in self.plan.position else (-1 if step > 0 else len(entries))
+        entries = self.queue.entries
+        start = self.queue.position[after] if after in self.queue.position else (-1 if step > 0 else len(entries))
         if step > 0:
             yield from entries[start + 1 :]
             yield from entries[: start + 1]
         else:
             yield from reversed(entries[: max(start, 0)])
 
-    def _prefetch(self, entry: Entry) -> None:
+    def _prefetch(self, entry: QueueImage) -> None:
         ahead = [entry.key]
-        for other in self.plan.entries[self.plan.position[entry.key] + 1 :]:
+        for other in self.queue.entries[self.queue.position[entry.key] + 1 :]:
             if len(ahead) > self.lookahead:
                 break
             if other.unit not in self.store.committed and not self.store.finished(other.key):
@@ -198,7 +198,7 @@ class Session:
         if state is not None:
             return state
         masks = []
-        for i, ann in enumerate(self.plan.prefill.get(key, [])):
+        for i, ann in enumerate(self.queue.prefill.get(key, [])):
             masks.append({
                 "uid": f"input-{i}", "segmentation": ann["segmentation"], "provenance": AUTOMATIC,
                 "clicks": 0, "seconds": 0.0, "annotator": "", "point_coords": ann.get("point_coords", []),
@@ -216,7 +216,7 @@ class Session:
         committed = entry.unit in self.store.committed
         return {
             "key": key, "image_id": entry.image_id, "source": entry.source,
-            "index": self.plan.position[key], "total": len(self.plan.entries),
+            "index": self.queue.position[key], "total": len(self.queue.entries),
             "width": image.width, "height": image.height, "done": state.done, "committed": committed,
             "editable": not committed and client is not None and self.leases.holder(key) == client,
             "masks": [{**{k: v for k, v in m.items() if k != "segmentation"},
@@ -262,7 +262,7 @@ class Session:
         return {"saved": True, "committed": self._maybe_commit(entry.unit)}
 
     def _maybe_commit(self, unit: int) -> bool:
-        entries = [self.plan.by_key[k] for k in self.plan.units[unit]]
+        entries = [self.queue.by_key[k] for k in self.queue.units[unit]]
         return self.store.commit_unit(unit, entries, self.prepared, self.model.sha256)
 
     # --- progress ------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class Session:
         done = failed = 0
         table = manifest.read_table(self.output).select(["key", "status"]).to_pylist()
         committed_errors = {r["key"] for r in table if r["status"] == manifest.STATUS_ERROR}
-        for entry in self.plan.entries:
+        for entry in self.queue.entries:
             if entry.unit in self.store.committed:
                 done += 1
                 failed += entry.key in committed_errors
@@ -280,11 +280,11 @@ class Session:
             if state is not None:
                 done += state.done or state.error is not None
                 failed += state.error is not None
-        return {"images": len(self.plan.entries), "done": done, "failed": failed,
-                "units": len(self.plan.units), "units_committed": len(self.store.committed & set(self.plan.units))}
+        return {"images": len(self.queue.entries), "done": done, "failed": failed,
+                "units": len(self.queue.units), "units_committed": len(self.store.committed & set(self.queue.units))}
 
     def finished(self) -> bool:
-        return set(self.plan.units) <= self.store.committed
+        return set(self.queue.units) <= self.store.committed
 
     def close(self) -> None:
         self.images.close()

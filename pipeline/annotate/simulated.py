@@ -3,7 +3,7 @@ against ground truth, and measures annotation cost in clicks.
 
 It sees the truth only through the decoder's answers, as a person sees the mask on
 screen: for each object it clicks the centre of the largest error region (positive in
-a missed region, negative in a false one; ``pipeline.clicks``) until the mask reaches
+a missed region, negative in a false one; ``sam_core.metrics.next_click``) until the mask reaches
 the target IoU or the click limit, then accepts. It runs the same ONNX decoder on the
 same float16 embeddings the server sends the browser, so it measures what the browser
 would answer. Pre-filled automatic masks that already match an object are accepted
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import posixpath
 import sys
 import time
 import uuid
@@ -30,14 +28,12 @@ import httpx
 import numpy as np
 import onnxruntime
 import torch
-from pycocotools import mask as mask_utils
 
 from pipeline.annotate.rle import counts_from_mask, mask_from_counts
-from pipeline.clicks import mask_iou, next_click
+from pipeline.truth.pools import Truth, write_scenes
+from sam_core.metrics import mask_iou, next_click
 from sam_core.utils.onnx import upscale_low_res
 from sam_core.utils.transforms import ResizeLongestSide
-
-Truth = Callable[[dict[str, Any]], "np.ndarray | None"]  # image view -> N x H x W bool
 
 
 @dataclass
@@ -90,8 +86,9 @@ class Decoder:
 class SimulatedAnnotator:
     """Annotates every image the server leases to it; ``run`` returns the report."""
 
-    def __init__(self, url: str, token: str, truth: Truth, name: str = "simulated",
-                 target_iou: float = 0.9, max_clicks: int = 20, timeout_s: float = 300.0) -> None:
+    def __init__(self, url: str, token: str, truth: Callable[[dict[str, Any]], np.ndarray | None],
+                 name: str = "simulated", target_iou: float = 0.9, max_clicks: int = 20,
+                 timeout_s: float = 300.0) -> None:
         self.http = httpx.Client(base_url=url, headers={"X-Token": token}, timeout=timeout_s)
         self.truth = truth
         self.name = name
@@ -207,57 +204,9 @@ def report(results: list[MaskResult], images: int, max_clicks: int) -> dict[str,
     }
 
 
-# --- ground truth -----------------------------------------------------------------------
-def coco_truth(annotations: str | os.PathLike) -> Truth:
-    """Ground truth from a COCO instances JSON, matched to images by file name."""
-    data = json.loads(Path(annotations).read_text())
-    by_image: dict[int, list[dict]] = {}
-    for ann in data["annotations"]:
-        if not ann.get("iscrowd", 0):
-            by_image.setdefault(ann["image_id"], []).append(ann)
-    images = {posixpath.basename(img["file_name"]): img for img in data["images"]}
-
-    def truth(view: dict[str, Any]) -> np.ndarray | None:
-        info = images.get(posixpath.basename(view["source"].split("#")[-1]))
-        if info is None:
-            return None
-        h, w = info["height"], info["width"]
-        masks = []
-        for ann in by_image.get(info["id"], []):
-            seg = ann["segmentation"]
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg["counts"], list) else seg
-            rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
-            masks.append(mask_utils.decode(rle).astype(bool))
-        return np.stack(masks) if masks else np.zeros((0, h, w), bool)
-
-    return truth
-
-
-def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = (512, 512),
-                 seed_start: int = 0) -> Path:
-    """Held-out synthetic scenes as ``images/scene_<seed>.png`` plus their masks as a COCO
-    instances JSON; returns the JSON's path."""
-    from PIL import Image
-
-    from pipeline.truth.synthetic import make_scene, scene_seeds
-
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i, seed in enumerate(scene_seeds("test", seed_start, count), start=1):
-        scene = make_scene(seed, size)
-        name = f"scene_{seed}.png"
-        Image.fromarray(scene.image).save(folder / "images" / name)
-        images.append({"id": i, "file_name": name, "height": size[0], "width": size[1]})
-        for mask in scene.masks:
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                                "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
-    path = folder / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "object"}]}))
-    return path
+def _by_source(truth: Truth) -> Callable[[dict[str, Any]], np.ndarray | None]:
+    """An image view's true masks, by the source it was read from."""
+    return lambda view: truth(view["source"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         path = write_scenes(args.out, args.count, tuple(args.size))
         print(f"wrote {args.count} scenes to {Path(args.out) / 'images'} and their masks to {path}")
         return 0
-    annotator = SimulatedAnnotator(args.url, args.token, coco_truth(args.truth),
+    annotator = SimulatedAnnotator(args.url, args.token, _by_source(Truth(args.truth)),
                                    target_iou=args.target_iou, max_clicks=args.max_clicks)
     result = annotator.run(args.max_images)
     if args.report:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from pycocotools import mask as mask_utils
 
 from pipeline import storage
-from pipeline.annotate.queue import Entry
+from pipeline.annotate.queue import QueueImage
 from pipeline.dataset import manifest, shards
 from pipeline.inputs.images import PreparedImage
 
@@ -88,7 +88,7 @@ class Store:
         return state is not None and (state.done or state.error is not None)
 
     def commit_unit(
-        self, unit: int, entries: list[Entry], prepare: Callable[[Entry], PreparedImage], model_sha256: str
+        self, unit: int, entries: list[QueueImage], prepare: Callable[[QueueImage], PreparedImage], model_sha256: str
     ) -> bool:
         """Writes the unit's shard, errors and manifest part if every image is finished
         and the unit is not committed yet; returns whether it committed now."""

@@ -1,13 +1,13 @@
 """What the stages that compose other stages (``loop``, ``engine``) share: deriving a
-sub-stage's config from theirs, naming the settings a resumed run must keep, and the
-seconds each phase took, summed over invocations."""
+sub-stage's config from theirs, the model they start from, and naming the settings a
+resumed run must keep."""
 from __future__ import annotations
 
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import storage
+from pipeline.config.paths import resolve_paths
 from pipeline.models import registry
 
 # Settings that decide how or when a sub-stage runs, not what it makes (matched by their
@@ -23,13 +23,14 @@ RUN_CONTROL = frozenset({
 
 def derive(cfg: DictConfig, sub: str, **values: Any) -> DictConfig:
     """The root config with ``stage`` replaced by ``cfg.stage[sub]`` and ``values`` set
-    (dotted keys allowed), as if that stage had been run from the command line."""
+    (dotted keys allowed), its user paths made absolute, as if that stage had been run
+    from the command line."""
     derived = cfg.copy()
     with open_dict(derived):
         derived.stage = OmegaConf.to_container(cfg.stage[sub], resolve=False)
         for key, value in values.items():
             OmegaConf.update(derived, key, value, merge=False, force_add=True)
-    return derived
+    return resolve_paths(derived)
 
 
 def start_model(cfg: DictConfig, output: str, stage: str) -> str:
@@ -68,16 +69,3 @@ def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def shown(lines: list[str], limit: int = 10) -> str:
     return "; ".join(lines[:limit]) + (f"; ... ({len(lines)} in all)" if len(lines) > limit else "")
-
-
-class Timing:
-    """Seconds per phase, accumulated in a JSON file across invocations (a phase cut by a
-    kill loses only the time of that attempt)."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.seconds: dict[str, float] = storage.read_json(url) or {}
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 3)
-        storage.write_json(self.url, self.seconds)

@@ -174,8 +174,6 @@ def check_command_line(argv: Sequence[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
 
-    import pipeline.stages  # noqa: F401  registers ${project_root:}, which configs use
-
     args = get_args_parser().parse_args(list(argv))
     refused = [reason for flag, reason in REFUSED_FLAGS.items() if getattr(args, flag, None)]
     if refused:

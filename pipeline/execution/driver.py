@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import ray
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline import storage
@@ -32,7 +32,6 @@ from pipeline.execution.scheduler import Outcome, UnitScheduler
 from pipeline.execution.worker import INFLIGHT_DIR, UnitWorker, inflight_key
 from pipeline.inputs import privacy
 from pipeline.inputs.entries import Entry, Unit, enumerate_input
-from pipeline.paths import user_path
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +67,6 @@ class Job:
     report: Callable[[str, plan.Plan], dict[str, Any]] | None = None
 
 
-def resolve_paths(cfg: DictConfig, *extra: str) -> DictConfig:
-    """A copy of ``cfg`` with input, output, the checkpoint and the ``extra`` dotted keys
-    (e.g. ``stage.boxes``) made absolute, once, here on the driver (workers run
-    elsewhere, and config.yaml must name the same paths)."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for key in ("input", "output", "model.checkpoint", *extra):
-            value = OmegaConf.select(cfg, key)
-            if value is not None:
-                OmegaConf.update(cfg, key, user_path(value), merge=False)
-    return cfg
-
-
 def list_inputs(cfg: DictConfig) -> list[Entry]:
     """The input's entries, listed on the driver before anything is written (an unusable
     input fails here), with the checks a run needs first: the privacy detectors load here,
@@ -95,7 +81,7 @@ def run(cfg: DictConfig, entries: list[Entry], job: Job) -> dict[str, Any]:
     """Annotates ``entries`` into ``cfg.output`` with ``job``; returns (and saves as
     ``summary.json``) the run's summary.
 
-    ``cfg`` has its paths resolved (``resolve_paths``); ``cfg.stage`` carries the run
+    ``cfg`` has its paths resolved (``pipeline.config.paths``); ``cfg.stage`` carries the run
     settings of conf/stage/fully_auto.yaml (units, actors, retries, lease, image).
     Summary keys: units (total), units_skipped (committed before), units_committed,
     units_failed, images, images_ok, images_failed, masks (this run), inputs_added (to

@@ -5,7 +5,7 @@
 is a mask source (``pipeline.masks.sources``: the point grid of fully_auto, box prompts,
 ...); reading, decoding, the shard, the manifest and the commit are the same for all.
 A source that makes a new image from the input (augment pastes objects onto it) returns
-``mask_sources.Rewritten``, and its image is stored instead of the input's.
+``pipeline.masks.records.Rewritten``, and its image is stored instead of the input's.
 Within a unit, decoding runs ahead in threads and shard writing runs behind in a thread,
 so the model waits on neither; both queues are bounded, so memory is flat whatever the
 unit size.
@@ -31,6 +31,7 @@ from pipeline.inputs.entries import Item, ReadRefused, Unit, read_item
 from pipeline.inputs.images import ImageError, PreparedImage, prepare_image, split_image_cfg
 from pipeline.inputs.privacy import PrivacyUnavailable
 from pipeline.masks import sources as mask_sources
+from pipeline.masks.records import Rewritten
 
 Failure = tuple[str, str]  # (phase, reason) as written to the errors table
 # Progress goes to the driver at most this often (plus once at the end of a unit): one
@@ -174,7 +175,7 @@ class UnitWorker:
             if failure is None:
                 self._maybe_kill(item)
                 masks, failure = self._annotate(item, prepared)
-                if isinstance(masks, mask_sources.Rewritten):  # the source made a new image
+                if isinstance(masks, Rewritten):  # the source made a new image
                     masks, prepared = masks.masks, masks.image
             if failure is not None:
                 phase, reason = failure
@@ -248,7 +249,7 @@ class UnitWorker:
 
     def _annotate(
         self, item: Item, prepared: PreparedImage
-    ) -> tuple[list[dict] | mask_sources.Rewritten | None, Failure | None]:
+    ) -> tuple[list[dict] | Rewritten | None, Failure | None]:
         try:
             return self.source(item, prepared), None
         except torch.cuda.OutOfMemoryError:

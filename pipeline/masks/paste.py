@@ -36,13 +36,14 @@ from pipeline.dataset import shards
 from pipeline.inputs.entries import Item
 from pipeline.inputs.images import PreparedImage
 from pipeline.masks import paste_plan
+from pipeline.masks.records import Rewritten, mask_record
 
 SOURCE_CACHE = 16  # decoded source images kept per worker (objects often share one)
 
 
 class Paster:
     """The augment stage's mask source: ``Paster(spec)(item, background)`` returns the
-    pasted image and all its masks (``mask_sources.Rewritten``).
+    pasted image and all its masks (``pipeline.masks.records.Rewritten``).
 
     spec keys: ``output`` (holding the recorded paste plan), ``paste`` (the transform,
     blend and occlusion settings of conf/stage/augment.yaml), ``seed``, ``jpeg_quality``.
@@ -57,8 +58,6 @@ class Paster:
         self._sources: OrderedDict[tuple[str, str], tuple[np.ndarray, dict]] = OrderedDict()
 
     def __call__(self, item: Item, background: PreparedImage):
-        from pipeline.masks.sources import Rewritten
-
         s = self.settings
         rng = np.random.default_rng([self.seed, zlib.crc32(item.name.encode("utf-8"))])
         canvas = np.array(background.rgb)
@@ -145,20 +144,11 @@ def _decode(segmentation: dict) -> np.ndarray:
 
 
 def _pasted(source: dict, row: dict, rle: dict, size: tuple[int, int]) -> dict[str, Any]:
-    record = {
-        "segmentation": rle,
-        "area": int(mask_utils.area(rle)),
-        "predicted_iou": float(source.get("predicted_iou", 1.0)),
-        "stability_score": float(source.get("stability_score", 1.0)),
-        "crop_box": [0.0, 0.0, float(size[0]), float(size[1])],
-        "point_coords": [],
-        "category_id": int(row["category_id"]),
-        "box_source": "pasted",
-        "pasted_from": {"key": row["key"], "id": int(source["id"])},
-    }
+    extra = {"category_id": int(row["category_id"]), "box_source": "pasted",
+             "pasted_from": {"key": row["key"], "id": int(source["id"])}}
     if "score" in source:
-        record["score"] = source["score"]
-    return record
+        extra["score"] = source["score"]
+    return mask_record(rle, source.get("predicted_iou", 1.0), source.get("stability_score", 1.0), size, **extra)
 
 
 def _transformed(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator, s: Mapping[str, Any],

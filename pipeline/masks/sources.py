@@ -16,29 +16,18 @@ the model is one small class here and an entry in SOURCES.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline.dataset.filters import MaskFilter
 from pipeline.inputs import box_files
 from pipeline.inputs.entries import Item
 from pipeline.inputs.images import PreparedImage
 from pipeline.masks import paste
+from pipeline.masks.records import MaskSource, mask_record, xywh
 from pipeline.models import loader as model
-
-
-@dataclass
-class Rewritten:
-    """A source's answer that replaces the image: ``image`` is stored, ``masks`` refer to it."""
-
-    masks: list[dict[str, Any]]
-    image: PreparedImage
-
-
-class MaskSource(Protocol):
-    def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]] | Rewritten: ...
 
 
 class GridSource:
@@ -80,7 +69,7 @@ class DetectorSource:
     spec keys: ``model``, ``model_sha256``, ``detector`` (a registered detector folder,
     ``pipeline.models.detector``), ``detector_sha256``, ``prompt`` (conf/stage/semi_auto.yaml:
     min_box_score, max_boxes, multimask_output, boxes_per_batch, stability_score_offset,
-    min_predicted_iou, min_stability), and optionally ``amg`` and ``verifier_sha256``.
+    pred_iou_thresh, stability_score_thresh), and optionally ``amg`` and ``verifier_sha256``.
     Records carry, besides SA-1B's keys: score (the detector's), prompt_box (XYWH) and
     provenance.
     """
@@ -107,24 +96,13 @@ class DetectorSource:
         answer = predict_boxes(self.predictor, boxes, multimask_output=bool(p["multimask_output"]),
                                boxes_per_batch=p["boxes_per_batch"],
                                stability_score_offset=float(p["stability_score_offset"]))
-        records = []
+        records, confident = [], MaskFilter.of(p)
         for i in range(len(boxes)):
-            if (answer.areas[i] == 0 or answer.predicted_iou[i] < float(p["min_predicted_iou"])
-                    or answer.stability_score[i] < float(p["min_stability"])):
+            if answer.areas[i] == 0 or not confident.keeps(answer.predicted_iou[i], answer.stability_score[i]):
                 continue  # not confident: left for the annotators to draw
-            x0, y0, x1, y1 = (float(v) for v in answer.mask_boxes[i])
-            records.append({
-                "segmentation": answer.rles[i],
-                "area": int(answer.areas[i]),
-                "bbox": [x0, y0, max(x1 - 1 - x0, 0.0), max(y1 - 1 - y0, 0.0)],  # the generator's convention
-                "predicted_iou": float(answer.predicted_iou[i]),
-                "stability_score": float(answer.stability_score[i]),
-                "crop_box": [0.0, 0.0, float(image.width), float(image.height)],
-                "point_coords": [],
-                "score": float(scores[i]),
-                "prompt_box": _xywh(boxes[i]),
-                "provenance": "automatic",
-            })
+            records.append(mask_record(answer.rles[i], answer.predicted_iou[i], answer.stability_score[i],
+                                       (image.width, image.height), score=float(scores[i]),
+                                       prompt_box=xywh(boxes[i]), provenance="automatic"))
         return self.verify(records, image.rgb)
 
 
@@ -172,25 +150,15 @@ class BoxSource:
         chosen, trusted = boxes, np.zeros(len(rows), bool)
         if refine["enabled"]:
             chosen, trusted = refine_boxes(boxes, answer.mask_boxes, answer.predicted_iou, answer.stability_score,
-                                           refine["min_predicted_iou"], refine["min_stability"], refine["margin"])
+                                           refine["pred_iou_thresh"], refine["stability_score_thresh"],
+                                           refine["margin"])
         records = []
         for i, row in enumerate(rows):
-            x0, y0, x1, y1 = (float(v) for v in answer.mask_boxes[i])
-            record = {
-                "segmentation": answer.rles[i],
-                "area": int(answer.areas[i]),
-                "bbox": [x0, y0, max(x1 - 1 - x0, 0.0), max(y1 - 1 - y0, 0.0)] if x1 > x0 else [0.0] * 4,
-                "predicted_iou": float(answer.predicted_iou[i]),
-                "stability_score": float(answer.stability_score[i]),
-                "crop_box": [0.0, 0.0, float(size[0]), float(size[1])],
-                "point_coords": [] if points is None else [
-                    [float(x), float(y)] for (x, y), label in zip(points[i], labels[i]) if label >= 0],
-                "category_id": row["category_id"],
-                "prompt_id": row["prompt_id"],
-                "prompt_box": _xywh(boxes[i]),
-                "box": _xywh(chosen[i]),
-                "box_source": "mask" if trusted[i] else "detector",
-            }
+            prompt_points = [] if points is None else [p for p, label in zip(points[i], labels[i]) if label >= 0]
+            record = mask_record(answer.rles[i], answer.predicted_iou[i], answer.stability_score[i], size,
+                                 prompt_points, category_id=row["category_id"], prompt_id=row["prompt_id"],
+                                 prompt_box=xywh(boxes[i]), box=xywh(chosen[i]),
+                                 box_source="mask" if trusted[i] else "detector")
             if row["score"] is not None:
                 record["score"] = row["score"]
             if row["segmentation"] is not None:
@@ -220,11 +188,6 @@ class BoxSource:
             points[i, : len(p)] = p
             labels[i, : len(p)] = 1
         return points, labels
-
-
-def _xywh(box: np.ndarray) -> list[float]:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def _ground_truth(row: dict, image: PreparedImage, size: tuple[int, int], frame: str) -> dict:

@@ -28,11 +28,11 @@ import torchvision
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import versions
 from pipeline.dataset.shards import Sample
+from pipeline.models import registry
 
 ARCHS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn")
-MODEL_FILE = "model.pth"      # the detector's state dict
+MODEL_FILE = registry.MODEL_FILE  # the detector's state dict
 META_FILE = "detector.json"   # what rebuilds it: {"model": settings, "version": ...}
 NUM_CLASSES = 2  # background + "object"
 OBJECT = 1
@@ -108,15 +108,15 @@ def detector_identity(path: str | None) -> str | None:
     detector.json), or None."""
     if path is None:
         return None
-    return versions.identity(versions.read_files(str(path), (MODEL_FILE, META_FILE), "detector"))
+    return registry.identity(registry.read_files(str(path), (MODEL_FILE, META_FILE), "detector"))
 
 
 def load_detector(path: str, device: str | torch.device = "cpu",
                   expected_sha256: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode on ``device``, its detector.json) of the detector registered
     at ``path`` (its folder or a file in it); ``expected_sha256``: refuse other files."""
-    files = versions.read_files(str(path), (MODEL_FILE, META_FILE), "detector")
-    versions.check_identity(files, expected_sha256, str(path))
+    files = registry.read_files(str(path), (MODEL_FILE, META_FILE), "detector")
+    registry.check_identity(files, expected_sha256, str(path))
     meta = json.loads(files[META_FILE])
     model = build_detector(meta["model"], load_backbone=False)
     load_state(model, files[MODEL_FILE], str(path))

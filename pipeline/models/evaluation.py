@@ -12,24 +12,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
+from pipeline.models import registry
 from pipeline.models.loader import generator_kwargs, load_sam
-from pipeline.paths import user_path
 from pipeline.truth.ground_truth import held_out
-
-EVAL_FILE = "eval.json"
 
 
 def _plain(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def held_out_config(eval_cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """``eval_cfg`` as a plain dict with the held-out data's user paths made absolute."""
-    config = _plain(eval_cfg)
-    shards = config["shards"]
-    config["shards"] = [user_path(s) for s in shards] if isinstance(shards, list) else user_path(shards)
-    config["coco"] = {k: user_path(v) for k, v in config["coco"].items()}
-    return config
 
 
 def evaluate_model(
@@ -48,8 +37,8 @@ def evaluate_model(
     import sam_core
     from sam_core.metrics import amg_matches, prompt_ious, resolution_ceiling
 
-    eval_cfg, amg_cfg = held_out_config(eval_cfg), _plain(amg_cfg)
-    sam = load_sam({"arch": arch, "checkpoint": checkpoint, "device": device}).eval()
+    eval_cfg, amg_cfg = _plain(eval_cfg), _plain(amg_cfg)
+    sam = load_sam({"arch": arch, "checkpoint": checkpoint, "device": device})
     predictor = sam_core.SamPredictor(sam)
     overrides = {k: v for k, v in eval_cfg["amg"].items() if v is not None}
     # The generator's own settings only: eval measures the generator, never amg.verifier.
@@ -96,7 +85,7 @@ def evaluate_model(
     result["amg_masks_per_image"] = float(len(p) / images)
     result["seconds"] = time.perf_counter() - t0
     if out_dir is not None:
-        storage.write_json(storage.join(out_dir, EVAL_FILE), result)
+        storage.write_json(storage.join(out_dir, registry.EVAL_FILE), result)
     print(format_table(result), flush=True)
     return result
 

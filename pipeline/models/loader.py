@@ -1,8 +1,7 @@
-"""Builds the SAM model from ``cfg.model``, checked against the identity the run recorded.
-
-``cfg.model``: arch (a key of ``sam_model_registry``), checkpoint (a local path or an
-fsspec URL, or null for random weights, only useful for benchmarks), device ("auto",
-"cpu", "cuda", "cuda:1").
+"""Loading SAM, the one way every stage, worker, trainer and the annotation server does:
+a ``ModelSpec`` (``cfg.model``: arch, checkpoint path or URL, device; plus the sha256 a
+run recorded) -> the model on its device, its bytes checked against that sha256.
+Also the generator of ``cfg.amg`` on such a model.
 """
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import sam_core
 from pipeline import storage
 from pipeline.paths import is_url
+from sam_core.checkpoint import load_checkpoint
 
 RANDOM_WEIGHTS = "random-init"
 
@@ -68,9 +69,38 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_sam(model_cfg: Mapping[str, Any] | DictConfig, expected_sha256: str | None = None,
+@dataclass(frozen=True)
+class ModelSpec:
+    """The one description of a SAM to load, whoever loads it (stages, workers, the
+    annotation server, training).
+
+    arch: a key of ``sam_core.sam_model_registry``; checkpoint: a local path or an fsspec
+    URL (user paths made absolute by ``pipeline.config.paths``), None for random weights
+    (seeded: the same ones in every process); device: "auto", "cpu", "cuda", "cuda:1";
+    sha256: the identity a run recorded (``model_identity``), against which the bytes
+    loaded are checked, or None to load whatever the file holds now.
+    """
+
+    arch: str
+    checkpoint: str | None = None
+    device: str = "auto"
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, model: "ModelSpec | Mapping[str, Any] | DictConfig", sha256: str | None = None) -> "ModelSpec":
+        """A spec from ``cfg.model`` (or a plain mapping with its keys), or ``model`` itself;
+        ``sha256`` given here wins over the mapping's."""
+        if isinstance(model, ModelSpec):
+            return model if sha256 is None else replace(model, sha256=sha256)
+        model = plain(model)
+        return cls(arch=model["arch"], checkpoint=model.get("checkpoint"), device=model.get("device") or "auto",
+                   sha256=sha256 if sha256 is not None else model.get("sha256"))
+
+
+def load_sam(model: ModelSpec | Mapping[str, Any] | DictConfig, expected_sha256: str | None = None,
              resize: bool = False) -> "sam_core.modeling.Sam":
-    """The configured SAM on its device.
+    """The SAM ``model`` describes (a ``ModelSpec`` or ``cfg.model``), on its device, in
+    eval mode.
 
     ``expected_sha256``: the identity the driver recorded (``model_identity``); the bytes
     loaded are checked against it (``sam_core.ChecksumError`` if the file changed since).
@@ -78,25 +108,25 @@ def load_sam(model_cfg: Mapping[str, Any] | DictConfig, expected_sha256: str | N
     (position tables are resampled, ``sam_core.checkpoint.resize_positions``), e.g. to
     fine-tune a 256-px model at 512 px.
     """
-    model_cfg = plain(model_cfg)
-    arch = model_cfg["arch"]
-    if arch not in sam_core.sam_model_registry:
-        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
-    checkpoint = model_cfg.get("checkpoint")
-    if checkpoint is not None:
-        require_checkpoint(checkpoint)
-    elif expected_sha256 not in (None, RANDOM_WEIGHTS):
-        raise ValueError(f"model.checkpoint is null but the run recorded model {expected_sha256}")
-    sha = None if expected_sha256 == RANDOM_WEIGHTS else expected_sha256
-    with local_checkpoint(checkpoint) as path:
-        if resize and path is not None:
-            from sam_core.checkpoint import load_checkpoint
-
-            sam = load_checkpoint(sam_core.sam_model_registry[arch](), path, arch=arch, resize=True,
-                                  expected_sha256=sha)
+    spec = ModelSpec.of(model, expected_sha256)
+    if spec.arch not in sam_core.sam_model_registry:
+        raise ValueError(f"unknown model.arch {spec.arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
+    if spec.checkpoint is not None:
+        require_checkpoint(spec.checkpoint)
+    elif spec.sha256 not in (None, RANDOM_WEIGHTS):
+        raise ValueError(f"model.checkpoint is null but the run recorded model {spec.sha256}")
+    sha = None if spec.sha256 == RANDOM_WEIGHTS else spec.sha256
+    build = sam_core.sam_model_registry[spec.arch]
+    with local_checkpoint(spec.checkpoint) as path:
+        if path is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random weights (benchmarks, tests): the same ones everywhere
+                sam = build()
+        elif resize:
+            sam = load_checkpoint(build(), path, arch=spec.arch, resize=True, expected_sha256=sha)
         else:
-            sam = sam_core.sam_model_registry[arch](checkpoint=path, expected_sha256=sha)
-    return sam.to(resolve_device(model_cfg.get("device", "auto")))
+            sam = build(checkpoint=path, expected_sha256=sha)
+    return sam.to(resolve_device(spec.device)).eval()
 
 
 # Keys of cfg.amg that are the pipeline's, not the generator's: the mask verifier that

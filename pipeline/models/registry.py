@@ -1,12 +1,17 @@
-"""Registered models: ``<output>/models/<version>/``, on a local disk or in an object store.
+"""Registered models: ``<output>/models/<name>/``, on a local disk or in an object store.
 
-    model.pth            the Sam state dict (official format: sam_core and segment_anything load it)
-    config.yaml          the resolved configuration it was trained with (+ code_version)
-    data.json            the shards, synthetic and COCO settings it was trained on
-    history.jsonl        one line of training metrics per step
-    figures/training.png the training curve
-    eval.json            held-out evaluation (when evaluated)
-    train_summary.json   written last: the version is registered once it exists
+One registry for every kind of model the engine trains:
+
+    kind       folder                            model files
+    sam        models/<version>/                 model.pth (official state dict), data.json
+    detector   models/detector_<version>/        model.pth, detector.json (what rebuilds it)
+    verifier   models/verifier_<version>/        model.pth, verifier.json
+
+Each folder also holds ``config.yaml`` (the resolved configuration it was trained with,
+plus code_version), and when trained by ``pipeline.training``: ``history.jsonl`` and
+``figures/training.png``, ``eval.json`` (held-out figures). ``train_summary.json`` is
+written last: a folder is registered once it exists. Versions are v001, v002, ...; the
+composing stages name theirs (``round_001``, ``engine_1``).
 
 A model is named by a version (looked up under an output) or by a path or URL.
 ``config.yaml`` is read as plain YAML: nothing in a registered file is interpolated or
@@ -14,64 +19,64 @@ resolved (``${oc.env:...}`` stays a string), so a version cannot read the enviro
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import posixpath
 import re
-from typing import Any
+from typing import Any, Sequence
 
-import numpy as np
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
-from pipeline.dataset.provenance import code_version
-from pipeline.paths import user_path
-from pipeline.training import checkpoints
-from pipeline.training.plots import plot_history
 
 MODELS_DIR = "models"
-MODEL_FILE = checkpoints.MODEL_FILE
+MODEL_FILE = "model.pth"
 CONFIG_FILE = "config.yaml"
 EVAL_FILE = "eval.json"
-SUMMARY_FILE = "train_summary.json"
-_VERSION = re.compile(r"v\d{3}$")
+SUMMARY_FILE = "train_summary.json"  # written last: its presence registers the folder
+SAM = "sam"
 
 
-def version_url(output: str, version: str) -> str:
-    return storage.join(output, MODELS_DIR, version)
+def version_dir(output: str, version: str, kind: str = SAM) -> str:
+    """``<output>/models/<version>`` for SAM, ``<output>/models/<kind>_<version>`` else."""
+    return storage.join(output, MODELS_DIR, version if kind == SAM else f"{kind}_{version}")
 
 
-def next_version(output: str) -> str:
-    """The first free name of v001, v002, ... under ``<output>/models/``."""
+def next_version(output: str, kind: str = SAM) -> str:
+    """The first free name of v001, v002, ... for ``kind`` under ``<output>/models/``."""
     fs, root = storage.filesystem(storage.join(output, MODELS_DIR))
-    taken = ({posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
-             if fs.isdir(root) else set())
+    names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)} if fs.isdir(root) else set()
+    prefix = "" if kind == SAM else f"{kind}_"
+    taken = {int(m.group(1)) for n in names if (m := re.fullmatch(rf"{re.escape(prefix)}v(\d{{3,}})", n))}
     n = 1
-    while f"v{n:03d}" in taken:
+    while n in taken:
         n += 1
     return f"v{n:03d}"
 
 
+def model_file(output: str, version: str) -> str:
+    """The state dict of SAM version ``version`` registered under ``output``."""
+    return storage.join(version_dir(output, version), MODEL_FILE)
+
+
 def resolve_model(spec: str | None, output: str, what: str = "checkpoint") -> str | None:
-    """The state dict ``spec`` names: a version registered under ``<output>/models/``,
-    else a path (made absolute against the working directory) or a URL. None stays None."""
+    """The state dict ``spec`` names: a version registered under ``<output>/models/``, else
+    a path or URL (made absolute by ``pipeline.config.paths``). None stays None."""
     if spec is None:
         return None
     spec = str(spec)
-    registered = storage.join(version_url(output, spec), MODEL_FILE)
+    registered = model_file(output, spec)
     if "/" not in spec and _exists(registered):
         return registered
-    path = user_path(spec)
-    if not _exists(path):
+    if not _exists(spec):
         raise FileNotFoundError(
             f"{what} {spec!r} is neither a file nor a version registered in {storage.join(output, MODELS_DIR)}"
         )
-    return path
+    return spec
 
 
 def registered_arch(checkpoint: str | None) -> str | None:
-    """The architecture a registered version was trained as (``stage.arch`` of its
+    """The architecture a registered SAM version was trained as (``stage.arch`` of its
     config.yaml), else None: a version trained at another input size than ``model.arch``
     evaluates as itself."""
     if checkpoint is None or posixpath.basename(checkpoint) != MODEL_FILE:
@@ -81,63 +86,67 @@ def registered_arch(checkpoint: str | None) -> str | None:
     return arch if isinstance(arch, str) else None
 
 
-def read_config(version_dir: str) -> dict[str, Any] | None:
-    """A version's config.yaml as plain data (``yaml.safe_load``: no resolvers, no tags)."""
-    fs, path = storage.filesystem(storage.join(version_dir, CONFIG_FILE))
+def read_config(directory: str) -> dict[str, Any] | None:
+    """A registered folder's config.yaml as plain data (``yaml.safe_load``: no resolvers,
+    no tags), or None."""
+    fs, path = storage.filesystem(storage.join(directory, CONFIG_FILE))
     try:
         return yaml.safe_load(fs.cat_file(path))
     except FileNotFoundError:
         return None
 
 
-def register(output: str, version: str, checkpoint_dir: str, cfg: DictConfig,
-             stage: dict[str, Any], data_files: list[str]) -> dict[str, Any]:
-    """Registers the checkpoint in ``checkpoint_dir`` as ``<output>/models/<version>/``.
+def read_summary(directory: str) -> dict[str, Any] | None:
+    """The summary of the registered folder ``directory``, or None when not registered."""
+    return storage.read_json(storage.join(directory, SUMMARY_FILE))
 
-    ``stage``: the settings the workers trained with (user paths resolved). Returns the
-    training summary, also written as train_summary.json: version, model (its URL),
-    steps, complete (all ``stage.steps`` done), final_loss (mean of the last 20 steps),
-    seconds_per_step (median).
-    """
-    target = version_url(output, version)
-    fs, root = storage.writable(target)
-    # Figures of an earlier registration of this version describe another model.
+
+def write(directory: str, name: str, data: bytes | str) -> None:
+    """Writes ``directory/name`` atomically."""
+    storage.write_bytes(storage.join(directory, name), data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def unregister(directory: str) -> None:
+    """Removes the marker and the figures of an earlier registration of the folder:
+    they describe another model than the one being registered now."""
+    fs, root = storage.filesystem(directory)
     for stale in (SUMMARY_FILE, EVAL_FILE):
         if fs.exists(storage.join(root, stale)):
             fs.rm(storage.join(root, stale))
-    src_fs, src = storage.filesystem(storage.join(checkpoint_dir, MODEL_FILE))
-    with storage.atomic_open(fs, storage.join(root, MODEL_FILE)) as out, src_fs.open(src, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            out.write(block)
-    state = checkpoints.load(checkpoint_dir, checkpoints.TRAIN_STATE_FILE)
-    history = state["history"]
-    saved = OmegaConf.to_container(cfg, resolve=True)
-    saved["stage"] = stage
-    saved["code_version"] = code_version()
-    storage.write_bytes(storage.join(target, CONFIG_FILE), OmegaConf.to_yaml(saved).encode())
-    storage.write_json(storage.join(target, "data.json"), {
-        "shards": data_files, "synthetic": stage["data"]["synthetic"], "coco": stage["data"]["coco"],
-    })
-    storage.write_bytes(storage.join(target, "history.jsonl"),
-                        "".join(json.dumps(h) + "\n" for h in history).encode())
-    if history:
-        storage.write_bytes(storage.join(target, "figures", "training.png"), plot_history(history))
-    tail = history[-min(len(history), 20):]
-    summary = {
-        "version": version,
-        "model": storage.join(target, MODEL_FILE),
-        "steps": state["step"],
-        "complete": state["step"] >= int(stage["steps"]),
-        "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else math.nan,
-        "seconds_per_step": float(np.median([h["seconds"] for h in history])) if history else math.nan,
-    }
-    storage.write_json(storage.join(target, SUMMARY_FILE), summary)
-    return summary
 
 
-def read_summary(output: str, version: str) -> dict[str, Any] | None:
-    """train_summary.json of a registered version, or None when it is not registered."""
-    return storage.read_json(storage.join(version_url(output, version), SUMMARY_FILE))
+def mark_registered(directory: str, summary: dict[str, Any]) -> None:
+    """Writes the folder's ``SUMMARY_FILE``: call it last."""
+    write(directory, SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+
+
+def read_files(path: str, names: Sequence[str], what: str) -> dict[str, bytes]:
+    """The bytes of the files ``names`` of the registered folder at ``path`` (the
+    folder, or one of those files in it), read once: check and load the same bytes."""
+    fs, inner = storage.filesystem(path)
+    folder = posixpath.dirname(inner) if posixpath.basename(inner) in names else inner
+    try:
+        return {name: fs.cat_file(storage.join(folder, name)) for name in names}
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{what} {path!r}: expected a folder with {', '.join(names)} (train one with +stage={what}; "
+            f"it registers <output>/models/{what}_<version>/)"
+        ) from None
+
+
+def identity(files: dict[str, bytes]) -> str:
+    """The sha256 that identifies a registered model made of several files."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}:{hashlib.sha256(files[name]).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def check_identity(files: dict[str, bytes], expected_sha256: str | None, path: str) -> None:
+    """Refuses files that are not the ones a run recorded (``expected_sha256``)."""
+    if expected_sha256 is not None and identity(files) != expected_sha256:
+        raise ValueError(f"{path}: its files changed after the run recorded them (sha256 {identity(files)}, "
+                         f"expected {expected_sha256}); the dataset would mix two models")
 
 
 def _exists(url: str) -> bool:

@@ -33,7 +33,9 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from pipeline import storage, versions
+from pipeline import storage
+from pipeline.models import registry
+from sam_core.metrics import amg_matches
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,9 @@ FEATURES = (
     "log_edge_ratio",     # log of (contour + eps) / (inside + eps): a good mask's contour is an edge
     "contrast",           # colour distance between the rings just inside and just outside it
 )
-MODEL_FILE = "model.pth"
+MODEL_FILE = registry.MODEL_FILE
 META_FILE = "verifier.json"
-EVAL_FILE = "eval.json"
+EVAL_FILE = registry.EVAL_FILE
 
 
 # ------------------------------------------------------------------------------ features
@@ -154,9 +156,6 @@ class Examples:
 def best_ious(records: Sequence[Mapping[str, Any]], truth: np.ndarray) -> np.ndarray:
     """IoU of each generated mask with its best-matching true mask (NxHxW bool): the
     matching of the eval stage's automatic-generation metrics."""
-    # Moves to sam_core.metrics with the training/registry split (another branch).
-    from sam_core.metrics import amg_matches
-
     return amg_matches(list(records), truth)[1]
 
 
@@ -384,22 +383,22 @@ def save(verifier: Verifier, directory: str, extra: Mapping[str, Any] | None = N
     torch.save({k: v.detach().cpu() for k, v in verifier.net.state_dict().items()}, buffer)
     meta = {"features": list(FEATURES), "hidden": verifier.hidden, "threshold": verifier.threshold,
             "validation": verifier.info, "curve": verifier.curve, **(extra or {})}
-    versions.write(directory, MODEL_FILE, buffer.getvalue())
-    versions.write(directory, META_FILE, json.dumps(meta, indent=1))
+    registry.write(directory, MODEL_FILE, buffer.getvalue())
+    registry.write(directory, META_FILE, json.dumps(meta, indent=1))
 
 
 def verifier_identity(path: str | None) -> str | None:
     """The sha256 identifying the verifier at ``path`` (its two files), or None."""
     if path is None:
         return None
-    return versions.identity(versions.read_files(str(path), (MODEL_FILE, META_FILE), "verifier"))
+    return registry.identity(registry.read_files(str(path), (MODEL_FILE, META_FILE), "verifier"))
 
 
 def load_verifier(path: str, expected_sha256: str | None = None) -> Verifier:
     """The verifier registered at ``path``; ``expected_sha256``: refuse files that are
     not the ones the run recorded. The weights load with ``weights_only=True``."""
-    files = versions.read_files(str(path), (MODEL_FILE, META_FILE), "verifier")
-    versions.check_identity(files, expected_sha256, str(path))
+    files = registry.read_files(str(path), (MODEL_FILE, META_FILE), "verifier")
+    registry.check_identity(files, expected_sha256, str(path))
     model, meta_bytes = files[MODEL_FILE], files[META_FILE]
     meta = json.loads(meta_bytes)
     if list(meta.get("features", [])) != list(FEATURES):

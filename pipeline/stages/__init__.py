@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline.config.guard import check_config
-from pipeline.paths import PROJECT_ROOT
+from pipeline.config.paths import resolve_paths
 
 STAGES = {
     "fully_auto": "pipeline.stages.fully_auto",
@@ -30,15 +30,11 @@ STAGES = {
     "engine": "pipeline.stages.engine",
 }
 
-# ${project_root:} lets configs name files shipped with the repository (sample images,
-# the default model) independently of the working directory.
-if not OmegaConf.has_resolver("project_root"):
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
-
 
 def run_stage(cfg: DictConfig) -> dict:
-    """Runs the stage named by ``cfg.stage.name`` and returns its summary; raises
-    ``config_guard.ConfigRefused`` for a configuration that names code to run."""
+    """Runs the stage named by ``cfg.stage.name`` with its user paths made absolute
+    (``pipeline.config.paths``) and returns its summary; raises
+    ``pipeline.config.guard.ConfigRefused`` for a configuration that names code to run."""
     check_config(cfg)
     if "stage" not in cfg or "name" not in cfg.stage:
         raise ValueError(
@@ -48,4 +44,4 @@ def run_stage(cfg: DictConfig) -> dict:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
     module = importlib.import_module(STAGES[name])
-    return module.run(cfg)
+    return module.run(resolve_paths(cfg))

@@ -37,7 +37,6 @@ PREVIEW_FILE = "augment_preview.jpg"
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns the summary of ``pipeline.execution.driver.run`` plus ``augment``
     (see ``report``)."""
-    cfg = driver.resolve_paths(cfg, "stage.backgrounds")
     stage, output, source = cfg.stage, str(cfg.output), str(cfg.input)
     container = OmegaConf.to_container(cfg, resolve=True)
     recorded = paste_plan.read(output)

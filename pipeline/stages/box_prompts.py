@@ -46,7 +46,6 @@ EXAMPLES = 5
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns the summary of ``pipeline.execution.driver.run`` plus ``boxes``
     (the matching and the masks made, see ``report``)."""
-    cfg = driver.resolve_paths(cfg, "stage.boxes")
     if not cfg.stage.boxes:
         raise InputError("box_prompts needs stage.boxes=<COCO instances JSON | YOLO labels folder | Parquet table>")
     boxes = box_files.load(str(cfg.stage.boxes))

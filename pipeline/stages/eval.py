@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from pipeline import storage
 from pipeline.models import registry
 from pipeline.models.evaluation import evaluate_model
-from pipeline.paths import user_path
 
 
 def run(cfg: DictConfig) -> dict:
@@ -30,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
     ``model.checkpoint``) as ``stage.arch``, else the architecture the version was
     registered with, else ``model.arch``; returns ``evaluate_model``'s result."""
     stage = cfg.stage
-    output = user_path(cfg.output)
+    output = str(cfg.output)
     out_dir = storage.join(output, stage.out_subdir)
     storage.writable(out_dir)
     spec = stage.checkpoint if stage.checkpoint is not None else cfg.model.checkpoint

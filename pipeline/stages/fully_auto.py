@@ -31,7 +31,6 @@ IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the stage; returns (and saves as ``summary.json``) the run's summary (keys:
     ``pipeline.execution.driver.run``)."""
-    cfg = driver.resolve_paths(cfg, "amg.verifier")
     entries = driver.list_inputs(cfg)
     model_sha256 = model_identity(cfg.model.checkpoint)
     verifier_sha256 = verifier_identity(cfg.amg.get("verifier"))  # the mask verifier, when amg.verifier is set

@@ -29,36 +29,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
 from pipeline.compose import settings as compose
+from pipeline.compose.phases import Phase, is_trained, started_with
+from pipeline.dataset.filters import MaskFilter
 from pipeline.dataset.listing import iter_samples
 from pipeline.models import registry
-from pipeline.models.evaluation import EVAL_FILE, evaluate_model
+from pipeline.models.evaluation import evaluate_model
 from pipeline.models.loader import model_identity
-from pipeline.paths import user_path
 from pipeline.stages import fully_auto, retrain
 
 log = logging.getLogger(__name__)
 
 ROUNDS_DIR = "rounds"
 START_FILE = "round.json"      # the model and settings a round started with
-DONE_FILE = "done.json"        # written last: its presence marks the round finished
-TIMING_FILE = "timing.json"    # seconds spent per phase, summed over invocations
 REPORT_MD = "loop_report.md"
 REPORT_JSON = "loop_report.json"
 METRICS = ("point_miou_1", "point_miou_5", "point_miou_1_oracle", "box_miou", "amg_recall_0.5",
            "amg_recall_0.75", "amg_precision_0.5", "amg_precision_0.75", "amg_masks_per_image")
+
+
 def round_name(n: int) -> str:
     return f"round_{n:03d}"
 
 
-def kept_masks(dataset: str, min_predicted_iou: float, min_stability: float) -> tuple[int, int]:
-    """(masks in the dataset's shards, masks passing retrain's quality filters)."""
-    total = kept = 0
+def kept_masks(dataset: str, masks: MaskFilter) -> tuple[int, int]:
+    """(masks in the dataset's shards, masks passing retrain's filter ``masks``)."""
     for sample in iter_samples(str(dataset), images=False):
-        for a in sample.record["annotations"]:
-            total += 1
-            kept += (a.get("predicted_iou", 1.0) >= min_predicted_iou
-                     and a.get("stability_score", 1.0) >= min_stability)
-    return total, kept
+        masks(sample.record["annotations"])
+    return masks.kept + masks.dropped, masks.kept
 
 
 def round_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -66,10 +63,15 @@ def round_settings(cfg: DictConfig) -> dict[str, Any]:
     pool, the model architecture, the generator and every sub-stage setting except
     ``compose.RUN_CONTROL`` and those the loop sets per round."""
     stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    return compose.settings({"input": user_path(cfg.input), "model.arch": cfg.model.arch,
+    return compose.settings({"input": str(cfg.input), "model.arch": cfg.model.arch,
                              "amg": OmegaConf.to_container(cfg.amg, resolve=True),
                              "stage": {k: stage[k] for k in ("version_prefix", "fully_auto", "retrain", "eval")}},
                             per_run=("stage.retrain.version", "stage.retrain.init_checkpoint"))
+
+
+def _start(cfg: DictConfig, model: str) -> dict[str, Any]:
+    """What round.json records: the model a round starts from and the round's settings."""
+    return {"from_model": model, "from_model_sha256": model_identity(model), "settings": round_settings(cfg)}
 
 
 def _check_resume(cfg: DictConfig, output: str, start_model: str) -> None:
@@ -79,28 +81,17 @@ def _check_resume(cfg: DictConfig, output: str, start_model: str) -> None:
     model = start_model
     for n in range(1, int(cfg.stage.rounds) + 1):
         rdir = storage.join(output, ROUNDS_DIR, round_name(n))
-        done = storage.read_json(storage.join(rdir, DONE_FILE))
-        if done is not None:
-            if done["from_model"] != model:
-                raise RuntimeError(
-                    f"round {n} in {output} was made from {done['from_model']}, not {model}: "
-                    "use another output for another start model"
-                )
-            model = done["model"]
-            continue
-        started = storage.read_json(storage.join(rdir, START_FILE))
-        if started is not None:
-            now = {"from_model": model, "from_model_sha256": model_identity(model), **round_settings(cfg)}
-            before = {"from_model": started["from_model"], "from_model_sha256": started["from_model_sha256"],
-                      **started["settings"]}
-            differ = compose.differences(before, now)
-            if differ:
-                raise RuntimeError(
-                    f"round {n} in {output} was cut short and started with other settings than this "
-                    f"run's: {compose.shown(differ)}. Rerun with the settings it started with to finish it, or use "
-                    "another output"
-                )
-        return
+        done = Phase(rdir).done
+        if done is None:
+            started_with(storage.join(rdir, START_FILE), _start(cfg, model),
+                         f"round {n} in {output} was cut short and", record=False)
+            return
+        if done["from_model"] != model:
+            raise RuntimeError(
+                f"round {n} in {output} was made from {done['from_model']}, not {model}: "
+                "use another output for another start model"
+            )
+        model = done["model"]
 
 
 def _evaluate(cfg: DictConfig, model: str, out_dir: str) -> dict[str, Any]:
@@ -110,47 +101,39 @@ def _evaluate(cfg: DictConfig, model: str, out_dir: str) -> dict[str, Any]:
 
 
 def _round_zero(cfg: DictConfig, output: str, start_model: str) -> dict[str, Any]:
-    rdir = storage.join(output, ROUNDS_DIR, round_name(0))
-    done = storage.read_json(storage.join(rdir, DONE_FILE))
+    phase = Phase(storage.join(output, ROUNDS_DIR, round_name(0)))
+    done = phase.done
     if done is not None and done["model"] == start_model:
         log.info("round 0 (start model) already evaluated")
         return done
-    t0 = time.perf_counter()
-    metrics = _evaluate(cfg, start_model, rdir)
-    record = {"round": 0, "model": start_model, "eval": metrics,
-              "seconds": {"eval": round(time.perf_counter() - t0, 3)}}
-    storage.write_json(storage.join(rdir, DONE_FILE), record)
-    return record
+    metrics = phase.evaluated(start_model, phase.folder, lambda m, d: _evaluate(cfg, m, d))
+    return phase.finish({"round": 0, "model": start_model, "eval": metrics, "seconds": dict(phase.timing.seconds)})
 
 
 def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, Any] | None:
     """Runs (or resumes) round ``n`` from ``model``; None when stopped before its end."""
     stage = cfg.stage
-    rdir = storage.join(output, ROUNDS_DIR, round_name(n))
-    dataset = storage.join(rdir, "dataset")
+    phase = Phase(storage.join(output, ROUNDS_DIR, round_name(n)))
+    dataset = storage.join(phase.folder, "dataset")
     version = f"{stage.version_prefix}{n:03d}"
-    if storage.read_json(storage.join(rdir, START_FILE)) is None:
-        storage.write_json(storage.join(rdir, START_FILE), {
-            "from_model": model, "from_model_sha256": model_identity(model), "settings": round_settings(cfg),
-        })
-    timing = compose.Timing(storage.join(rdir, TIMING_FILE))
-    pool = user_path(cfg.input)
+    started_with(storage.join(phase.folder, START_FILE), _start(cfg, model), f"round {n} in {output}")
+    pool = str(cfg.input)
     log.info("round %d: fully_auto with %s over %s", n, model, pool)
 
     t0 = time.perf_counter()
     annotated = fully_auto.run(compose.derive(cfg, "fully_auto", input=pool, output=dataset,
-                                       **{"model.checkpoint": model}))
-    if annotated["units_committed"]:
-        timing.add("fully_auto", time.perf_counter() - t0)
+                                              **{"model.checkpoint": model}))
+    if annotated["units_committed"]:  # a rerun that found every unit committed did no work
+        phase.timing.add("fully_auto", time.perf_counter() - t0)
 
     data = stage.retrain.data
-    masks, kept = kept_masks(dataset, float(data.min_predicted_iou), float(data.min_stability))
+    masks, kept = kept_masks(dataset, MaskFilter.of(data))
     labeled = bool(data.synthetic.enabled) or bool(data.coco.annotations)
     if kept == 0 and not labeled:
         raise RuntimeError(
             f"round {n}: none of the {masks} masks in {dataset} passes retrain's filters "
-            f"(predicted IoU >= {data.min_predicted_iou}, stability >= {data.min_stability}); lower "
-            "stage.retrain.data.min_predicted_iou / min_stability or mix in labeled data "
+            f"(predicted IoU >= {data.pred_iou_thresh}, stability >= {data.stability_score_thresh}); lower "
+            "stage.retrain.data.pred_iou_thresh / stability_score_thresh or mix in labeled data "
             "(stage.retrain.data.synthetic.enabled=true)"
         )
     if kept == 0:
@@ -158,43 +141,33 @@ def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, An
                     "the labeled data only", n, model)
 
     steps = int(stage.retrain.steps)
-    trained = registry.read_summary(output, version)
-    if trained is not None and trained["complete"] and trained["steps"] == steps:
+    if is_trained(output, version, steps):
         log.info("round %d: %s already trained (%d steps)", n, version, steps)
+        trained = registry.read_summary(registry.version_dir(output, version))
     else:
         log.info("round %d: retrain %s from %s on %d masks (%d generated)", n, version, model, kept, masks)
-        t0 = time.perf_counter()
         extra = OmegaConf.to_container(stage.retrain.data, resolve=True)["shards"] or []
-        shards = [dataset, *(user_path(e) for e in ([extra] if isinstance(extra, str) else extra))]
-        trained = retrain.run(compose.derive(
-            cfg, "retrain", output=output,
-            **{"stage.version": version, "stage.init_checkpoint": model, "stage.data.shards": shards},
-        ))
-        timing.add("retrain", time.perf_counter() - t0)
+        shards = [dataset, *([extra] if isinstance(extra, str) else extra)]
+        train = compose.derive(cfg, "retrain", output=output, **{
+            "stage.version": version, "stage.init_checkpoint": model, "stage.data.shards": shards})
+        trained = phase.timed("retrain", lambda: retrain.run(train))
         if not trained["complete"]:
             log.info("round %d: retrain stopped at step %d of %d (stop_at_step); rerun to continue",
                      n, trained["steps"], steps)
             return None
-    registered = registry.version_url(output, version)
-    new_model = storage.join(registered, registry.MODEL_FILE)
-
-    metrics = storage.read_json(storage.join(registered, EVAL_FILE))
-    if metrics is None or metrics.get("model") != new_model:
-        t0 = time.perf_counter()
-        metrics = _evaluate(cfg, new_model, registered)
-        timing.add("eval", time.perf_counter() - t0)
-    storage.write_json(storage.join(rdir, EVAL_FILE), metrics)
+    registered = registry.version_dir(output, version)
+    new_model = registry.model_file(output, version)
+    metrics = phase.evaluated(new_model, registered, lambda m, d: _evaluate(cfg, m, d))
+    storage.write_json(storage.join(phase.folder, registry.EVAL_FILE), metrics)
 
     summary = annotated["dataset"]
-    record = {
+    return phase.finish({
         "round": n, "model": new_model, "version": version, "from_model": model,
         "images_annotated": summary["images_ok"], "images_failed": summary["images"] - summary["images_ok"],
         "masks_generated": masks, "masks_kept": kept,
         "training_steps": trained["steps"], "final_loss": trained.get("final_loss"),
-        "eval": metrics, "seconds": dict(timing.seconds),
-    }
-    storage.write_json(storage.join(rdir, DONE_FILE), record)  # last: the round is finished
-    return record
+        "eval": metrics, "seconds": dict(phase.timing.seconds),
+    })
 
 
 def format_report(rounds: list[dict[str, Any]]) -> str:
@@ -236,7 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done), rounds_run and rounds_skipped (by this invocation), complete, model (the
     last model), and report (URL of the markdown report)."""
     stage = cfg.stage
-    output = user_path(cfg.output)
+    output = str(cfg.output)
     storage.writable(output)
     start_model = compose.start_model(cfg, output, "loop")
     _check_resume(cfg, output, start_model)
@@ -246,7 +219,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_report(output, records, int(stage.rounds))
     model, ran, skipped, complete = start_model, 0, 0, True
     for n in range(1, int(stage.rounds) + 1):
-        done = storage.read_json(storage.join(output, ROUNDS_DIR, round_name(n), DONE_FILE))
+        done = Phase(storage.join(output, ROUNDS_DIR, round_name(n))).done
         if done is not None:
             log.info("round %d already finished: %s", n, done["model"])
             skipped += 1

@@ -12,6 +12,7 @@ ground truth (``pipeline.models.evaluation``). Output may be a local path or an 
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from omegaconf import DictConfig
@@ -21,9 +22,10 @@ from pipeline.dataset.listing import committed_shards
 from pipeline.execution.cluster import connect
 from pipeline.models import registry
 from pipeline.models.evaluation import evaluate_model
-from pipeline.paths import user_path
 from pipeline.training import checkpoints
-from pipeline.training.trainer import TRAIN_RUNS_DIR, fit, worker_config
+from pipeline.training.registration import register
+from pipeline.training.trainer import TRAIN_RUNS_DIR, fit, run_url, worker_config
+from pipeline.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,13 @@ def run(cfg: DictConfig) -> dict:
     import ray
 
     stage = cfg.stage
-    output = user_path(cfg.output)
+    output = str(cfg.output)
     storage.writable(output)
     config = worker_config(stage)
     version = stage.version or registry.next_version(output)
     config["init_checkpoint"] = registry.resolve_model(stage.init_checkpoint, output, "init checkpoint")
-    runs = storage.join(output, TRAIN_RUNS_DIR)
-    previous = checkpoints.latest(storage.join(runs, version))
+    run = run_url(output, version)
+    previous = checkpoints.latest(run)
     config["resume_from"] = previous
     if previous is not None:
         log.info("resuming %s from %s", version, previous)
@@ -53,18 +55,19 @@ def run(cfg: DictConfig) -> dict:
 
     started = connect(cfg.cluster)
     try:
-        result = fit(config, runs, version)
+        result = fit(train_loop_per_worker, config, storage.join(output, TRAIN_RUNS_DIR), version)
     finally:
         if started:
             ray.shutdown()
-    final = checkpoints.latest(storage.join(runs, version))
+    final = checkpoints.latest(run)
     if final is None:
         raise RuntimeError(f"training of {version} produced no complete checkpoint: {result.error!r}")
-    summary = registry.register(output, version, final, cfg, config, data_files)
+    data = {"shards": data_files, "synthetic": config["data"]["synthetic"], "coco": config["data"]["coco"]}
+    summary = register(output, version, final, cfg, config, files={"data.json": json.dumps(data, indent=2)})
     if stage.eval.enabled:
         summary["eval"] = evaluate_model(
             arch=stage.arch, checkpoint=summary["model"], eval_cfg=stage.eval, amg_cfg=cfg.amg,
-            out_dir=registry.version_url(output, version), device=cfg.model.device,
+            out_dir=summary["path"], device=cfg.model.device,
         )
     log.info("registered %s: %s", version, summary)
     return summary

@@ -32,7 +32,6 @@ IDENTITY_IGNORES = ("stage.prompt.boxes_per_batch",)  # batching: same masks
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Returns ``pipeline.execution.driver.run``'s summary plus detector (the training summary)
     and prefilled_masks_per_image (over the whole dataset)."""
-    cfg = driver.resolve_paths(cfg, "amg.verifier")
     if not cfg.stage.masks:
         raise InputError("semi_auto needs stage.masks=<the datasets collected so far> to train its detector")
     entries = driver.list_inputs(cfg)  # before any training

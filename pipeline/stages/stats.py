@@ -17,8 +17,10 @@ import time
 from omegaconf import DictConfig
 
 from pipeline import storage
+from pipeline.config.paths import dataset_paths
 from pipeline.dataset.listing import committed_shards
-from pipeline.dataset.readers import TableSink, dataset_paths, map_shards
+from pipeline.dataset.tables import TableSink
+from pipeline.execution.shard_map import map_shards
 from pipeline.stats import card, report
 from pipeline.stats.tables import IMAGE_SCHEMA, MASK_SCHEMA, SHARD_SCHEMA, shard_stats, summarize
 

@@ -12,13 +12,11 @@ import json
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline import versions
 from pipeline.dataset.provenance import code_version
-from pipeline.models import verifier
+from pipeline.models import registry, verifier
 from pipeline.models.loader import build_generator, generator_kwargs, model_identity
-from pipeline.paths import user_path
 from pipeline.truth.synthetic import iter_scenes, scene_seeds
 
 log = logging.getLogger(__name__)
@@ -27,13 +25,11 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Returns the validation figures (``verifier.fit``'s info) plus version and path."""
     stage = cfg.stage
-    output = user_path(cfg.output)
-    version = stage.version or versions.next_version(output, "verifier")
-    target = versions.version_dir(output, "verifier", version)
-    with open_dict(cfg):
-        cfg.model.checkpoint = user_path(cfg.model.checkpoint)
+    output = str(cfg.output)
+    version = stage.version or registry.next_version(output, "verifier")
+    target = registry.version_dir(output, version, "verifier")
     decisions = stage.decisions
-    tables = [user_path(p) for p in ([decisions] if isinstance(decisions, str) else list(decisions or []))]
+    tables = [str(p) for p in ([decisions] if isinstance(decisions, str) else list(decisions or []))]
 
     parts, trained_with = [], {"good_iou": float(stage.good_iou), "decisions": tables}
     if stage.synthetic.enabled:
@@ -55,10 +51,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           target_precision=float(stage.target_precision), seed=int(stage.seed))
     verifier.save(fitted, target, extra={"trained_with": trained_with})
     config = {**OmegaConf.to_container(cfg, resolve=True), "code_version": code_version()}
-    versions.write(target, "config.yaml", OmegaConf.to_yaml(config))
-    versions.write(target, verifier.EVAL_FILE, json.dumps(fitted.info, indent=2))
+    registry.write(target, registry.CONFIG_FILE, OmegaConf.to_yaml(config))
+    registry.write(target, registry.EVAL_FILE, json.dumps(fitted.info, indent=2))
     summary = {"version": version, "path": target, **fitted.info}
-    versions.mark_registered(target, summary)
+    registry.mark_registered(target, summary)
     print(format_table(summary), flush=True)
     return summary
 

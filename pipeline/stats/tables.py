@@ -408,7 +408,7 @@ def summarize(stats_dir: str | Path, batch_size: int = 1 << 20) -> dict[str, Any
 
 def _read(fs: Any, path: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """A stats table, or an empty one: a table with no rows is not written (see
-    ``readers.TableSink``)."""
+    ``pipeline.dataset.tables.TableSink``)."""
     if not fs.exists(path):
         schema = pa.schema([schema.field(c) for c in columns]) if columns else schema
         return schema.empty_table()

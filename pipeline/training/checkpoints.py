@@ -1,8 +1,8 @@
-"""Checkpoint folders of a training run, on a local disk or in an object store.
+"""Checkpoint folders of a training run (SAM or detector), locally or in an object store.
 
-    <output>/train_runs/<version>/checkpoint_%08d/
-        model.pth        the Sam state dict (the official format)
-        train_state.pt   optimizer, scheduler, step, history, every worker's RNG state
+    <output>/train_runs/<run>/checkpoint_%08d/
+        model.pth        the model's state dict (SAM's in the official format)
+        train_state.pt   optimizer, scheduler, step, history (and what the loop adds)
         complete.json    {"step": N}, written last: only a folder that has it is trusted
 
 Ray Train uploads a folder's files in no particular order, so a run killed during an
@@ -12,18 +12,21 @@ Everything loads with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import posixpath
 import re
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import torch
 
 from pipeline import storage
+from pipeline.models.registry import MODEL_FILE
 from pipeline.paths import is_url
 
-MODEL_FILE = "model.pth"        # plain Sam state dict: loadable by sam_core and segment_anything
 TRAIN_STATE_FILE = "train_state.pt"
 COMPLETE_FILE = "complete.json"
 FILES = (MODEL_FILE, TRAIN_STATE_FILE)  # what a checkpoint holds besides its marker
@@ -34,18 +37,30 @@ def folder_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def write_local(directory: str, sam: torch.nn.Module, state: dict[str, Any]) -> None:
+def write_local(directory: str, model: torch.nn.Module, state: dict[str, Any]) -> None:
     """Writes a checkpoint's files (not its marker) into a local folder, for ``upload``."""
-    torch.save({k: v.detach().cpu() for k, v in sam.state_dict().items()}, os.path.join(directory, MODEL_FILE))
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(directory, MODEL_FILE))
     torch.save(state, os.path.join(directory, TRAIN_STATE_FILE))
+
+
+def report(step: int, model: torch.nn.Module | None, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+    """Reports step ``step`` to Ray Train with a checkpoint of ``model`` and ``state``
+    (rank 0), or without one (other ranks: pass None), uploaded by ``upload``."""
+    import ray.train
+
+    if model is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_local(tmp, model, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=folder_name(step), checkpoint_upload_fn=upload)
 
 
 def upload(checkpoint, dir_name: str):
     """Ray Train's ``checkpoint_upload_fn``: copies the files of a local checkpoint into
     the run's storage one by one, then writes the completion marker; returns the
     persisted ``ray.train.Checkpoint``."""
-    import json
-
     import pyarrow.fs
     import ray.train
 
@@ -60,6 +75,22 @@ def upload(checkpoint, dir_name: str):
     with fs.open_output_stream(posixpath.join(dest, COMPLETE_FILE)) as f:
         f.write(json.dumps({"step": step}).encode())
     return ray.train.Checkpoint(dest, filesystem=fs)
+
+
+@contextlib.contextmanager
+def resumed(resume_from: str | None) -> Iterator[str | None]:
+    """The folder a worker resumes from: Ray's own checkpoint (a restarted worker, or a
+    run Ray restores from its snapshot) wins over ``resume_from`` (found in storage by the
+    driver), else None. ``as_directory`` reads a local checkpoint in place and cleans up a
+    downloaded one; ``to_directory`` would leave a copy in /tmp every time."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield resume_from
+        return
+    with checkpoint.as_directory() as folder:
+        yield folder
 
 
 def latest(run_url: str) -> str | None:
@@ -80,10 +111,10 @@ def latest(run_url: str) -> str | None:
     return best
 
 
-def load(folder: str, name: str) -> Any:
+def load(folder: str, name: str, device: str | torch.device = "cpu") -> Any:
     """``folder/name`` (``MODEL_FILE`` or ``TRAIN_STATE_FILE``) read with weights_only."""
     path = storage.join(folder, name)
     if not is_url(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     fs, inner = storage.filesystem(path)
-    return torch.load(io.BytesIO(fs.cat_file(inner)), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(fs.cat_file(inner)), map_location=device, weights_only=True)

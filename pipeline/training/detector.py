@@ -1,53 +1,41 @@
-"""Training the box detector (``pipeline.models.detector``) with Ray Train, and registering it.
+"""Training the box detector (``pipeline.models.detector``) with the training stack of
+``pipeline.training`` (the same Ray Train wiring, checkpoints and registration as SAM's).
 
 One ``TorchTrainer`` worker per GPU (DDP) or CPU workers. Checkpoints go to
-``<output>/train_runs/detector_<version>/checkpoint_%08d/`` (``model.pth`` + the
-optimiser state), so a killed run resumes from its last one: rerunning the same command
-finds the unfinished run whose settings match and continues it. The finished detector
-is registered as ``<output>/models/detector_<version>/``::
-
-    model.pth            the detector's state dict
-    detector.json        its model settings (what rebuilds it)
-    config.yaml          the resolved configuration it was trained with (+ code_version)
-    history.jsonl        one line of training losses per step
-    eval.json            box AP on held-out ground truth
-    train_summary.json   written last: the version is registered once it exists
-
-The Ray Train wiring mirrors ``pipeline/stages/retrain.py`` (being split into shared
-``pipeline/training/`` modules on another branch); the pieces both need are the
-checkpoint folder layout, ``latest_checkpoint`` and the resume-from-Ray-or-disk logic.
+``<output>/train_runs/detector_<version>/checkpoint_%08d/`` (``pipeline.training.
+checkpoints``: ``complete.json`` last), so a killed run resumes from its last complete
+one: rerunning the same command finds the unfinished run whose settings match
+(``settings.json`` in the run folder) and continues it. The finished detector is
+registered as ``<output>/models/detector_<version>/`` (``pipeline.models.registry``) with
+``detector.json`` (what rebuilds it) and its box AP on held-out ground truth (eval.json).
+Output may be a local path or an object store URL.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import sys
-import tempfile
 import time
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import versions
+from pipeline import storage
 from pipeline.dataset.listing import committed_shards
-from pipeline.dataset.provenance import code_version
 from pipeline.dataset.shards import iter_shard
-from pipeline.models import detector
+from pipeline.models import detector, registry
 from pipeline.models.detector import BoxSample
-from pipeline.paths import user_path
+from pipeline.training import checkpoints
+from pipeline.training.optim import cosine_factor
+from pipeline.training.registration import register
+from pipeline.training.trainer import TRAIN_RUNS_DIR, fit, run_url, say
 from pipeline.truth.synthetic import make_scene, scene_seeds
 
 log = logging.getLogger(__name__)
 
 KIND = "detector"
-TRAIN_STATE_FILE = "train_state.pt"
 SETTINGS_FILE = "settings.json"   # in the run folder: a rerun resumes only with equal settings
-RUNS_DIR = "train_runs"
 
 
 # --------------------------------------------------------------------------------- data
@@ -147,20 +135,6 @@ def held_out(data: dict[str, Any], eval_cfg: dict[str, Any]) -> Iterator[BoxSamp
 
 
 # ------------------------------------------------------------------------------ worker
-def lr_factor(step: int, warmup: int, total: int, final: float) -> float:
-    """Linear warmup to 1, then a cosine to ``final`` at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _say(line: str) -> None:
-    """A progress line for the driver's console (Ray forwards worker stdout)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: Faster R-CNN's own losses (RPN and box head), AdamW, and a
     checkpoint every ``checkpoint_every`` steps. One CPU worker or N GPU workers (DDP)."""
@@ -176,14 +150,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optim, steps = config["optim"], int(config["steps"])
     optimizer = torch.optim.AdamW(params, lr=float(optim["lr"]), weight_decay=float(optim["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, int(optim["warmup_steps"]), steps, float(optim["final_lr_fraction"])))
+        optimizer, lambda s: cosine_factor(s, int(optim["warmup_steps"]), steps, float(optim["final_lr_fraction"])))
     start, history = 0, []
-    resume = ray.train.get_checkpoint()  # Ray's (a restarted worker) wins over the one on disk
-    with resume.as_directory() if resume is not None else nullcontext(config.get("resume_from")) as folder:
+    with checkpoints.resumed(config.get("resume_from")) as folder:
         if folder is not None:
-            model.load_state_dict(torch.load(Path(folder) / detector.MODEL_FILE, map_location=device,
-                                             weights_only=True))
-            state = torch.load(Path(folder) / TRAIN_STATE_FILE, map_location=device, weights_only=True)
+            model.load_state_dict(checkpoints.load(folder, registry.MODEL_FILE, device))
+            state = checkpoints.load(folder, checkpoints.TRAIN_STATE_FILE, device)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start, history = int(state["step"]), list(state["history"])
@@ -191,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bare = model.module if hasattr(model, "module") else model
     stream = training_stream(config["data"], rank, world, start, int(config["batch_size"]))
     end = min(steps, int(config.get("stop_at_step") or steps))
-    _say(f"[detector] worker {rank}/{world} on {device}, steps {start}..{end} of {steps}")
+    say(f"[detector] worker {rank}/{world} on {device}, steps {start}..{end} of {steps}")
     for step in range(start, end):
         t0 = time.perf_counter()
         batch = next(stream)
@@ -208,65 +180,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         history.append(record)
         if rank == 0 and (step + 1) % int(config["log_every"]) == 0:
-            _say(f"[detector] step {step + 1}/{steps} loss {record['loss']:.4f} {record['seconds']:.2f}s")
+            say(f"[detector] step {step + 1}/{steps} loss {record['loss']:.4f} {record['seconds']:.2f}s")
         if (step + 1) % int(config["checkpoint_every"]) == 0 or step + 1 == end:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    torch.save({k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                               Path(tmp) / detector.MODEL_FILE)
-                    torch.save({"step": step + 1, "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "history": history}, Path(tmp) / TRAIN_STATE_FILE)
-                    (Path(tmp) / "step.json").write_text(json.dumps({"step": step + 1}))  # written last
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"checkpoint_{step + 1:08d}")
-            else:
-                ray.train.report(metrics, checkpoint=None)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint folder with the highest step under ``run_dir``."""
-    best, best_step = None, -1
-    for step_file in run_dir.glob("checkpoint_*/step.json"):
-        step = json.loads(step_file.read_text())["step"]
-        folder = step_file.parent
-        if step > best_step and all((folder / f).is_file() for f in (detector.MODEL_FILE, TRAIN_STATE_FILE)):
-            best, best_step = folder, step
-    return best
+            state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "history": history}
+            checkpoints.report(step + 1, bare if rank == 0 else None, state if rank == 0 else None, metrics)
 
 
 # ------------------------------------------------------------------------------ driver
 def worker_config(stage: DictConfig) -> dict[str, Any]:
-    """The detector's settings (conf/stage/detector.yaml) as a plain dict, user paths
-    resolved here on the driver and the datasets listed (committed shards only)."""
+    """The detector's settings (conf/stage/detector.yaml, user paths already absolute) as
+    a plain dict, with the datasets listed (committed shards only)."""
     config = OmegaConf.to_container(stage, resolve=True)
-    data, model = config["data"], config["model"]
+    data = config["data"]
     specs = data["datasets"]
-    specs = [specs] if isinstance(specs, str) else list(specs or [])
-    data["datasets"] = [user_path(s) for s in specs]
+    data["datasets"] = [specs] if isinstance(specs, str) else list(specs or [])
     data["shards"] = committed_shards(data["datasets"]) if data["datasets"] else []
-    model["backbone_weights"] = user_path(model.get("backbone_weights"))
     for key in ("version", "stop_at_step"):  # do not change what is trained
         config.pop(key, None)
     return config
 
 
+def _run_name(version: str) -> str:
+    return f"{KIND}_{version}"
+
+
 def choose_version(output: str, requested: str | None, config: dict[str, Any]) -> str:
     """``requested``, else the run with these very settings (rerunning a killed command
     resumes its run; rerunning a finished one finds its version), else the next free one."""
-    runs = Path(output) / RUNS_DIR
+    runs = storage.join(output, TRAIN_RUNS_DIR)
+    same = json.loads(json.dumps(config))
+
+    def settings_of(version: str) -> Any:
+        return storage.read_json(storage.join(runs, _run_name(version), SETTINGS_FILE))
+
     if requested:
-        settings = runs / f"{KIND}_{requested}" / SETTINGS_FILE
-        if settings.is_file() and json.loads(settings.read_text()) != json.loads(json.dumps(config)):
+        recorded = settings_of(str(requested))
+        if recorded is not None and recorded != same:
             raise ValueError(f"detector {requested} in {output} was trained with other settings "
-                             f"({settings}): choose another stage.version, or none for the next free one")
+                             f"({storage.join(runs, _run_name(str(requested)), SETTINGS_FILE)}): choose another "
+                             "stage.version, or none for the next free one")
         return str(requested)
-    for settings in sorted(runs.glob(f"{KIND}_v*/{SETTINGS_FILE}")):
-        if json.loads(settings.read_text()) == json.loads(json.dumps(config)):
-            return settings.parent.name.removeprefix(f"{KIND}_")
-    taken = {p.name for p in runs.glob(f"{KIND}_v*")}
-    version = versions.next_version(output, KIND)
-    while f"{KIND}_{version}" in taken:
+    fs, root = storage.filesystem(runs)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.isdir(root) else []
+    versions = [n.removeprefix(f"{KIND}_") for n in names if n.startswith(f"{KIND}_v")]
+    for version in versions:
+        if settings_of(version) == same:
+            return version
+    version = registry.next_version(output, KIND)
+    while version in versions:
         version = f"v{int(version[1:]) + 1:03d}"
     return version
 
@@ -274,81 +237,45 @@ def choose_version(output: str, requested: str | None, config: dict[str, Any]) -
 def train(cfg: DictConfig, stage: DictConfig | None = None) -> dict[str, Any]:
     """Trains (or resumes), registers and evaluates a detector with the settings
     ``stage`` (conf/stage/detector.yaml; None: ``cfg.stage``) under ``cfg.output``;
-    returns the summary: version, path (the registered folder), steps, complete,
-    final_loss (mean of the last 20 steps), seconds_per_step (median) and eval
-    (``detector.box_ap``). A finished version with these settings is returned as it is."""
+    returns the registration's summary (``pipeline.training.registration.register``)
+    with eval (``detector.box_ap``). A finished version with these settings is returned
+    as it is."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from pipeline.execution.cluster import connect
 
     stage = cfg.stage if stage is None else stage
-    output = user_path(cfg.output)
+    output = str(cfg.output)
+    storage.writable(output)
     config = worker_config(stage)
     version = choose_version(output, stage.get("version"), config)
-    done = versions.read_summary(versions.version_dir(output, KIND, version))
+    done = registry.read_summary(registry.version_dir(output, version, KIND))
     if done is not None and done["complete"]:
         log.info("detector %s is already trained with these settings: %s", version, done["path"])
         return done
-    run_dir = Path(output) / RUNS_DIR / f"{KIND}_{version}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    versions.write(str(run_dir), SETTINGS_FILE, json.dumps(config, indent=1))
-    previous = latest_checkpoint(run_dir)
-    worker = {**config, "resume_from": str(previous) if previous else None,
-              "stop_at_step": stage.get("stop_at_step")}
+    run = run_url(output, _run_name(version))
+    storage.write_json(storage.join(run, SETTINGS_FILE), config)
+    previous = checkpoints.latest(run)
+    worker = {**config, "resume_from": previous, "stop_at_step": stage.get("stop_at_step")}
     if previous is not None:
         log.info("resuming detector %s from %s", version, previous)
     started = connect(cfg.cluster)
     try:
-        use_gpu = (bool(config["use_gpu"]) if config["use_gpu"] != "auto"
-                   else ray.cluster_resources().get("GPU", 0) > 0)
-        workers = config["num_workers"] or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
-        result = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=worker,
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": config["cpus_per_worker"]}),
-            run_config=ray.train.RunConfig(
-                name=run_dir.name, storage_path=str(run_dir.parent),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(config["keep_checkpoints"])),
-                failure_config=ray.train.FailureConfig(max_failures=int(config["max_failures"])),
-            ),
-        ).fit()
+        result = fit(train_loop_per_worker, worker, storage.join(output, TRAIN_RUNS_DIR), _run_name(version))
     finally:
         if started:
             ray.shutdown()
-    final = latest_checkpoint(run_dir)
+    final = checkpoints.latest(run)
     if final is None:
         raise RuntimeError(f"training of detector {version} produced no checkpoint: {result.error!r}")
-    return register(cfg, config, version, final)
 
+    def evaluate(folder: str) -> dict[str, Any]:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = detector.load_detector(folder, device)
+        return detector.box_ap(model, held_out(config["data"], config["eval"]), device)
 
-def register(cfg: DictConfig, config: dict[str, Any], version: str, checkpoint: Path) -> dict[str, Any]:
-    """Registers ``checkpoint`` as ``<output>/models/detector_<version>/`` and measures
-    its box AP on held-out ground truth (see ``train`` for the summary's keys)."""
-    output = user_path(cfg.output)
-    target = versions.version_dir(output, KIND, version)
-    state = torch.load(checkpoint / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    history = state["history"]
-    model_bytes = (checkpoint / detector.MODEL_FILE).read_bytes()
-    versions.write(target, detector.MODEL_FILE, model_bytes)
-    versions.write(target, detector.META_FILE, json.dumps({"model": config["model"], "version": version}, indent=1))
-    saved = {**OmegaConf.to_container(cfg, resolve=True), "stage": config, "code_version": code_version()}
-    versions.write(target, "config.yaml", OmegaConf.to_yaml(saved))
-    versions.write(target, "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = detector.load_detector(target, device)
-    figures = detector.box_ap(model, held_out(config["data"], config["eval"]), device)
-    versions.write(target, "eval.json", json.dumps(figures, indent=2))
-    tail = history[-min(len(history), 20):]
-    summary = {
-        "version": version, "path": target, "steps": int(state["step"]),
-        "complete": int(state["step"]) >= int(config["steps"]),
-        "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else math.nan,
-        "seconds_per_step": float(np.median([h["seconds"] for h in history])) if history else math.nan,
-        "eval": figures,
-    }
-    versions.mark_registered(target, summary)
+    meta = json.dumps({"model": config["model"], "version": version}, indent=1)
+    summary = register(output, version, final, cfg, config, kind=KIND, files={detector.META_FILE: meta},
+                       evaluate=evaluate)
     log.info("registered detector %s: %s", version, summary)
     return summary

@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule of the SAM paper's recipe (appendix A)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -28,3 +29,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any],
     """``lr_factor`` over ``steps`` with the warmup and decays of ``optim`` (stage.optim)."""
     warmup, decay_at, factor = int(optim["warmup_steps"]), list(optim["decay_at"]), float(optim["decay_factor"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, decay_at, factor))
+
+
+def cosine_factor(step: int, warmup: int, total: int, final: float) -> float:
+    """Linear warmup to 1, then a cosine to ``final`` at ``total`` steps (the detector's)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))

@@ -5,10 +5,12 @@ import io
 
 import numpy as np
 
+# (keys, title): a panel is drawn when the history has any of its keys.
 PANELS = (
     (("loss",), "total loss"),
     (("focal", "dice", "iou_mse"), "loss parts"),
     (("iou_first", "iou_last"), "training IoU (round 1 / last)"),
+    (("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"), "detector losses"),
 )
 
 
@@ -21,8 +23,10 @@ def plot_history(history: list[dict[str, float]]) -> bytes:
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.5))
-    for ax, (keys, title) in zip(axes, PANELS):
+    panels = [(tuple(k for k in keys if k in history[0]), title) for keys, title in PANELS]
+    panels = [(keys, title) for keys, title in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.5), squeeze=False)
+    for ax, (keys, title) in zip(axes[0], panels):
         for k in keys:
             values = np.array([h[k] for h in history])
             window = max(1, len(values) // 50)

@@ -22,7 +22,7 @@ def _sources(data: Mapping[str, Any], img_size: int) -> dict[str, Any]:
         sources["synthetic"] = (SyntheticScenes("train", syn["seed_start"], syn["seed_count"], size),
                                 float(syn["weight"]))
     if data["shards"] and float(data["shards_weight"]) > 0:
-        sources["shards"] = (ShardMasks(data["shards"], data["min_predicted_iou"], data["min_stability"]),
+        sources["shards"] = (ShardMasks(data["shards"], data["pred_iou_thresh"], data["stability_score_thresh"]),
                              float(data["shards_weight"]))
     if coco["annotations"] and float(coco["weight"]) > 0:
         sources["coco"] = (CocoInstances(coco["annotations"], coco["image_dir"]), float(coco["weight"]))

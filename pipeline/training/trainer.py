@@ -1,26 +1,35 @@
-"""The driver side of a training run: the settings workers get, and the Ray Train
-``TorchTrainer`` that runs them with checkpoints in the output's storage."""
+"""The driver side of a training run, for every model the engine trains: the Ray Train
+``TorchTrainer`` over a worker loop, with its checkpoints in the output's storage."""
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
-from pipeline.paths import is_url, user_path
-from pipeline.training.worker import train_loop_per_worker
+from pipeline.paths import is_url
 
-TRAIN_RUNS_DIR = "train_runs"   # <output>/train_runs/<version>/checkpoint_%08d/
+TRAIN_RUNS_DIR = "train_runs"   # <output>/train_runs/<run>/checkpoint_%08d/
 
 
-def _user_paths(value: Any) -> Any:
-    return [user_path(v) for v in value] if isinstance(value, list) else user_path(value)
+def say(line: str) -> None:
+    """A progress line from a worker to the driver's console. Ray forwards worker stdout,
+    not worker loggers; and not ``print``, which Ray Train patches to go to stdout and to
+    a logger that also ends on stdout, so every line would show twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run_url(output: str, name: str) -> str:
+    """Where run ``name``'s checkpoints go: ``<output>/train_runs/<name>``."""
+    return storage.join(output, TRAIN_RUNS_DIR, name)
 
 
 def worker_config(stage: DictConfig) -> dict[str, Any]:
-    """``stage`` (conf/stage/retrain.yaml) as a plain dict with every user path made
-    absolute here, on the driver: workers run in another directory."""
+    """``stage`` (conf/stage/retrain.yaml, user paths already absolute) as the plain dict
+    SAM's workers get; unknown ``stage.interactive`` keys are refused here."""
     from sam_core.training import InteractiveConfig
 
     config = OmegaConf.to_container(stage, resolve=True)
@@ -28,10 +37,6 @@ def worker_config(stage: DictConfig) -> dict[str, Any]:
     unknown = set(config["interactive"]) - known
     if unknown:
         raise ValueError(f"unknown stage.interactive keys: {sorted(unknown)}; known: {sorted(known)}")
-    data = config["data"]
-    data["shards"] = _user_paths(data["shards"])
-    data["coco"]["annotations"] = user_path(data["coco"]["annotations"])
-    data["coco"]["image_dir"] = user_path(data["coco"]["image_dir"])
     return config
 
 
@@ -47,12 +52,13 @@ def ray_storage(url: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def fit(config: dict[str, Any], runs_url: str, version: str):
-    """Trains ``config`` (``worker_config`` plus arch, init_checkpoint, resume_from) as
-    run ``version`` under ``runs_url``; returns Ray Train's ``Result``.
+def fit(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], runs_url: str, name: str):
+    """Runs ``loop`` (a ``train_loop_per_worker``) on ``config`` as run ``name`` under
+    ``runs_url`` (``<output>/train_runs``); returns Ray Train's ``Result``.
 
     Workers: ``num_workers`` (null: one per GPU when ``use_gpu``, else one), each with
     ``cpus_per_worker`` CPUs; ``use_gpu`` auto means: when the cluster has GPUs.
+    ``keep_checkpoints`` and ``max_failures`` as in the stage configs.
     """
     import ray
     import ray.train
@@ -63,13 +69,13 @@ def fit(config: dict[str, Any], runs_url: str, version: str):
     workers = config["num_workers"] or (gpus if use_gpu else 1)
     path, filesystem = ray_storage(runs_url)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": config["cpus_per_worker"]}
         ),
         run_config=ray.train.RunConfig(
-            name=version, storage_path=path, storage_filesystem=filesystem,
+            name=name, storage_path=path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(config["keep_checkpoints"])),
             failure_config=ray.train.FailureConfig(max_failures=int(config["max_failures"])),
         ),

@@ -3,10 +3,7 @@ resumable data stream, checkpoints and progress lines. Runs unchanged with one C
 worker or N GPU workers (DDP)."""
 from __future__ import annotations
 
-import sys
-import tempfile
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -16,14 +13,7 @@ from pipeline.models.loader import load_sam
 from pipeline.training import checkpoints
 from pipeline.training.optim import make_optimizer, make_scheduler
 from pipeline.training.stream import to_batch, training_stream
-
-
-def say(line: str) -> None:
-    """A progress line to the driver's console. Ray forwards worker stdout, not worker
-    loggers; and not ``print``, which Ray Train patches to go to stdout and to a logger
-    that also ends on stdout, so every line would show twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+from pipeline.training.trainer import say
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -48,11 +38,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
     start, history = 0, []
 
-    # Ray's own checkpoint (a restarted worker, or a run Ray restores from its snapshot)
-    # wins over the one found in storage. as_directory reads a local checkpoint in place
-    # and cleans up a downloaded one; to_directory would leave a copy in /tmp every time.
-    resume = ray.train.get_checkpoint()
-    with resume.as_directory() if resume is not None else nullcontext(config["resume_from"]) as folder:
+    with checkpoints.resumed(config["resume_from"]) as folder:
         if folder is not None:
             sam.load_state_dict(checkpoints.load(folder, checkpoints.MODEL_FILE))
             state = checkpoints.load(folder, checkpoints.TRAIN_STATE_FILE)
@@ -93,16 +79,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             gens = _gather_generator_states(generator, world)
             if rank != 0:
-                ray.train.report(metrics, checkpoint=None)
+                checkpoints.report(step + 1, None, None, metrics)
                 continue
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoints.write_local(tmp, bare.sam, {
-                    "step": step + 1, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "generators": gens,
-                })
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoints.folder_name(step + 1),
-                                 checkpoint_upload_fn=checkpoints.upload)
+            checkpoints.report(step + 1, bare.sam, {
+                "step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "generators": gens,
+            }, metrics)
 
 
 def _gather_generator_states(generator: torch.Generator, world: int) -> list[torch.Tensor]:

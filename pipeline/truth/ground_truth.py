@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipeline import storage
+from pipeline.dataset.filters import MaskFilter
 from pipeline.dataset.listing import committed_shards
 from pipeline.dataset.shards import Sample, iter_shard
 from pipeline.truth.synthetic import make_scene, scene_seeds
@@ -80,10 +81,10 @@ class ShardMasks:
 
     generated = True
 
-    def __init__(self, shards: str | Sequence[str], min_predicted_iou: float = 0.0,
-                 min_stability: float = 0.0) -> None:
+    def __init__(self, shards: str | Sequence[str], pred_iou_thresh: float = 0.0,
+                 stability_score_thresh: float = 0.0) -> None:
         self.files = committed_shards(shards)
-        self.min_predicted_iou, self.min_stability = float(min_predicted_iou), float(min_stability)
+        self.filter = MaskFilter(float(pred_iou_thresh), float(stability_score_thresh))
 
     def records(self, files: Sequence[str] | None = None) -> Iterator[Sample]:
         """The samples of ``files`` (default: all), read but not decoded."""
@@ -93,11 +94,7 @@ class ShardMasks:
     def decode(self, sample: Sample) -> GroundTruth:
         from pycocotools import mask as mask_utils
 
-        kept = [
-            a for a in sample.record["annotations"]
-            if a.get("predicted_iou", 1.0) >= self.min_predicted_iou
-            and a.get("stability_score", 1.0) >= self.min_stability
-        ]
+        kept = self.filter(sample.record["annotations"])
         image = _rgb(sample.jpg)
         if kept:
             masks = mask_utils.decode([dict(a["segmentation"]) for a in kept]).transpose(2, 0, 1).astype(bool)
@@ -146,7 +143,7 @@ class CocoInstances:
 # Held-out sources by the name ``stage.source`` gives (conf/stage/eval.yaml).
 SOURCES = {
     "synthetic": lambda c: SyntheticScenes("test", c["seed_start"], c["num_images"], c["size"]),
-    "shards": lambda c: ShardMasks(c["shards"], c["min_predicted_iou"], c["min_stability"]),
+    "shards": lambda c: ShardMasks(c["shards"], c["pred_iou_thresh"], c["stability_score_thresh"]),
     "coco": lambda c: CocoInstances(c["coco"]["annotations"], c["coco"]["image_dir"]),
 }
 

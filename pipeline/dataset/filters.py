@@ -1,0 +1,46 @@
+"""The mask filter: which masks of a dataset count, by predicted IoU and stability.
+
+One rule, with the generator's names (``amg.pred_iou_thresh``,
+``amg.stability_score_thresh``), wherever masks are kept or dropped after the fact:
+retrain's shards (``pipeline.truth.ground_truth.ShardMasks``), semi_auto's pre-fill
+(``pipeline.masks.sources.DetectorSource``), the loop's count of trainable masks. A
+mask without these fields (drawn by a person) passes. The filter counts what it kept
+and dropped, so the stage that uses it can say so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+
+@dataclass
+class MaskFilter:
+    pred_iou_thresh: float = 0.0
+    stability_score_thresh: float = 0.0
+    kept: int = 0
+    dropped: int = 0
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> "MaskFilter":
+        """The filter of a config node with ``pred_iou_thresh`` and ``stability_score_thresh``."""
+        return cls(float(settings["pred_iou_thresh"]), float(settings["stability_score_thresh"]))
+
+    def keeps(self, predicted_iou: float | None, stability_score: float | None) -> bool:
+        """Whether a mask with these scores passes (None: the mask has no such score); counted."""
+        ok = ((predicted_iou is None or predicted_iou >= self.pred_iou_thresh)
+              and (stability_score is None or stability_score >= self.stability_score_thresh))
+        if ok:
+            self.kept += 1
+        else:
+            self.dropped += 1
+        return ok
+
+    def __call__(self, annotations: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The annotations (SA-1B records' masks) that pass."""
+        return [a for a in annotations if self.keeps(a.get("predicted_iou"), a.get("stability_score"))]
+
+    def describe(self) -> str:
+        """``kept K of N masks (predicted IoU >= a, stability >= b)``."""
+        total = self.kept + self.dropped
+        return (f"kept {self.kept} of {total} masks (predicted IoU >= {self.pred_iou_thresh:g}, "
+                f"stability >= {self.stability_score_thresh:g})")
