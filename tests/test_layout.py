@@ -82,7 +82,7 @@ def stage_imports(path: Path) -> set[str]:
 
 def test_every_part_of_the_pipeline_has_a_layer():
     parts = {part(m) for m in import_graph("pipeline")} - {None}
-    assert parts == set(LEVEL), f"parts without a layer: {sorted(parts - set(LEVEL))}; gone: {sorted(set(LEVEL) - parts)}"
+    assert parts == set(LEVEL), f"without a layer: {sorted(parts - set(LEVEL))}; gone: {sorted(set(LEVEL) - parts)}"
 
 
 def test_parts_import_only_the_layers_below_them():

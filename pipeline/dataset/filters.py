@@ -9,16 +9,13 @@ and dropped, so the stage that uses it can say so.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 
-@dataclass
 class MaskFilter:
-    pred_iou_thresh: float = 0.0
-    stability_score_thresh: float = 0.0
-    kept: int = 0
-    dropped: int = 0
+    def __init__(self, pred_iou_thresh: float = 0.0, stability_score_thresh: float = 0.0) -> None:
+        self.pred_iou_thresh, self.stability_score_thresh = pred_iou_thresh, stability_score_thresh
+        self.kept = self.dropped = 0  # masks counted by ``keeps``
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> "MaskFilter":

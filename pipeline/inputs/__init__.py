@@ -1,0 +1,2 @@
+"""What a run reads: input entries (folders, globs, lists, tars), image decoding and
+limits, privacy blurring, detector box files."""

@@ -19,12 +19,10 @@ from omegaconf import DictConfig
 
 from pipeline import storage
 from pipeline.dataset.listing import committed_shards
-from pipeline.execution.cluster import connect
 from pipeline.models import registry
 from pipeline.models.evaluation import evaluate_model
-from pipeline.training import checkpoints
 from pipeline.training.registration import register
-from pipeline.training.trainer import TRAIN_RUNS_DIR, fit, run_url, worker_config
+from pipeline.training.trainer import train_to_checkpoint, worker_config
 from pipeline.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -38,30 +36,14 @@ def run(cfg: DictConfig) -> dict:
     final_loss (mean of the last 20 steps), seconds_per_step (median), and eval (the
     evaluation's result) when evaluated.
     """
-    import ray
-
     stage = cfg.stage
     output = str(cfg.output)
     storage.writable(output)
     config = worker_config(stage)
     version = stage.version or registry.next_version(output)
     config["init_checkpoint"] = registry.resolve_model(stage.init_checkpoint, output, "init checkpoint")
-    run = run_url(output, version)
-    previous = checkpoints.latest(run)
-    config["resume_from"] = previous
-    if previous is not None:
-        log.info("resuming %s from %s", version, previous)
     data_files = committed_shards(config["data"]["shards"]) if config["data"]["shards"] else []
-
-    started = connect(cfg.cluster)
-    try:
-        result = fit(train_loop_per_worker, config, storage.join(output, TRAIN_RUNS_DIR), version)
-    finally:
-        if started:
-            ray.shutdown()
-    final = checkpoints.latest(run)
-    if final is None:
-        raise RuntimeError(f"training of {version} produced no complete checkpoint: {result.error!r}")
+    final = train_to_checkpoint(train_loop_per_worker, config, output, version, cfg.cluster)
     data = {"shards": data_files, "synthetic": config["data"]["synthetic"], "coco": config["data"]["coco"]}
     summary = register(output, version, final, cfg, config, files={"data.json": json.dumps(data, indent=2)})
     if stage.eval.enabled:

@@ -29,7 +29,7 @@ from pipeline.models.detector import BoxSample
 from pipeline.training import checkpoints
 from pipeline.training.optim import cosine_factor
 from pipeline.training.registration import register
-from pipeline.training.trainer import TRAIN_RUNS_DIR, fit, run_url, say
+from pipeline.training.trainer import TRAIN_RUNS_DIR, run_url, say, train_to_checkpoint
 from pipeline.truth.synthetic import make_scene, scene_seeds
 
 log = logging.getLogger(__name__)
@@ -240,10 +240,6 @@ def train(cfg: DictConfig, stage: DictConfig | None = None) -> dict[str, Any]:
     returns the registration's summary (``pipeline.training.registration.register``)
     with eval (``detector.box_ap``). A finished version with these settings is returned
     as it is."""
-    import ray
-
-    from pipeline.execution.cluster import connect
-
     stage = cfg.stage if stage is None else stage
     output = str(cfg.output)
     storage.writable(output)
@@ -253,21 +249,9 @@ def train(cfg: DictConfig, stage: DictConfig | None = None) -> dict[str, Any]:
     if done is not None and done["complete"]:
         log.info("detector %s is already trained with these settings: %s", version, done["path"])
         return done
-    run = run_url(output, _run_name(version))
-    storage.write_json(storage.join(run, SETTINGS_FILE), config)
-    previous = checkpoints.latest(run)
-    worker = {**config, "resume_from": previous, "stop_at_step": stage.get("stop_at_step")}
-    if previous is not None:
-        log.info("resuming detector %s from %s", version, previous)
-    started = connect(cfg.cluster)
-    try:
-        result = fit(train_loop_per_worker, worker, storage.join(output, TRAIN_RUNS_DIR), _run_name(version))
-    finally:
-        if started:
-            ray.shutdown()
-    final = checkpoints.latest(run)
-    if final is None:
-        raise RuntimeError(f"training of detector {version} produced no checkpoint: {result.error!r}")
+    storage.write_json(storage.join(run_url(output, _run_name(version)), SETTINGS_FILE), config)
+    worker = {**config, "stop_at_step": stage.get("stop_at_step")}
+    final = train_to_checkpoint(train_loop_per_worker, worker, output, _run_name(version), cfg.cluster)
 
     def evaluate(folder: str) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,6 +2,7 @@
 ``TorchTrainer`` over a worker loop, with its checkpoints in the output's storage."""
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import fields
 from typing import Any, Callable
@@ -9,7 +10,11 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
+from pipeline.execution.cluster import connect
 from pipeline.paths import is_url
+from pipeline.training import checkpoints
+
+log = logging.getLogger(__name__)
 
 TRAIN_RUNS_DIR = "train_runs"   # <output>/train_runs/<run>/checkpoint_%08d/
 
@@ -81,3 +86,27 @@ def fit(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], runs_url
         ),
     )
     return trainer.fit()
+
+
+def train_to_checkpoint(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], output: str, name: str,
+                        cluster: Any) -> str:
+    """Trains run ``name`` under ``output`` with ``loop`` on ``config`` (``fit``), from its
+    last complete checkpoint when a killed or stopped run left one, on the Ray cluster
+    ``cluster`` (``cfg.cluster``; joined or started here, and stopped if started here);
+    returns the run's last complete checkpoint folder."""
+    import ray
+
+    run = run_url(output, name)
+    previous = checkpoints.latest(run)
+    if previous is not None:
+        log.info("resuming %s from %s", name, previous)
+    started = connect(cluster)
+    try:
+        result = fit(loop, {**config, "resume_from": previous}, storage.join(output, TRAIN_RUNS_DIR), name)
+    finally:
+        if started:
+            ray.shutdown()
+    final = checkpoints.latest(run)
+    if final is None:
+        raise RuntimeError(f"training run {name} produced no complete checkpoint: {result.error!r}")
+    return final
