@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.dataset.filters import is_held_out
 from pipeline.dataset.shards import ShardWriter, sa1b_record
 from pipeline.models import detector
 from pipeline.stages import run_stage
@@ -61,9 +62,9 @@ def test_boxes_of_records_and_scenes_and_the_held_out_split(tmp_path):
     assert flipped.boxes.tolist() == [[15, 1, 18, 4]]
 
     keys = [f"sa_{i}" for i in range(2000)]
-    held = [k for k in keys if detector.is_held_out(k, 0.1)]
-    assert 150 < len(held) < 250 and held == [k for k in keys if detector.is_held_out(k, 0.1)]
-    assert not any(detector.is_held_out(k, 0.0) for k in keys)
+    held = [k for k in keys if is_held_out(k, 0.1)]
+    assert 150 < len(held) < 250 and held == [k for k in keys if is_held_out(k, 0.1)]
+    assert not any(is_held_out(k, 0.0) for k in keys)
 
 
 def test_resnet50_backbone_weights_load_by_path_and_bad_files_are_refused(tmp_path):
@@ -116,7 +117,7 @@ def test_box_ap_of_perfect_shifted_and_no_detections():
 
 def test_detector_stage_trains_resumes_registers_and_predicts(compose_config, tmp_path, ray_local):
     boxes = write_dataset(tmp_path / "ds", range(12))
-    held = [k for k in boxes if detector.is_held_out(k, 0.3)]
+    held = [k for k in boxes if is_held_out(k, 0.3)]
     assert 0 < len(held) < len(boxes)
     overrides = ["+stage=detector", f"output={tmp_path / 'out'}", f"stage.data.datasets={tmp_path / 'ds'}",
                  "stage.data.holdout_fraction=0.3", "stage.steps=3", *TINY]

@@ -1,4 +1,5 @@
-"""The mask filter: which masks of a dataset count, by predicted IoU and stability.
+"""Which masks and images of a dataset count: the mask filter, by predicted IoU and
+stability, and the held-out share of a dataset's images, by key.
 
 One rule, with the generator's names (``amg.pred_iou_thresh``,
 ``amg.stability_score_thresh``), wherever masks are kept or dropped after the fact:
@@ -9,6 +10,7 @@ and dropped, so the stage that uses it can say so.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Mapping
 
 
@@ -41,3 +43,13 @@ class MaskFilter:
         total = self.kept + self.dropped
         return (f"kept {self.kept} of {total} masks (predicted IoU >= {self.pred_iou_thresh:g}, "
                 f"stability >= {self.stability_score_thresh:g})")
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """Whether the image ``key`` belongs to the held-out share ``fraction`` of a dataset
+    (kept out of training, to evaluate on): a pure function of the key, so every worker,
+    every run and every model kind (SAM, the detector) agree."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

@@ -16,7 +16,6 @@ Architectures (``settings["arch"]``):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -179,15 +178,6 @@ def from_scene(scene: Any, min_area: float) -> BoxSample:
     boxes[:, 2:] += 1  # inclusive pixel bounds -> exclusive edges, as COCO's XYWH
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return BoxSample(f"synthetic_{scene.seed}", scene.image, boxes[area >= min_area])
-
-
-def is_held_out(key: str, fraction: float) -> bool:
-    """Whether the image ``key`` belongs to the held-out share of a dataset: a pure
-    function of the key, so every worker and every run agrees."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def flip(sample: BoxSample) -> BoxSample:

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.models import registry
@@ -32,7 +33,8 @@ def evaluate_model(
 
     Returns a dict: model, arch, source, images, masks (prompted), point_miou_<k> for
     each configured click count, point_miou_1_oracle, box_miou, resolution_ceiling_miou,
-    amg_recall_<t> and amg_precision_<t> per IoU threshold, amg_masks_per_image, seconds.
+    and, unless ``eval_cfg["automatic"]`` is false, amg_recall_<t> and amg_precision_<t>
+    per IoU threshold and amg_masks_per_image; seconds.
     """
     import sam_core
     from sam_core.metrics import amg_matches, prompt_ious, resolution_ceiling
@@ -51,7 +53,10 @@ def evaluate_model(
     click_rows, oracle_rows, box_rows, ceiling_rows, gt_best, pred_best = [], [], [], [], [], []
     images = 0
     t0 = time.perf_counter()
-    for gt in held_out(eval_cfg):
+    automatic = bool(eval_cfg.get("automatic", True))
+    progress = tqdm(held_out(eval_cfg), total=int(eval_cfg["num_images"]), desc=f"eval {eval_cfg['source']}",
+                    unit="img", dynamic_ncols=True)
+    for gt in progress:
         masks = gt.masks[gt.masks.reshape(len(gt.masks), -1).sum(1) > 0]
         if len(masks) == 0:
             continue
@@ -65,13 +70,13 @@ def evaluate_model(
         oracle_rows.append(res["oracle1"])
         box_rows.append(res["box"])
         ceiling_rows.append(resolution_ceiling(prompted, low_res))
-        g, p = amg_matches(generator.generate(gt.image), masks)
-        gt_best.append(g)
-        pred_best.append(p)
+        if automatic:
+            g, p = amg_matches(generator.generate(gt.image), masks)
+            gt_best.append(g)
+            pred_best.append(p)
     if images == 0:
         raise ValueError(f"eval found no images with masks in its {eval_cfg['source']} source")
     click_iou = np.concatenate(click_rows)
-    g, p = np.concatenate(gt_best), np.concatenate(pred_best)
     result: dict[str, Any] = {"model": checkpoint, "arch": arch, "source": eval_cfg["source"],
                               "images": images, "masks": int(len(click_iou))}
     for k in clicks:
@@ -79,10 +84,12 @@ def evaluate_model(
     result["point_miou_1_oracle"] = float(np.concatenate(oracle_rows).mean())
     result["box_miou"] = float(np.concatenate(box_rows).mean())
     result["resolution_ceiling_miou"] = float(np.concatenate(ceiling_rows).mean())
-    for t in thresholds:
-        result[f"amg_recall_{t}"] = float((g >= t).mean())
-        result[f"amg_precision_{t}"] = float((p >= t).mean()) if len(p) else 0.0
-    result["amg_masks_per_image"] = float(len(p) / images)
+    if automatic:
+        g, p = np.concatenate(gt_best), np.concatenate(pred_best)
+        for t in thresholds:
+            result[f"amg_recall_{t}"] = float((g >= t).mean())
+            result[f"amg_precision_{t}"] = float((p >= t).mean()) if len(p) else 0.0
+        result["amg_masks_per_image"] = float(len(p) / images)
     result["seconds"] = time.perf_counter() - t0
     if out_dir is not None:
         storage.write_json(storage.join(out_dir, registry.EVAL_FILE), result)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping
@@ -17,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import sam_core
 from pipeline import storage
+from pipeline.models.registry import TUNED_FILE
 from pipeline.paths import is_url
 from sam_core.checkpoint import load_checkpoint
+from sam_core.training.tune import TunedSpec, apply_tuned
 
 RANDOM_WEIGHTS = "random-init"
 
@@ -85,6 +89,7 @@ class ModelSpec:
     checkpoint: str | None = None
     device: str = "auto"
     sha256: str | None = None
+    base: str | None = None  # an adapter checkpoint's base, where it lives now (None: where it was trained)
 
     @classmethod
     def of(cls, model: "ModelSpec | Mapping[str, Any] | DictConfig", sha256: str | None = None) -> "ModelSpec":
@@ -94,7 +99,7 @@ class ModelSpec:
             return model if sha256 is None else replace(model, sha256=sha256)
         model = plain(model)
         return cls(arch=model["arch"], checkpoint=model.get("checkpoint"), device=model.get("device") or "auto",
-                   sha256=sha256 if sha256 is not None else model.get("sha256"))
+                   sha256=sha256 if sha256 is not None else model.get("sha256"), base=model.get("base"))
 
 
 def load_sam(model: ModelSpec | Mapping[str, Any] | DictConfig, expected_sha256: str | None = None,
@@ -109,6 +114,8 @@ def load_sam(model: ModelSpec | Mapping[str, Any] | DictConfig, expected_sha256:
     fine-tune a 256-px model at 512 px.
     """
     spec = ModelSpec.of(model, expected_sha256)
+    if spec.checkpoint is not None and is_tuned(spec.checkpoint):
+        return _load_tuned(spec)
     if spec.arch not in sam_core.sam_model_registry:
         raise ValueError(f"unknown model.arch {spec.arch!r}; known: {', '.join(sorted(sam_core.sam_model_registry))}")
     if spec.checkpoint is not None:
@@ -126,6 +133,49 @@ def load_sam(model: ModelSpec | Mapping[str, Any] | DictConfig, expected_sha256:
             sam = load_checkpoint(build(), path, arch=spec.arch, resize=True, expected_sha256=sha)
         else:
             sam = build(checkpoint=path, expected_sha256=sha)
+    return sam.to(resolve_device(spec.device)).eval()
+
+
+def is_tuned(checkpoint: str | None) -> bool:
+    """Whether ``checkpoint`` is an adapter file (a model tuned with adapters or LoRA)."""
+    return checkpoint is not None and posixpath.basename(str(checkpoint)) == TUNED_FILE
+
+
+def read_tuned(checkpoint: str, expected_sha256: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, tensors) of an adapter file, read with ``weights_only=True`` from the same
+    bytes that are checked against ``expected_sha256``. meta: arch, base (where the base
+    model was), base_sha256, tune (``sam_core.training.TunedSpec`` fields)."""
+    require_checkpoint(checkpoint)
+    fs, path = storage.filesystem(checkpoint)
+    data = fs.cat_file(path)
+    if expected_sha256 not in (None, RANDOM_WEIGHTS) and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise sam_core.ChecksumError(f"{checkpoint}: sha256 {hashlib.sha256(data).hexdigest()}, but the run recorded "
+                                     f"{expected_sha256}: the file changed since")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        meta, tensors = payload["meta"], payload["tuned"]
+        TunedSpec(**meta["tune"])
+    except Exception as err:  # not a torch file, a pickle with code, another layout
+        raise sam_core.CheckpointError(f"{checkpoint}: not an adapter file of this project "
+                                       f"({type(err).__name__}: {err})") from err
+    return meta, tensors
+
+
+def _load_tuned(spec: ModelSpec) -> "sam_core.modeling.Sam":
+    """An adapter file on its base: the base must be the very model it was tuned from
+    (its sha256), else the load is refused."""
+    meta, tensors = read_tuned(spec.checkpoint, spec.sha256)
+    if meta["arch"] != spec.arch:
+        raise ValueError(f"{spec.checkpoint} was tuned from a {meta['arch']} model, not {spec.arch}: "
+                         f"use model.arch={meta['arch']}")
+    base = spec.base or meta["base"]
+    found = model_identity(base)
+    if found != meta["base_sha256"]:
+        raise ValueError(f"{spec.checkpoint} adapts the model with sha256 {meta['base_sha256']} "
+                         f"({meta['base']}); {base} is another model (sha256 {found}): refused. Point "
+                         "model.base at the model it was tuned from")
+    sam = load_sam(ModelSpec(meta["arch"], base, "cpu", sha256=found))
+    apply_tuned(sam, TunedSpec(**meta["tune"]), tensors)
     return sam.to(resolve_device(spec.device)).eval()
 
 

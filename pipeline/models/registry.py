@@ -3,7 +3,8 @@
 One registry for every kind of model the engine trains:
 
     kind       folder                            model files
-    sam        models/<version>/                 model.pth (official state dict), data.json
+    sam        models/<version>/                 model.pth (official state dict) or, tuned with
+                                                 adapters or LoRA, adapter.pth (on a base); data.json
     detector   models/detector_<version>/        model.pth, detector.json (what rebuilds it)
     verifier   models/verifier_<version>/        model.pth, verifier.json
 
@@ -31,6 +32,7 @@ from pipeline import storage
 
 MODELS_DIR = "models"
 MODEL_FILE = "model.pth"
+TUNED_FILE = "adapter.pth"  # a model tuned with adapters or LoRA: its tensors and its base's sha256
 CONFIG_FILE = "config.yaml"
 EVAL_FILE = "eval.json"
 SUMMARY_FILE = "train_summary.json"  # written last: its presence registers the folder
@@ -55,8 +57,11 @@ def next_version(output: str, kind: str = SAM) -> str:
 
 
 def model_file(output: str, version: str) -> str:
-    """The state dict of SAM version ``version`` registered under ``output``."""
-    return storage.join(version_dir(output, version), MODEL_FILE)
+    """The model file of SAM version ``version`` registered under ``output``: its state
+    dict, or its adapter file when it was tuned with adapters or LoRA."""
+    folder = version_dir(output, version)
+    full, tuned = storage.join(folder, MODEL_FILE), storage.join(folder, TUNED_FILE)
+    return tuned if _exists(tuned) and not _exists(full) else full
 
 
 def resolve_model(spec: str | None, output: str, what: str = "checkpoint") -> str | None:
@@ -79,7 +84,7 @@ def registered_arch(checkpoint: str | None) -> str | None:
     """The architecture a registered SAM version was trained as (``stage.arch`` of its
     config.yaml), else None: a version trained at another input size than ``model.arch``
     evaluates as itself."""
-    if checkpoint is None or posixpath.basename(checkpoint) != MODEL_FILE:
+    if checkpoint is None or posixpath.basename(checkpoint) not in (MODEL_FILE, TUNED_FILE):
         return None
     config = read_config(posixpath.dirname(checkpoint))
     arch = ((config or {}).get("stage") or {}).get("arch")

@@ -1,7 +1,8 @@
 """Checkpoint folders of a training run (SAM or detector), locally or in an object store.
 
     <output>/train_runs/<run>/checkpoint_%08d/
-        model.pth        the model's state dict (SAM's in the official format)
+        model.pth        the model's weights: its state dict (SAM's in the official format),
+                         or, tuned with adapters or LoRA, only its tuned tensors and base
         train_state.pt   optimizer, scheduler, step, history (and what the loop adds)
         complete.json    {"step": N}, written last: only a folder that has it is trusted
 
@@ -37,22 +38,28 @@ def folder_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def write_local(directory: str, model: torch.nn.Module, state: dict[str, Any]) -> None:
+def write_local(directory: str, weights: dict[str, Any], state: dict[str, Any]) -> None:
     """Writes a checkpoint's files (not its marker) into a local folder, for ``upload``."""
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(directory, MODEL_FILE))
+    torch.save(weights, os.path.join(directory, MODEL_FILE))
     torch.save(state, os.path.join(directory, TRAIN_STATE_FILE))
 
 
-def report(step: int, model: torch.nn.Module | None, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
-    """Reports step ``step`` to Ray Train with a checkpoint of ``model`` and ``state``
-    (rank 0), or without one (other ranks: pass None), uploaded by ``upload``."""
+def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict on the CPU, detached: what a checkpoint stores of a model."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def report(step: int, weights: dict[str, Any] | None, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+    """Reports step ``step`` to Ray Train with a checkpoint of ``weights`` (what the model
+    file holds) and ``state`` (rank 0), or without one (other ranks: pass None),
+    uploaded by ``upload``."""
     import ray.train
 
-    if model is None:
+    if weights is None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        write_local(tmp, model, state)
+        write_local(tmp, weights, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=folder_name(step), checkpoint_upload_fn=upload)
 

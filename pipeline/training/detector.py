@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
+from pipeline.dataset.filters import is_held_out
 from pipeline.dataset.listing import committed_shards
 from pipeline.dataset.shards import iter_shard
 from pipeline.models import detector, registry
@@ -50,7 +51,7 @@ def _dataset_stream(shards: list[str], rank: int, world: int, data: dict[str, An
         position, yielded = 0, False
         for i in order:
             for sample in iter_shard(shards[i]):
-                if detector.is_held_out(sample.key, holdout):
+                if is_held_out(sample.key, holdout):
                     continue
                 position += 1
                 if (position - 1) % world != rank:
@@ -124,7 +125,7 @@ def held_out(data: dict[str, Any], eval_cfg: dict[str, Any]) -> Iterator[BoxSamp
     count = 0
     for url in data["shards"]:
         for sample in iter_shard(url):
-            if detector.is_held_out(sample.key, float(data["holdout_fraction"])):
+            if is_held_out(sample.key, float(data["holdout_fraction"])):
                 count += 1
                 yield detector.from_sample(sample, min_area)
                 if count == n:
@@ -185,7 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "history": history}
-            checkpoints.report(step + 1, bare if rank == 0 else None, state if rank == 0 else None, metrics)
+            checkpoints.report(step + 1, checkpoints.state_dict(bare) if rank == 0 else None,
+                               state if rank == 0 else None, metrics)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -253,13 +255,15 @@ def train(cfg: DictConfig, stage: DictConfig | None = None) -> dict[str, Any]:
     worker = {**config, "stop_at_step": stage.get("stop_at_step")}
     final = train_to_checkpoint(train_loop_per_worker, worker, output, _run_name(version), cfg.cluster)
 
-    def evaluate(folder: str) -> dict[str, Any]:
+    def measure(folder: str) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = detector.load_detector(folder, device)
-        return detector.box_ap(model, held_out(config["data"], config["eval"]), device)
+        figures = detector.box_ap(model, held_out(config["data"], config["eval"]), device)
+        registry.write(folder, registry.EVAL_FILE, json.dumps(figures, indent=2))
+        return {"eval": figures}
 
     meta = json.dumps({"model": config["model"], "version": version}, indent=1)
     summary = register(output, version, final, cfg, config, kind=KIND, files={detector.META_FILE: meta},
-                       evaluate=evaluate)
+                       measure=measure)
     log.info("registered detector %s: %s", version, summary)
     return summary

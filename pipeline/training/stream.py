@@ -17,18 +17,29 @@ def _sources(data: Mapping[str, Any], img_size: int) -> dict[str, Any]:
     """The enabled sources by name (synthetic, shards, coco) with their sampling weights."""
     syn, coco = data["synthetic"], data["coco"]
     sources: dict[str, Any] = {}
-    if syn["enabled"] and float(syn["weight"]) > 0:
+    holdout = float(data["holdout_fraction"])  # kept out of training: the promotion gate's images
+    if synthetic_enabled(data) and float(syn["weight"]) > 0:
         size = syn["size"] or (img_size, img_size)
-        sources["synthetic"] = (SyntheticScenes("train", syn["seed_start"], syn["seed_count"], size),
+        sources["synthetic"] = (SyntheticScenes("train", syn["seed_start"], syn["seed_count"], size, syn["domain"]),
                                 float(syn["weight"]))
     if data["shards"] and float(data["shards_weight"]) > 0:
-        sources["shards"] = (ShardMasks(data["shards"], data["pred_iou_thresh"], data["stability_score_thresh"]),
-                             float(data["shards_weight"]))
+        sources["shards"] = (ShardMasks(data["shards"], data["pred_iou_thresh"], data["stability_score_thresh"],
+                                        holdout), float(data["shards_weight"]))
     if coco["annotations"] and float(coco["weight"]) > 0:
-        sources["coco"] = (CocoInstances(coco["annotations"], coco["image_dir"]), float(coco["weight"]))
+        sources["coco"] = (CocoInstances(coco["annotations"], coco["image_dir"], holdout), float(coco["weight"]))
     if not sources:
         raise ValueError("retrain has no data: enable synthetic scenes or set data.shards / data.coco")
     return sources
+
+
+def synthetic_enabled(data: Mapping[str, Any]) -> bool:
+    """Whether synthetic scenes are trained on: ``data.synthetic.enabled``, where ``auto``
+    means only when neither shards nor a COCO set are given (adapting to one's own
+    annotated images is then the plain case)."""
+    enabled = data["synthetic"]["enabled"]
+    if enabled == "auto":
+        return not data["shards"] and not data["coco"]["annotations"]
+    return bool(enabled)
 
 
 def training_stream(data: Mapping[str, Any], rank: int, world: int, start_step: int, batch_size: int,

@@ -34,9 +34,12 @@ def run_url(output: str, name: str) -> str:
 
 def worker_config(stage: DictConfig) -> dict[str, Any]:
     """``stage`` (conf/stage/retrain.yaml, user paths already absolute) as the plain dict
-    SAM's workers get; unknown ``stage.interactive`` keys are refused here."""
-    from sam_core.training import InteractiveConfig
+    SAM's workers get, the tune mode's defaults resolved; an unknown ``stage.tune`` or
+    ``stage.interactive`` key is refused here."""
+    from sam_core.training import TUNE_MODES, InteractiveConfig
 
+    if stage.tune not in TUNE_MODES:
+        raise ValueError(f"stage.tune={stage.tune}: one of {', '.join(TUNE_MODES)}")
     config = OmegaConf.to_container(stage, resolve=True)
     known = {f.name for f in fields(InteractiveConfig)}
     unknown = set(config["interactive"]) - known

@@ -24,10 +24,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipeline import storage
-from pipeline.dataset.filters import MaskFilter
+from pipeline.dataset.filters import MaskFilter, is_held_out
 from pipeline.dataset.listing import committed_shards
 from pipeline.dataset.shards import Sample, iter_shard
-from pipeline.truth.synthetic import make_scene, scene_seeds
+from pipeline.truth.domains import make_domain_scene
+from pipeline.truth.synthetic import scene_seeds
 
 
 @dataclass
@@ -57,19 +58,21 @@ def _no_masks(image: np.ndarray) -> np.ndarray:
 
 class SyntheticScenes:
     """Scene ``i`` (0 <= i < count, wrapping) of the ``split`` seeds from ``seed_start``,
-    drawn at ``size`` (H, W)."""
+    drawn at ``size`` (H, W) in ``domain`` (``pipeline.truth.domains``)."""
 
-    def __init__(self, split: str, seed_start: int, count: int, size: Sequence[int]) -> None:
+    def __init__(self, split: str, seed_start: int, count: int, size: Sequence[int], domain: str = "shapes") -> None:
         self.seeds = scene_seeds(split, int(seed_start), int(count))
         self.size = (int(size[0]), int(size[1]))
+        self.domain = domain
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def scene(self, index: int) -> GroundTruth:
         seed = self.seeds[index % len(self.seeds)]
-        scene = make_scene(seed, self.size)
-        return GroundTruth(f"synthetic_{seed}", scene.image, scene.masks)
+        scene = make_domain_scene(self.domain, seed, self.size)
+        name = "synthetic" if self.domain == "shapes" else self.domain
+        return GroundTruth(f"{name}_{seed}", scene.image, scene.masks)
 
     def __iter__(self) -> Iterator[GroundTruth]:
         return (self.scene(i) for i in range(len(self)))
@@ -77,19 +80,22 @@ class SyntheticScenes:
 
 class ShardMasks:
     """The images of SA-1B shards with their masks whose predicted IoU and stability
-    pass the filters (masks without these fields pass)."""
+    pass the filters (masks without these fields pass). With ``holdout`` > 0, only the
+    images outside that held-out share (``held_out`` False: training) or only those in it
+    (``held_out`` True: evaluation), by key (``pipeline.dataset.filters.is_held_out``)."""
 
     generated = True
 
     def __init__(self, shards: str | Sequence[str], pred_iou_thresh: float = 0.0,
-                 stability_score_thresh: float = 0.0) -> None:
+                 stability_score_thresh: float = 0.0, holdout: float = 0.0, held_out: bool = False) -> None:
         self.files = committed_shards(shards)
         self.filter = MaskFilter(float(pred_iou_thresh), float(stability_score_thresh))
+        self.holdout, self.held_out = float(holdout), bool(held_out)
 
     def records(self, files: Sequence[str] | None = None) -> Iterator[Sample]:
-        """The samples of ``files`` (default: all), read but not decoded."""
+        """The samples of ``files`` (default: all) in this share, read but not decoded."""
         for url in self.files if files is None else files:
-            yield from iter_shard(url)
+            yield from (s for s in iter_shard(url) if is_held_out(s.key, self.holdout) == self.held_out)
 
     def decode(self, sample: Sample) -> GroundTruth:
         from pycocotools import mask as mask_utils
@@ -107,11 +113,12 @@ class ShardMasks:
 
 
 class CocoInstances:
-    """The images and instance masks of a COCO instances JSON, in image-id order."""
+    """The images and instance masks of a COCO instances JSON, in image-id order; the
+    held-out share as ``ShardMasks``'s, by file name without extension."""
 
     generated = False
 
-    def __init__(self, annotations: str, image_dir: str) -> None:
+    def __init__(self, annotations: str, image_dir: str, holdout: float = 0.0, held_out: bool = False) -> None:
         from pycocotools.coco import COCO
 
         fs, path = storage.filesystem(annotations)
@@ -121,30 +128,41 @@ class CocoInstances:
         self.coco.dataset = json.loads(fs.cat_file(path))
         self.coco.createIndex()
         self.image_dir = image_dir
+        self.holdout, self.held_out = float(holdout), bool(held_out)
 
     def records(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """(image info, its non-crowd annotations) per image; no image is read."""
+        """(image info, its non-crowd annotations) per image of this share; no image is read."""
         coco = self.coco
         for image_id in sorted(coco.getImgIds()):
+            info = coco.loadImgs(image_id)[0]
+            if is_held_out(_stem(info), self.holdout) != self.held_out:
+                continue
             anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
-            yield coco.loadImgs(image_id)[0], anns
+            yield info, anns
 
     def decode(self, record: tuple[dict[str, Any], list[dict[str, Any]]]) -> GroundTruth:
         info, anns = record
         fs, folder = storage.filesystem(self.image_dir)
         image = _rgb(fs.cat_file(storage.join(folder, info["file_name"])))
         masks = np.stack([self.coco.annToMask(a).astype(bool) for a in anns]) if anns else _no_masks(image)
-        return GroundTruth(str(info["file_name"]).rsplit(".", 1)[0], image, masks)
+        return GroundTruth(_stem(info), image, masks)
 
     def __iter__(self) -> Iterator[GroundTruth]:
         return (self.decode(r) for r in self.records())
 
 
-# Held-out sources by the name ``stage.source`` gives (conf/stage/eval.yaml).
+def _stem(info: Mapping[str, Any]) -> str:
+    return str(info["file_name"]).rsplit(".", 1)[0]
+
+
+# Held-out sources by the name ``stage.source`` gives (conf/stage/eval.yaml); with
+# holdout_fraction > 0, shards and COCO images of that held-out share only.
 SOURCES = {
-    "synthetic": lambda c: SyntheticScenes("test", c["seed_start"], c["num_images"], c["size"]),
-    "shards": lambda c: ShardMasks(c["shards"], c["pred_iou_thresh"], c["stability_score_thresh"]),
-    "coco": lambda c: CocoInstances(c["coco"]["annotations"], c["coco"]["image_dir"]),
+    "synthetic": lambda c: SyntheticScenes("test", c["seed_start"], c["num_images"], c["size"], c["domain"]),
+    "shards": lambda c: ShardMasks(c["shards"], c["pred_iou_thresh"], c["stability_score_thresh"],
+                                   c["holdout_fraction"], held_out=True),
+    "coco": lambda c: CocoInstances(c["coco"]["annotations"], c["coco"]["image_dir"], c["holdout_fraction"],
+                                    held_out=True),
 }
 
 

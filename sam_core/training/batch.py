@@ -25,15 +25,19 @@ class Batch:
         supervise_iou: per image, whether its masks train the IoU head (None: all do).
             Masks a model produced itself are no evidence of how good its masks are:
             trained on them, the IoU head learns that its own masks are right.
+        embeddings: the images' embeddings when the image encoder is frozen (computed
+            once per image by the caller, e.g. from a cache), else None: the encoder runs.
     """
 
     images: torch.Tensor
     input_sizes: list[tuple[int, int]]
     masks: list[torch.Tensor]
     supervise_iou: list[bool] | None = None
+    embeddings: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.images.to(device), self.input_sizes, [m.to(device) for m in self.masks], self.supervise_iou)
+        return Batch(self.images.to(device), self.input_sizes, [m.to(device) for m in self.masks], self.supervise_iou,
+                     None if self.embeddings is None else self.embeddings.to(device))
 
     @property
     def num_masks(self) -> int:

@@ -75,10 +75,7 @@ class InteractiveSam(nn.Module):
             num_masks: number of masks trained on.
         """
         sam = self.sam
-        x = torch.stack(
-            [sam.preprocess(img[:, :h, :w]) for img, (h, w) in zip(batch.images, batch.input_sizes)]
-        )
-        embeddings = sam.image_encoder(x)
+        embeddings = batch.embeddings if batch.embeddings is not None else sam.image_encoder(encoder_input(sam, batch))
         image_pe = sam.prompt_encoder.get_dense_pe()
         totals: dict[str, torch.Tensor] = {}
         count = 0
@@ -234,6 +231,11 @@ class InteractiveSam(nn.Module):
         # Upsampled logits of every round would otherwise all stay in memory until
         # backward (11 rounds x M x 3 x S x S); recomputing them there is cheap.
         return MaskLosses(*checkpoint(compute, low_res, iou_pred, use_reentrant=False))
+
+
+def encoder_input(sam: nn.Module, batch: Batch) -> torch.Tensor:
+    """The batch's images normalised and padded as the image encoder takes them."""
+    return torch.stack([sam.preprocess(img[:, :h, :w]) for img, (h, w) in zip(batch.images, batch.input_sizes)])
 
 
 def train_step(
