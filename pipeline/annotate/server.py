@@ -65,6 +65,7 @@ class MaskIn(BaseModel):
     counts: list[Annotated[int, Field(ge=0)]] = Field(max_length=4_000_000)
     provenance: Literal[PROVENANCES + (AUTOMATIC,)]  # type: ignore[valid-type]
     clicks: int = Field(0, ge=0, le=100_000)
+    strokes: int = Field(0, ge=0, le=100_000)  # brush and eraser strokes
     seconds: float = Field(0.0, ge=0, le=1e6)
     annotator: str = Field("", max_length=100)
     point_coords: list[tuple[float, float]] = Field(default_factory=list, max_length=1000)
@@ -81,6 +82,7 @@ class MaskOut(BaseModel):
     counts: list[int]
     provenance: str
     clicks: int
+    strokes: int = 0
     seconds: float
     annotator: str
     point_coords: list[list[float]]

@@ -201,7 +201,7 @@ class Session:
         for i, ann in enumerate(self.queue.prefill.get(key, [])):
             masks.append({
                 "uid": f"input-{i}", "segmentation": ann["segmentation"], "provenance": AUTOMATIC,
-                "clicks": 0, "seconds": 0.0, "annotator": "", "point_coords": ann.get("point_coords", []),
+                "clicks": 0, "strokes": 0, "seconds": 0.0, "annotator": "", "point_coords": ann.get("point_coords", []),
                 "predicted_iou": ann.get("predicted_iou"), "stability_score": ann.get("stability_score"),
                 "crop_box": ann.get("crop_box"),
             })
@@ -227,7 +227,7 @@ class Session:
         """Replaces the image's masks (and done flag) with what the browser holds.
 
         masks: dicts with uid, counts (uncompressed column-major RLE of the image size),
-        provenance, clicks, seconds, annotator, point_coords. Returns {"saved": True,
+        provenance, clicks, strokes, seconds, annotator, point_coords. Returns {"saved": True,
         "committed": whether the image's unit was committed by this save}.
         """
         entry = self.entry(key)

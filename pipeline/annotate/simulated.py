@@ -3,11 +3,16 @@ against ground truth, and measures annotation cost in clicks.
 
 It sees the truth only through the decoder's answers, as a person sees the mask on
 screen: for each object it clicks the centre of the largest error region (positive in
-a missed region, negative in a false one; ``sam_core.metrics.next_click``) until the mask reaches
-the target IoU or the click limit, then accepts. It runs the same ONNX decoder on the
-same float16 embeddings the server sends the browser, so it measures what the browser
-would answer. Pre-filled automatic masks that already match an object are accepted
-(0 clicks); the others are deleted.
+a missed region, negative in a false one; ``sam_core.metrics.next_click``) until the
+mask reaches the target IoU, the click limit, or clicks stop helping (``stall_clicks``
+in a row gain less than 0.01 IoU); then, as a person finishes a mask, it corrects what
+remains wrong with brush and eraser strokes, each stroke tracing one connected error
+region (the largest first: the brush on a missed one, the eraser on a spill), until the
+target IoU or the stroke limit, and accepts. Clicks and strokes are counted per mask
+and saved with it. It runs the same ONNX decoder on the same float16 embeddings the
+server sends the browser, so it measures what the browser would answer. Pre-filled
+automatic masks that already match an object are accepted (0 clicks); the others are
+deleted.
 
     python -m pipeline.annotate.simulated scenes --count 10 --out /tmp/scenes
     python -m pipeline.run +stage=annotate input=/tmp/scenes/images output=/tmp/ds stage.token=T
@@ -48,6 +53,8 @@ class MaskResult:
     noc90: int
     model_s: list[float] = field(default_factory=list)
     prefilled: bool = False
+    strokes: int = 0
+    final_iou: float | None = None  # after the strokes (the clicks' last IoU without any)
 
 
 class Decoder:
@@ -88,13 +95,15 @@ class SimulatedAnnotator:
 
     def __init__(self, url: str, token: str, truth: Callable[[dict[str, Any]], np.ndarray | None],
                  name: str = "simulated", target_iou: float = 0.9, max_clicks: int = 20,
-                 timeout_s: float = 300.0) -> None:
+                 max_strokes: int = 0, stall_clicks: int = 0, timeout_s: float = 300.0) -> None:
         self.http = httpx.Client(base_url=url, headers={"X-Token": token}, timeout=timeout_s)
         self.truth = truth
         self.name = name
         self.client = f"simulated-{uuid.uuid4().hex[:8]}"
         self.target_iou = target_iou
         self.max_clicks = max_clicks
+        self.max_strokes = max_strokes    # 0: clicks only
+        self.stall_clicks = stall_clicks  # 0: click on to max_clicks
         config = self._get("/api/config").json()
         model = config["model"]
         self.decoder = Decoder(self._get(model["decoder_url"]).content, model["img_size"], model["mask_input_size"])
@@ -149,9 +158,12 @@ class SimulatedAnnotator:
         for gt in remaining:
             start = time.perf_counter()
             result, mask, points = self._click_until_done(key, embedding, gt, size)
+            mask, result.strokes = strokes_until_done(mask, gt, self.target_iou, self.max_strokes)
+            result.final_iou = mask_iou(mask, gt)
             results.append(result)
             saved.append({"uid": uuid.uuid4().hex, "counts": counts_from_mask(mask), "provenance": "model_assisted",
-                          "clicks": result.clicks, "seconds": round(time.perf_counter() - start, 3),
+                          "clicks": result.clicks, "strokes": result.strokes,
+                          "seconds": round(time.perf_counter() - start, 3),
                           "annotator": self.name, "point_coords": points})
         body = {"client": self.client, "masks": kept + saved, "done": True}
         response = self.http.put(f"/api/images/{key}", json=body)
@@ -174,7 +186,7 @@ class SimulatedAnnotator:
             pred, logits = self.decoder.mask(low_res[index], size), low_res[index]
             seconds.append(time.perf_counter() - start)
             ious.append(mask_iou(pred, gt))
-            if ious[-1] >= self.target_iou:
+            if ious[-1] >= self.target_iou or self._stalled(ious):
                 break
 
         def noc(threshold: float) -> int:
@@ -182,6 +194,35 @@ class SimulatedAnnotator:
 
         positive = [[float(x), float(y)] for (x, y), lbl in zip(points, labels) if lbl == 1]
         return MaskResult(key, len(points), ious, noc(0.85), noc(0.9), seconds), pred, positive
+
+
+    def _stalled(self, ious: list[float]) -> bool:
+        """Whether the last ``stall_clicks`` clicks together gained less than 0.01 IoU each."""
+        n = self.stall_clicks
+        return n > 0 and len(ious) > n and ious[-1] - ious[-1 - n] < 0.01 * n
+
+
+def strokes_until_done(mask: np.ndarray, gt: np.ndarray, target_iou: float, max_strokes: int) -> tuple[np.ndarray, int]:
+    """(the mask after brush and eraser strokes, the strokes spent): each stroke fixes the
+    largest connected error region (missed pixels brushed in, spilled ones erased) until
+    the IoU with ``gt`` reaches ``target_iou`` or ``max_strokes`` were made."""
+    import cv2
+
+    mask = mask.copy()
+    strokes = 0
+    while strokes < max_strokes and mask_iou(mask, gt) < target_iou:
+        best, best_area, add = None, 0, True
+        for error, missing in ((gt & ~mask, True), (mask & ~gt, False)):
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(error.astype(np.uint8), connectivity=8)
+            if count > 1:
+                label = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+                if stats[label, cv2.CC_STAT_AREA] > best_area:
+                    best, best_area, add = labels == label, int(stats[label, cv2.CC_STAT_AREA]), missing
+        if best is None:
+            break
+        mask = mask | best if add else mask & ~best
+        strokes += 1
+    return mask, strokes
 
 
 def report(results: list[MaskResult], images: int, max_clicks: int) -> dict[str, Any]:
@@ -194,7 +235,9 @@ def report(results: list[MaskResult], images: int, max_clicks: int) -> dict[str,
         "noc85": float(np.mean([r.noc85 for r in clicked])) if clicked else 0.0,
         "noc90": float(np.mean([r.noc90 for r in clicked])) if clicked else 0.0,
         "clicks_per_mask": float(np.mean([r.clicks for r in results])) if results else 0.0,
-        "miou": float(np.mean([r.ious[-1] for r in results])) if results else 0.0,
+        "strokes_per_mask": float(np.mean([r.strokes for r in results])) if results else 0.0,
+        "miou": float(np.mean([r.final_iou if r.final_iou is not None else r.ious[-1] for r in results]))
+        if results else 0.0,
         "max_clicks": max_clicks,
         "model_ms_per_click": {
             "median": float(np.median(per_click)) if len(per_click) else 0.0,
@@ -223,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-images", type=int)
     run.add_argument("--target-iou", type=float, default=0.9)
     run.add_argument("--max-clicks", type=int, default=20)
+    run.add_argument("--max-strokes", type=int, default=0, help="brush/eraser strokes after the clicks (0: none)")
+    run.add_argument("--stall-clicks", type=int, default=0, help="stop clicking after this many clicks without gain")
     run.add_argument("--report", help="also write the report as JSON here")
     args = parser.parse_args(argv)
     if args.command == "scenes":
@@ -230,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.count} scenes to {Path(args.out) / 'images'} and their masks to {path}")
         return 0
     annotator = SimulatedAnnotator(args.url, args.token, _by_source(Truth(args.truth)),
-                                   target_iou=args.target_iou, max_clicks=args.max_clicks)
+                                   target_iou=args.target_iou, max_clicks=args.max_clicks,
+                                   max_strokes=args.max_strokes, stall_clicks=args.stall_clicks)
     result = annotator.run(args.max_images)
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2))

@@ -39,7 +39,7 @@ class ImageState:
     """The working state of one image.
 
     masks: dicts with uid, segmentation (compressed COCO RLE), provenance (one of
-        PROVENANCES, or AUTOMATIC while unreviewed), clicks, seconds, annotator,
+        PROVENANCES, or AUTOMATIC while unreviewed), clicks, strokes, seconds, annotator,
         point_coords; pre-filled masks also keep predicted_iou, stability_score, crop_box.
     done: the annotator marked the image done. error: why the image cannot be annotated,
     found in ``phase`` (enumerate, read or decode, as in the errors table).
@@ -144,6 +144,7 @@ def dataset_mask(mask: dict[str, Any], width: int, height: int) -> dict[str, Any
         "point_coords": mask.get("point_coords") or [],
         "provenance": mask["provenance"],
         "clicks": int(mask.get("clicks", 0)),
+        "strokes": int(mask.get("strokes", 0)),
         "seconds": round(float(mask.get("seconds", 0.0)), 3),
         "annotator": str(mask.get("annotator", "")),
     }

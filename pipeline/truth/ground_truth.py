@@ -160,9 +160,9 @@ def _stem(info: Mapping[str, Any]) -> str:
 SOURCES = {
     "synthetic": lambda c: SyntheticScenes("test", c["seed_start"], c["num_images"], c["size"], c["domain"]),
     "shards": lambda c: ShardMasks(c["shards"], c["pred_iou_thresh"], c["stability_score_thresh"],
-                                   c["holdout_fraction"], held_out=True),
+                                   c["holdout_fraction"], held_out=c["holdout_fraction"] > 0),
     "coco": lambda c: CocoInstances(c["coco"]["annotations"], c["coco"]["image_dir"], c["holdout_fraction"],
-                                    held_out=True),
+                                    held_out=c["holdout_fraction"] > 0),
 }
 
 

@@ -1,8 +1,12 @@
-"""Pools of synthetic scenes written as image folders with their exact truth (a COCO
-instances JSON), and ``Truth``: the true masks of such a pool by image source.
+"""Pools of images written as folders with their exact truth (a COCO instances JSON), and
+``Truth``: the true masks of such a pool by image source.
 
 What the simulated annotator compares its masks with (``pipeline.annotate.simulated``),
-and what the engine's pools are measured against.
+what the engine's pools are measured against, and the held-out sets its models are
+evaluated and gated on. Images come from a domain's procedural scenes
+(``pipeline.truth.domains``: training seeds for pools, test seeds for held-out sets)
+or from a COCO set with masks (real images: its images in id order, the first ones to
+the pools, the next ones held out).
 """
 from __future__ import annotations
 
@@ -11,15 +15,17 @@ import json
 import os
 import posixpath
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline import storage
-from pipeline.truth.synthetic import coco_instances, make_scene, scene_seeds
+from pipeline.truth.domains import make_domain_scene
+from pipeline.truth.synthetic import Scene, coco_instances, scene_seeds
 
 DONE_FILE = "done.json"
+HELD_OUT = "held_out"
 
 
 class Truth:
@@ -50,16 +56,16 @@ class Truth:
 
 
 def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = (512, 512),
-                 seed_start: int = 0) -> Path:
-    """Held-out synthetic scenes as ``images/scene_<seed>.png`` plus their masks as a COCO
-    instances JSON; returns the JSON's path."""
+                 seed_start: int = 0, domain: str = "shapes") -> Path:
+    """Held-out scenes of ``domain`` as ``images/scene_<seed>.png`` plus their masks as a
+    COCO instances JSON; returns the JSON's path."""
     from PIL import Image
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     scenes, names = [], []
     for seed in scene_seeds("test", seed_start, count):
-        scene = make_scene(seed, size)
+        scene = make_domain_scene(domain, seed, size)
         names.append(f"scene_{seed}.png")
         Image.fromarray(scene.image).save(folder / "images" / names[-1])
         scenes.append(scene)
@@ -68,38 +74,78 @@ def write_scenes(folder: str | os.PathLike, count: int, size: tuple[int, int] = 
     return path
 
 
-def write_pools(root: str, names: Sequence[str], counts: Mapping[str, int], seed_start: int,
-                size: tuple[int, int]) -> dict[str, dict[str, str]]:
-    """Writes one pool of training-split scenes per name, once (``<root>/<name>/``), with
-    its truth (``<root>/<name>.json``) and the truth of the pools so far
-    (``<root>/upto_<name>.json``); ``<root>/done.json`` last. Returns, per name, the
-    paths: images, truth, upto, image_dir (the root, which upto's file names are under)."""
-    pools = {name: {"images": storage.join(root, name), "truth": storage.join(root, f"{name}.json"),
+def _synthetic(source: Mapping[str, Any], split: str, start: int, count: int) -> Iterator[tuple[str, Scene]]:
+    """Scenes of the training split from ``seed_start`` + ``start``, or of the test split
+    from its first seed (the held-out scenes eval measures by default)."""
+    size = tuple(int(v) for v in source["size"])
+    first = int(source["seed_start"]) + start if split == "train" else start
+    for seed in scene_seeds(split, first, count):
+        yield f"scene_{seed}.png", make_domain_scene(source["domain"], seed, size)
+
+
+def _coco(source: Mapping[str, Any], start: int, count: int) -> Iterator[tuple[str, Scene]]:
+    from pipeline.truth.ground_truth import CocoInstances
+
+    coco = CocoInstances(source["coco"]["annotations"], source["coco"]["image_dir"])
+    records = list(coco.records())
+    if start + count > len(records):
+        raise ValueError(f"the COCO set {source['coco']['annotations']} has {len(records)} images with masks; "
+                         f"the pools and the held-out set need {start + count}")
+    for record in records[start:start + count]:
+        gt = coco.decode(record)
+        masks = gt.masks[gt.masks.reshape(len(gt.masks), -1).any(1)] if len(gt.masks) else gt.masks
+        scene = Scene(image=gt.image, masks=masks, kinds=["object"] * len(masks),
+                      parents=np.full(len(masks), -1, np.int64), seed=int(record[0]["id"]))
+        yield f"{gt.key}.png", scene
+
+
+def write_pools(root: str, pools: Sequence[tuple[str, int]], source: Mapping[str, Any],
+                held_out: int) -> dict[str, dict[str, str]]:
+    """Writes each pool (name, image count) once, in order, as ``<root>/<name>/`` with its
+    truth (``<root>/<name>.json``) and the truth of the pools so far
+    (``<root>/upto_<name>.json``, whose file names are relative to ``root``), then a
+    held-out set of ``held_out`` images (``<root>/held_out/``, ``held_out.json``);
+    ``<root>/done.json`` last.
+
+    ``source``: ``{"domain", "seed_start", "size"}`` (procedural scenes; ``coco`` with a
+    null annotations) or ``{"coco": {"annotations", "image_dir"}}`` (a COCO set).
+    Returns, per pool name and for ``held_out``: images, truth, upto, image_dir.
+    """
+    names = [name for name, _ in pools] + [HELD_OUT]
+    paths = {name: {"images": storage.join(root, name), "truth": storage.join(root, f"{name}.json"),
                     "upto": storage.join(root, f"upto_{name}.json"), "image_dir": root} for name in names}
-    marker = storage.join(root, DONE_FILE)
-    if storage.read_json(marker) is not None:
-        return pools
+    if storage.read_json(storage.join(root, DONE_FILE)) is not None:
+        return paths
     from PIL import Image
 
-    seed, upto = int(seed_start), {"images": [], "annotations": [], "categories": []}
-    for name in names:
+    coco = (source.get("coco") or {}).get("annotations")
+    total = sum(count for _, count in pools)
+    upto: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
+    start = 0
+    for name, count in [*pools, (HELD_OUT, held_out)]:
+        if coco:
+            found = _coco(source, start, count)
+        elif name == HELD_OUT:
+            found = _synthetic(source, "test", 0, count)
+        else:
+            found = _synthetic(source, "train", start, count)
         made, files = [], []
-        for s in scene_seeds("train", seed, int(counts[name])):
-            scene = make_scene(s, size)
+        for file_name, scene in found:
             buffer = io.BytesIO()
             Image.fromarray(scene.image).save(buffer, format="PNG")
-            storage.write_bytes(storage.join(pools[name]["images"], f"scene_{s}.png"), buffer.getvalue())
+            storage.write_bytes(storage.join(paths[name]["images"], file_name), buffer.getvalue())
             made.append(scene)
-            files.append(f"{name}/scene_{s}.png")
-        seed += int(counts[name])
+            files.append(f"{name}/{file_name}")
+        start += count
         truth = coco_instances(made, files)
-        storage.write_json(pools[name]["truth"], truth)
-        offset = len(upto["images"])
-        upto["images"] += [{**i, "id": i["id"] + offset} for i in truth["images"]]
-        upto["annotations"] += [{**a, "id": a["id"] + offset * 1000, "image_id": a["image_id"] + offset}
-                                for a in truth["annotations"]]
-        upto["categories"] = truth["categories"]
-        storage.write_json(pools[name]["upto"], upto)
-    storage.write_json(marker, {"seed_start": int(seed_start), "size": list(size),
-                                **{n: int(counts[n]) for n in names}})
-    return pools
+        storage.write_json(paths[name]["truth"], truth)
+        if name != HELD_OUT:
+            offset = len(upto["images"])
+            upto["images"] += [{**i, "id": i["id"] + offset} for i in truth["images"]]
+            upto["annotations"] += [{**a, "id": a["id"] + offset * 1000, "image_id": a["image_id"] + offset}
+                                    for a in truth["annotations"]]
+            upto["categories"] = truth["categories"]
+            storage.write_json(paths[name]["upto"], upto)
+    storage.write_json(storage.join(root, DONE_FILE), {"source": dict(source), "pools": [list(p) for p in pools],
+                                                       "held_out": held_out, "images": total + held_out})
+    return paths

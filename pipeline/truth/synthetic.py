@@ -24,9 +24,10 @@ import numpy as np
 TEST_SEED_OFFSET = 1_000_000_000
 
 KINDS = ("polygon", "ellipse", "blob", "thin", "holed", "composite")
-# Categories of the instances, by shape kind (a part of a composite is a "part"), as COCO
-# category entries: id k + 1 for CATEGORY_NAMES[k].
-CATEGORY_NAMES = (*KINDS, "part")
+# Categories of the instances, by shape kind (a part of a composite is a "part"; the
+# target domains' cells and objects, pipeline.truth.domains), as COCO category entries:
+# id k + 1 for CATEGORY_NAMES[k].
+CATEGORY_NAMES = (*KINDS, "part", "cell", "object")
 CATEGORIES = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORY_NAMES)]
 
 

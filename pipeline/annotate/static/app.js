@@ -11,7 +11,7 @@ const canvas = $("view"), stageEl = $("stage");
 const state = {
   config: null, decoder: null, view: null, image: null, H: 0, W: 0,
   client: sessionStorage.getItem("sam-client") || `browser-${crypto.randomUUID().slice(0, 12)}`,
-  masks: [],        // {uid, mask, box, provenance, clicks, seconds, annotator, point_coords, counts}
+  masks: [],        // {uid, mask, box, provenance, clicks, strokes, seconds, annotator, point_coords, counts}
   selected: null,   // index into masks
   current: null,    // the mask being made or edited (see newCurrent)
   tool: "click", brush: 12, undo: [], redo: [],
@@ -56,7 +56,7 @@ function newCurrent(source = null) {
   return {
     source: base ? base.uid : null, points: [], labels: [], box: null,
     mask: base ? base.mask : null, lowRes: null, result: null, candidate: null,
-    clicks: 0, started: performance.now(), prompted: false, edited: false,
+    clicks: 0, strokes: 0, started: performance.now(), prompted: false, edited: false,
   };
 }
 
@@ -114,6 +114,7 @@ function accept() {
   const mask = maskObject({
     uid: old ? old.uid : crypto.randomUUID(), mask: c.mask, provenance,
     clicks: (old ? old.clicks : 0) + c.clicks,
+    strokes: (old ? old.strokes || 0 : 0) + c.strokes,
     seconds: (old ? old.seconds : 0) + (performance.now() - c.started) / 1000,
     annotator: annotator(), point_coords: [...(old ? old.point_coords : []), ...positives],
   });
@@ -226,6 +227,7 @@ function strokeStart(x, y, value) {
   // Copy on write: undo keeps the mask as it was before the stroke.
   c.mask = c.mask ? c.mask.slice() : new Uint8Array(state.H * state.W);
   c.edited = true;
+  c.strokes += 1;
   strokeTo(x, y, value);
 }
 
@@ -249,7 +251,7 @@ function save(done = false) {
     client: state.client, done,
     masks: state.masks.map((m) => {
       if (!m.counts) m.counts = encodeCounts(m.mask, state.H, state.W);
-      return { uid: m.uid, counts: m.counts, provenance: m.provenance, clicks: m.clicks,
+      return { uid: m.uid, counts: m.counts, provenance: m.provenance, clicks: m.clicks, strokes: m.strokes || 0,
                seconds: Math.round(m.seconds * 1000) / 1000, annotator: m.annotator || "", point_coords: m.point_coords || [] };
     }),
   };

@@ -78,7 +78,7 @@ export class Renderer {
       swatch.className = "swatch";
       swatch.style.background = m.provenance === "automatic" ? "rgb(240,195,109)" : `rgb(${colour(i).join(",")})`;
       const label = document.createElement("span");
-      label.textContent = `${m.provenance}${m.clicks ? ` · ${m.clicks} clicks` : ""}`;
+      label.textContent = `${m.provenance}${m.clicks ? ` · ${m.clicks} clicks` : ""}${m.strokes ? ` · ${m.strokes} strokes` : ""}`;
       if (m.provenance === "automatic") label.className = "auto";
       const del = document.createElement("button");
       del.className = "del"; del.textContent = "×"; del.title = "delete";
