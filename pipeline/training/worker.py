@@ -23,12 +23,22 @@ from pipeline.training import checkpoints
 from pipeline.training.optim import make_optimizer, make_scheduler
 from pipeline.training.stream import to_batch, training_stream
 from pipeline.training.trainer import say
+from sam_core.training import (
+    ENCODER_MODES,
+    InteractiveConfig,
+    InteractiveSam,
+    TunedSpec,
+    encoder_frozen,
+    encoder_input,
+    load_tuned,
+    prepare,
+    train_step,
+    tuned_state,
+)
 
 
 def tune_spec(config: dict[str, Any]):
     """The ``TunedSpec`` of a retrain config (``stage.tune`` and ``stage.tune_sizes``)."""
-    from sam_core.training import TunedSpec
-
     return TunedSpec(config["tune"], **config["tune_sizes"])
 
 
@@ -39,8 +49,6 @@ def tuned_base(init: str | None, spec) -> tuple[str | None, dict[str, torch.Tens
     of a run that writes a whole state dict (its keys are not SAM's): refused."""
     if not is_tuned(init):
         return init, None
-    from sam_core.training import ENCODER_MODES, TunedSpec
-
     meta, tensors = read_tuned(init)
     if TunedSpec(**meta["tune"]) == spec:
         return meta["base"], tensors
@@ -48,6 +56,13 @@ def tuned_base(init: str | None, spec) -> tuple[str | None, dict[str, torch.Tens
         raise ValueError(f"{init} is an adapter model: tune it with stage.tune=adapter, or tune its base "
                          f"({meta['base']}) with stage.tune={spec.mode}")
     return init, None
+
+
+def adapter_file(sam: torch.nn.Module, spec, arch: str, base: str, base_sha256: str) -> dict[str, Any]:
+    """What an adapter file holds (``pipeline.models.loader.read_tuned`` reads it): the
+    tuned tensors of ``sam`` and how to rebuild the model from its base."""
+    return {"meta": {"arch": arch, "base": base, "base_sha256": base_sha256, "tune": spec.to_dict()},
+            "tuned": tuned_state(sam, spec)}
 
 
 class EmbeddingCache:
@@ -62,7 +77,6 @@ class EmbeddingCache:
 
     def embeddings(self, sam: torch.nn.Module, batch) -> torch.Tensor:
         """The batch's embeddings (B x C x h x w), computed for the images not cached."""
-        from sam_core.training import encoder_input
 
         keys = [hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() for img in batch.images]
         missing = [i for i, key in enumerate(keys) if key not in self._items]
@@ -93,15 +107,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from sam_core.training import (
-        InteractiveConfig,
-        InteractiveSam,
-        encoder_frozen,
-        load_tuned,
-        prepare,
-        train_step,
-        tuned_state,
-    )
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -174,9 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank != 0:
                 checkpoints.report(step + 1, None, None, metrics)
                 continue
-            if spec.mode in ("adapter", "lora"):
-                weights = {"meta": {"arch": config["arch"], "base": base, "base_sha256": config["base_sha256"],
-                                    "tune": spec.to_dict()}, "tuned": tuned_state(bare.sam, spec)}
+            if spec.mode in ENCODER_MODES:
+                weights = adapter_file(bare.sam, spec, config["arch"], base, config["base_sha256"])
             else:
                 weights = checkpoints.state_dict(bare.sam)
             checkpoints.report(step + 1, weights, {
