@@ -18,6 +18,10 @@ from pipeline.models.loader import generator_kwargs, load_sam
 from pipeline.truth.ground_truth import held_out
 
 
+class NoImages(ValueError):
+    """The held-out source has no image with a mask (e.g. an empty held-out share)."""
+
+
 def _plain(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
@@ -75,7 +79,7 @@ def evaluate_model(
             gt_best.append(g)
             pred_best.append(p)
     if images == 0:
-        raise ValueError(f"eval found no images with masks in its {eval_cfg['source']} source")
+        raise NoImages(f"eval found no images with masks in its {eval_cfg['source']} source")
     click_iou = np.concatenate(click_rows)
     result: dict[str, Any] = {"model": checkpoint, "arch": arch, "source": eval_cfg["source"],
                               "images": images, "masks": int(len(click_iou))}

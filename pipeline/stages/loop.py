@@ -156,13 +156,19 @@ def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, An
                      n, trained["steps"], steps)
             return None
     registered = registry.version_dir(output, version)
-    new_model = registry.model_file(output, version)
-    metrics = phase.evaluated(new_model, registered, lambda m, d: _evaluate(cfg, m, d))
+    candidate = registry.model_file(output, version)
+    promoted = bool(trained.get("promoted", True))
+    if not promoted:
+        log.warning("round %d: %s is worse than %s on the held-out images (promotion gate): the next round goes "
+                    "on with %s", n, version, model, model)
+    kept = candidate if promoted else model
+    metrics = phase.evaluated(kept, registered if promoted else phase.folder, lambda m, d: _evaluate(cfg, m, d))
     storage.write_json(storage.join(phase.folder, registry.EVAL_FILE), metrics)
 
     summary = annotated["dataset"]
     return phase.finish({
-        "round": n, "model": new_model, "version": version, "from_model": model,
+        "round": n, "model": kept, "candidate": candidate, "promoted": promoted, "gate": trained.get("gate"),
+        "version": version, "from_model": model,
         "images_annotated": summary["images_ok"], "images_failed": summary["images"] - summary["images_ok"],
         "masks_generated": masks, "masks_kept": kept,
         "training_steps": trained["steps"], "final_loss": trained.get("final_loss"),
@@ -172,12 +178,13 @@ def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, An
 
 def format_report(rounds: list[dict[str, Any]]) -> str:
     """A markdown table: held-out metrics and the work of each round (0 = start model)."""
-    head = ["round", "model", "images", "masks kept / generated", "steps", "time (s)", *METRICS]
+    head = ["round", "model", "images", "masks kept / generated", "steps", "promoted", "time (s)", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rounds:
         ev = r["eval"]
-        work = (["-", "-", "-"] if r["round"] == 0 else
-                [str(r["images_annotated"]), f"{r['masks_kept']} / {r['masks_generated']}", str(r["training_steps"])])
+        work = (["-", "-", "-", "-"] if r["round"] == 0 else
+                [str(r["images_annotated"]), f"{r['masks_kept']} / {r['masks_generated']}", str(r["training_steps"]),
+                 "yes" if r.get("promoted", True) else f"no ({posixpath.basename(posixpath.dirname(r['candidate']))})"])
         name = posixpath.basename(posixpath.dirname(r["model"])) or r["model"]
         cells = [str(r["round"]), name, *work,
                  f"{sum(r['seconds'].values()):.0f}", *(f"{ev[m]:.3f}" if m in ev else "-" for m in METRICS)]
@@ -193,7 +200,8 @@ def write_report(output: str, rounds: list[dict[str, Any]], planned: int) -> str
         "# Model-in-the-loop report", "",
         f"{done} of {planned} round(s) finished. Round 0 is the start model "
         f"({rounds[0]['model']}); round N is the model retrained on round N's automatic "
-        "annotations of the unlabeled pool by model N-1.", "",
+        "annotations of the unlabeled pool by model N-1, kept when the promotion gate finds it no worse "
+        "than model N-1 on held-out images (else model N-1 goes on).", "",
         f"Held-out set: {first.get('images')} {first.get('source')} images, {first.get('masks')} prompted "
         "masks. Time: seconds spent in the round's fully_auto, retrain and eval (summed over invocations).",
         "", table, "",

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import storage
 from pipeline.dataset.listing import committed_shards
 from pipeline.models import registry
-from pipeline.models.evaluation import evaluate_model
+from pipeline.models.evaluation import NoImages, evaluate_model
 from pipeline.models.loader import model_identity
 from pipeline.training.registration import register
 from pipeline.training.stream import synthetic_enabled
@@ -98,8 +98,8 @@ def _data_line(data: dict[str, Any], shards: list[str]) -> str:
 
 def gate_sets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The held-out sets the promotion gate measures on, by name, as eval configs: the
-    held-out share of the training shards and of the COCO set, ``gate.coco`` whole; with
-    none of these, the synthetic eval scenes."""
+    held-out share of the training shards and of the COCO set, ``gate.coco`` whole, and
+    last the synthetic eval scenes, measured only when none of the others has images."""
     data, gate_cfg = config["data"], config["gate"]
     base = {**config["eval"], "clicks": [1], "automatic": False, "num_images": int(gate_cfg["num_images"]),
             "pred_iou_thresh": data["pred_iou_thresh"], "stability_score_thresh": data["stability_score_thresh"]}
@@ -111,8 +111,7 @@ def gate_sets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         sets["coco"] = {**base, "source": "coco", "coco": data["coco"], "holdout_fraction": holdout}
     if gate_cfg["coco"]["annotations"]:
         sets["gate_coco"] = {**base, "source": "coco", "coco": gate_cfg["coco"], "holdout_fraction": 0.0}
-    if not sets:
-        sets["synthetic"] = {**base, "source": "synthetic"}
+    sets["synthetic"] = {**base, "source": "synthetic"}  # measured only when no other set has images
     return sets
 
 
@@ -130,7 +129,13 @@ def gate(cfg: DictConfig, config: dict[str, Any], start: str | None, new: str) -
     start_arch = registry.registered_arch(start) or arch
     sets, promoted = {}, True
     for name, eval_cfg in gate_sets(config).items():
-        before = evaluate_model(start_arch, start, eval_cfg, amg, None, device=device)
+        if name == "synthetic" and sets:
+            break
+        try:
+            before = evaluate_model(start_arch, start, eval_cfg, amg, None, device=device)
+        except NoImages as empty:  # e.g. a held-out share of a few images that came out empty
+            log.info("promotion gate: no %s set (%s)", name, empty)
+            continue
         after = evaluate_model(arch, new, eval_cfg, amg, None, device=device)
         if metric not in after:
             raise ValueError(f"stage.gate.metric={metric} is not an eval figure; one of "
