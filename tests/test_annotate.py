@@ -2,6 +2,7 @@
 a real uvicorn server on loopback, real HTTP (httpx), real shards read back."""
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -37,14 +38,15 @@ class Served:
     """A session and its server; ``api`` is an httpx client carrying the token."""
 
     def __init__(self, input_spec: Path, output: Path, checkpoint: Path, decoder_cache: Path,
-                 images_per_unit: int = 2, lease_s: float = 60.0):
+                 images_per_unit: int = 2, lease_s: float = 60.0, output_lease=None):
         self.queue = load_queue(str(input_spec), str(output), images_per_unit)
         sam = load_sam({"arch": "vit_tiny", "checkpoint": str(checkpoint), "device": "cpu"})
         identity = model_identity(str(checkpoint))
         decoder = exported_decoder(sam, "vit_tiny", identity, str(decoder_cache))
         model = ModelInfo("vit_tiny", identity, 256, (1, 128, 16, 16), decoder)
         image_cfg = {"short_side": 1500, "max_pixels": 10_000_000, "min_side": 16, "jpeg_quality": 95}
-        self.session = Session(self.queue, str(output), sam, model, image_cfg, lease_s=lease_s)
+        self.session = Session(self.queue, str(output), sam, model, image_cfg, lease_s=lease_s,
+                               check_output_lease=output_lease.confirm if output_lease else None)
         self.server = BackgroundServer(create_app(self.session, TOKEN, max_body_bytes=200_000)).start()
         self.api = httpx.Client(base_url=self.server.url, headers={"X-Token": TOKEN}, timeout=60)
 
@@ -155,7 +157,7 @@ def test_two_annotators_never_share_an_image(serve, tmp_path):
     assert a["editable"] and b["editable"]
     assert api.post("/api/lease", json={"client": "b", "key": a["key"]}).status_code == 409
     mask = counts_from_mask(a_mask(48, 64, 5, 5, 20, 20))
-    body = {"client": "b", "masks": [{"uid": "m1", "counts": mask, "provenance": "manual"}]}
+    body = {"client": "b", "masks": [{"uid": "m1", "counts": mask, "provenance": "manual"}], "version": 0}
     assert api.put(f"/api/images/{a['key']}", json=body).status_code == 409
     assert api.get(f"/api/images/{a['key']}", params={"client": "b"}).json()["editable"] is False
     assert api.post("/api/renew", json={"client": "b", "key": a["key"]}).status_code == 409
@@ -180,8 +182,9 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     m1 = a_mask(48, 64, 5, 5, 20, 30)
     masks = [{"uid": "m1", "counts": counts_from_mask(m1), "provenance": "model_assisted", "clicks": 3,
               "seconds": 4.5, "annotator": "ann", "point_coords": [[10, 12]]}]
-    assert (api.put("/api/images/sa_1", json={"client": "a", "masks": masks}).json()
-            == {"saved": True, "committed": False})
+    assert first["version"] == 0
+    assert (api.put("/api/images/sa_1", json={"client": "a", "masks": masks, "version": 0}).json()
+            == {"saved": True, "committed": False, "version": 1})
     served.close()
 
     # A new server on the same output: the accepted mask is still there.
@@ -190,19 +193,21 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     view = api.post("/api/lease", json={"client": "a", "key": "sa_1"}).json()
     assert [m["uid"] for m in view["masks"]] == ["m1"]
     assert np.array_equal(mask_from_counts(view["masks"][0]["counts"], 48, 64), m1)
-    assert api.put("/api/images/sa_1",
-                   json={"client": "a", "masks": view["masks"], "done": True}).json()["committed"] is False
+    assert view["version"] == 1
+    saved = api.put("/api/images/sa_1", json={"client": "a", "masks": view["masks"], "done": True, "version": 1})
+    assert saved.json()["committed"] is False
     second = api.post("/api/lease", json={"client": "a", "after": "sa_1"}).json()
     assert second["key"] == "sa_2"
     # A late save of the image the browser just left is kept and does not move its lease.
-    api.put("/api/images/sa_1", json={"client": "a", "masks": view["masks"], "done": True}).raise_for_status()
+    api.put("/api/images/sa_1", json={"client": "a", "masks": view["masks"], "done": True,
+                                      "version": saved.json()["version"]}).raise_for_status()
     assert served.session.leases.holder("sa_2") == "a" and served.session.leases.holder("sa_1") is None
     m2 = a_mask(48, 64, 30, 10, 60, 40)
-    result = api.put("/api/images/sa_2", json={"client": "a", "done": True, "masks": [
+    result = api.put("/api/images/sa_2", json={"client": "a", "done": True, "version": 0, "masks": [
         {"uid": "m2", "counts": counts_from_mask(m2), "provenance": "manual", "annotator": "ann"}]}).json()
     assert result["committed"] is True
     # Committed images are never written again.
-    assert api.put("/api/images/sa_2", json={"client": "a", "masks": []}).status_code == 409
+    assert api.put("/api/images/sa_2", json={"client": "a", "masks": [], "version": 1}).status_code == 409
     assert api.post("/api/lease", json={"client": "a", "key": "sa_1"}).status_code == 409
     assert api.post("/api/lease", json={"client": "a", "after": "sa_2"}).json()["key"] == "sa_3"
     assert manifest.committed_units(str(output)) == {0}
@@ -220,7 +225,7 @@ def test_saves_survive_a_restart_and_units_commit_once(serve, tmp_path):
     assert table[0]["source"].endswith("img_0.png") and len(table[0]["source_sha256"]) == 64
     assert samples["sa_1"].record["image"]["source_sha256"] == table[0]["source_sha256"]
     # Masks of the wrong size are refused, and nothing is saved.
-    bad = {"client": "a", "masks": [{"uid": "x", "counts": [10, 5], "provenance": "manual"}]}
+    bad = {"client": "a", "masks": [{"uid": "x", "counts": [10, 5], "provenance": "manual"}], "version": 0}
     assert api.put("/api/images/sa_3", json=bad).status_code == 422
 
 
@@ -244,7 +249,8 @@ def test_bad_image_is_recorded_and_skipped(serve, tmp_path):
     after = None
     while (view := api.post("/api/lease", json={"client": "a", "after": after}).json()) is not None:
         keys.append(view["key"])
-        api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": [], "done": True}).raise_for_status()
+        api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": [], "done": True,
+                                                    "version": view["version"]}).raise_for_status()
         after = view["key"]
     assert keys == ["sa_1", "sa_3"]  # sa_2 (img_1.png) does not decode
     assert api.get("/api/images/sa_2").status_code == 410
@@ -253,7 +259,8 @@ def test_bad_image_is_recorded_and_skipped(serve, tmp_path):
     reasons = manifest.read_table(str(output), manifest.ERRORS_DIR).to_pylist()
     assert [r["key"] for r in reasons] == ["sa_2"] and "not a readable image" in reasons[0]["reason"]
     assert reasons[0]["phase"] == "decode"
-    assert api.get("/api/progress").json() == {"images": 3, "done": 3, "failed": 1, "units": 1, "units_committed": 1}
+    assert api.get("/api/progress").json() == {"images": 3, "done": 3, "failed": 1, "units": 1, "units_committed": 1,
+                                               "lost": None}
 
 
 def test_dataset_masks_open_prefilled_as_automatic(serve, tmp_path):
@@ -268,14 +275,16 @@ def test_dataset_masks_open_prefilled_as_automatic(serve, tmp_path):
     assert np.array_equal(mask_from_counts(view["masks"][0]["counts"], 48, 64), truth[0].astype(bool))
     # Unreviewed automatic masks block "done"; accept one, edit one, delete one.
     masks = view["masks"]
-    assert api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": masks, "done": True}).status_code == 422
+    assert api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": masks, "done": True,
+                                                       "version": 0}).status_code == 422
     edited = mask_from_counts(masks[1]["counts"], 48, 64).copy()
     edited[:5, :5] = True
     reviewed = [{**masks[0], "provenance": "automatic_accepted", "annotator": "ann"},
                 {**masks[1], "counts": counts_from_mask(edited), "provenance": "automatic_edited", "seconds": 2.0}]
-    api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": reviewed, "done": True}).raise_for_status()
+    api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": reviewed, "done": True,
+                                                "version": 0}).raise_for_status()
     nxt = api.post("/api/lease", json={"client": "a", "after": view["key"]}).json()
-    api.put(f"/api/images/{nxt['key']}", json={"client": "a", "masks": [], "done": True}).json()
+    api.put(f"/api/images/{nxt['key']}", json={"client": "a", "masks": [], "done": True, "version": 0}).json()
     record = next(iter_samples(str(output))).record
     original = source.samples[0].record["annotations"][0]
     first, second = record["annotations"]
@@ -339,3 +348,144 @@ def test_simulated_annotator_through_the_stage(tmp_path):
 
     coco = COCO(str(tmp_path / "out" / "coco" / "instances.json"))
     assert len(coco.getAnnIds()) == report["masks"] and len(coco.getImgIds()) == 2
+
+
+# --- what a save acknowledged is, and what stale or lost writers cannot do -------------------
+def test_a_save_racing_its_units_commit_is_in_the_commit_or_refused(serve, tmp_path, monkeypatch):
+    """An edit of a done image, slowed between its checks and its write, while another
+    image's done-save commits the unit: the commit holds the edit (it waited for it)."""
+    from pipeline.annotate.store import Store
+
+    output = tmp_path / "out"
+    served = serve(image_folder(tmp_path / "in", count=2), output, images_per_unit=2)
+    api = served.api
+    first = api.post("/api/lease", json={"client": "a"}).json()
+    second = api.post("/api/lease", json={"client": "b"}).json()
+    old, new = a_mask(48, 64, 2, 2, 10, 10), a_mask(48, 64, 20, 20, 40, 40)
+    mask = {"uid": "m", "provenance": "manual"}
+    done = api.put(f"/api/images/{first['key']}", json={"client": "a", "done": True, "version": 0,
+                                                       "masks": [{**mask, "counts": counts_from_mask(old)}]}).json()
+    original_save = Store.save
+
+    def slow_save(self, state):
+        if state.key == first["key"]:
+            time.sleep(1.0)  # the edit is between its checks and its write
+        return original_save(self, state)
+
+    monkeypatch.setattr(Store, "save", slow_save)
+    answers = {}
+
+    def edit():
+        answers["edit"] = api.put(f"/api/images/{first['key']}", json={
+            "client": "a", "done": True, "version": done["version"],
+            "masks": [{**mask, "counts": counts_from_mask(new)}]})
+
+    editing = threading.Thread(target=edit)
+    editing.start()
+    time.sleep(0.3)
+    commit = api.put(f"/api/images/{second['key']}", json={"client": "b", "masks": [], "done": True, "version": 0})
+    editing.join()
+    assert commit.json()["committed"] is True
+    assert answers["edit"].status_code == 200 and answers["edit"].json()["saved"] is True
+    record = {s.key: s.record for s in iter_samples(str(output))}[first["key"]]
+    assert np.array_equal(mask_utils.decode(record["annotations"][0]["segmentation"]).astype(bool), new)
+
+
+def test_a_stale_tab_cannot_overwrite_another_annotators_work(serve, tmp_path):
+    served = serve(image_folder(tmp_path / "in", count=3), tmp_path / "out", images_per_unit=3, lease_s=1.0)
+    api = served.api
+    a_view = api.post("/api/lease", json={"client": "a"}).json()
+    key = a_view["key"]
+    a_masks = [{"uid": "a1", "counts": counts_from_mask(a_mask(48, 64, 1, 1, 9, 9)), "provenance": "manual"}]
+    saved = api.put(f"/api/images/{key}", json={"client": "a", "masks": a_masks, "version": 0}).json()
+    time.sleep(1.3)  # a idles past its lease; b opens the image, adds a mask, marks it done, moves on
+    b_view = api.post("/api/lease", json={"client": "b", "key": key}).json()
+    assert b_view["version"] == saved["version"] == 1
+    b_masks = [*b_view["masks"], {"uid": "b1", "counts": counts_from_mask(a_mask(48, 64, 30, 5, 50, 25)),
+                                  "provenance": "manual"}]
+    api.put(f"/api/images/{key}", json={"client": "b", "masks": b_masks, "done": True, "version": 1}).raise_for_status()
+    api.post("/api/lease", json={"client": "b", "after": key}).raise_for_status()
+    # a's tab comes back: its renew is refused, and so is its save, which is offered b's state.
+    renew = api.post("/api/renew", json={"client": "a", "key": key, "version": saved["version"]})
+    assert renew.status_code == 409
+    stale = api.put(f"/api/images/{key}", json={"client": "a", "masks": a_masks, "version": saved["version"]})
+    assert stale.status_code == 409 and "saved by someone else" in stale.json()["detail"]
+    current = stale.json()["current"]
+    assert [m["uid"] for m in current["masks"]] == ["a1", "b1"] and current["done"] and current["version"] == 2
+    state = served.session.state(key)
+    assert [m["uid"] for m in state.masks] == ["a1", "b1"] and state.done
+
+
+def test_a_server_that_lost_the_output_accepts_no_save(serve, tmp_path):
+    from pipeline import storage
+    from pipeline.dataset import lease
+
+    folder, output = image_folder(tmp_path / "in", count=2), tmp_path / "out"
+    held = lease.Lease(str(output), ttl_s=60)
+    held.acquire()
+    try:
+        served = serve(folder, output, images_per_unit=2, output_lease=held)
+        api = served.api
+        view = api.post("/api/lease", json={"client": "a"}).json()
+        masks = [{"uid": "m", "counts": counts_from_mask(a_mask(48, 64, 1, 1, 9, 9)), "provenance": "manual"}]
+        api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": masks, "version": 0}).raise_for_status()
+        # Another server takes the output over (its lease file replaces ours).
+        holder = lease.read(str(output))
+        storage.write_json(str(output / lease.LEASE_FILE), {**holder.__dict__, "owner": "another-server"})
+        refused = api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": [], "done": True, "version": 1})
+        assert refused.status_code == 503 and refused.json()["lost"] is True
+        assert [m["uid"] for m in served.session.store.load(view["key"]).masks] == ["m"]  # nothing written
+        assert api.post("/api/lease", json={"client": "b"}).status_code == 503
+        assert "another-server" in api.get("/api/progress").json()["lost"]
+        assert api.get(f"/api/images/{view['key']}", params={"client": "a"}).json()["editable"] is False
+    finally:
+        held.release()
+
+
+def test_non_finite_numbers_are_refused(serve, tmp_path):
+    served = serve(image_folder(tmp_path / "in", count=1), tmp_path / "out")
+    api = served.api
+    view = api.post("/api/lease", json={"client": "a"}).json()
+    counts = counts_from_mask(a_mask(48, 64, 1, 1, 9, 9))
+    for field, value in (("point_coords", [[float("nan"), 3.0]]), ("seconds", float("inf"))):
+        body = json.dumps({"client": "a", "version": 0, "masks": [
+            {"uid": "m", "counts": counts, "provenance": "manual", field: value}]})  # json.dumps writes NaN
+        response = api.put(f"/api/images/{view['key']}", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, (field, response.text)
+    assert served.session.store.load(view["key"]) is None
+
+
+def test_a_malformed_prefill_mask_is_left_out_and_the_queue_goes_on(serve, tmp_path):
+    import tarfile
+
+    source = make_dataset(tmp_path / "auto", num_shards=1, images_per_shard=2, masks_per_image=(2, 2),
+                          sizes=((48, 64),))
+    shard = tmp_path / "auto" / "shards" / "sa_000000.tar"
+    members = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            members[member.name] = tar.extractfile(member).read()
+    first_json = sorted(n for n in members if n.endswith(".json"))[0]
+    record = json.loads(members[first_json])
+    record["annotations"][0]["segmentation"]["size"] = [20000, 10000]  # claims 200M pixels on a 48x64 image
+    members[first_json] = json.dumps(record).encode()
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    served = serve(tmp_path / "auto", tmp_path / "out", images_per_unit=2)
+    api = served.api
+    keys = []
+    after = None
+    while (view := api.post("/api/lease", json={"client": "a", "after": after}).json()) is not None:
+        keys.append(view["key"])
+        if view["dropped"]:
+            assert len(view["masks"]) == 1 and "RLE size [20000, 10000]" in view["dropped"][0]
+        reviewed = [{**m, "provenance": "automatic_accepted"} for m in view["masks"]]
+        api.put(f"/api/images/{view['key']}", json={"client": "a", "masks": reviewed, "done": True,
+                                                    "version": view["version"]}).raise_for_status()
+        after = view["key"]
+    assert len(keys) == 2 and served.session.finished()
+    assert sum(len(s.record["annotations"]) for s in iter_samples(str(tmp_path / "out"))) == 3
+    assert len(source.samples) == 2

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 
-from pipeline.dataset.validate import rle_counts
+from pipeline.dataset.rle import rle_counts
 from pipeline.stages import run_stage
 
 from .dataset_factory import REPO, compose, make_dataset

@@ -76,7 +76,7 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
                       decoder)
     session = Session(queue, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
                       lease_s=float(stage.lease_s), lookahead=int(stage.lookahead),
-                      cache_size=int(stage.embedding_cache), check_output_lease=lease.check)
+                      cache_size=int(stage.embedding_cache), check_output_lease=lease.confirm)
     token = str(stage.token) if stage.token else secrets.token_urlsafe(24)
     app = create_app(session, token, annotator=str(stage.annotator), max_body_bytes=int(stage.max_body_mb * 1e6),
                      threads=int(stage.browser_threads))

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline.dataset.rle import rle_counts, rle_problem
+
 
 class RleError(ValueError):
     """Counts that do not describe a mask of the image's size."""
@@ -39,7 +41,10 @@ def compressed_rle(counts: list[int], height: int, width: int, uid: str = "") ->
 
 
 def uncompressed_counts(rle: dict[str, Any]) -> list[int]:
-    """COCO compressed RLE (str or bytes counts) -> uncompressed column-major counts."""
-    counts = rle["counts"]
-    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return counts_from_mask(mask_utils.decode(coco))
+    """COCO compressed RLE (str or bytes counts, checked: ``pipeline.dataset.rle``) ->
+    uncompressed column-major counts: the same run lengths, nothing decoded."""
+    h, w = rle["size"]
+    problem = rle_problem(rle, h, w)
+    if problem is not None:
+        raise RleError(problem)
+    return rle_counts(rle["counts"])

@@ -17,12 +17,14 @@ from typing import Annotated, Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipeline.annotate.session import Conflict, Invalid, Session, Unavailable
+from pipeline.annotate.session import Conflict, Invalid, Lost, Session, Stale, Unavailable
 from pipeline.annotate.store import AUTOMATIC, PROVENANCES
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -30,6 +32,8 @@ COOKIE = "sam_annotate_token"
 KEY_PATTERN = r"^sa_[0-9]{1,12}$"
 Key = Annotated[str, PathParam(pattern=KEY_PATTERN)]
 Name = Annotated[str, Field(min_length=1, max_length=100)]
+# NaN and infinities are not JSON: a committed record must stay readable by every reader.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 # Every response: no framing by other sites, no content sniffing, scripts only from here
 # (WebAssembly compilation allowed), and cross-origin isolation, which lets
 # onnxruntime-web use threads when asked to.
@@ -58,6 +62,7 @@ class LeaseRequest(BaseModel):
 class LeaseKey(BaseModel):
     client: Name
     key: str = Field(pattern=KEY_PATTERN)
+    version: int | None = Field(None, ge=0)  # renew: the state the client has
 
 
 class MaskIn(BaseModel):
@@ -66,15 +71,16 @@ class MaskIn(BaseModel):
     provenance: Literal[PROVENANCES + (AUTOMATIC,)]  # type: ignore[valid-type]
     clicks: int = Field(0, ge=0, le=100_000)
     strokes: int = Field(0, ge=0, le=100_000)  # brush and eraser strokes
-    seconds: float = Field(0.0, ge=0, le=1e6)
+    seconds: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
     annotator: str = Field("", max_length=100)
-    point_coords: list[tuple[float, float]] = Field(default_factory=list, max_length=1000)
+    point_coords: list[tuple[Finite, Finite]] = Field(default_factory=list, max_length=1000)
 
 
 class SaveRequest(BaseModel):
     client: Name
     masks: list[MaskIn] = Field(max_length=10_000)
     done: bool = False
+    version: int = Field(ge=0)  # the version of the image's state this save edits (the view's)
 
 
 class MaskOut(BaseModel):
@@ -99,12 +105,15 @@ class ImageView(BaseModel):
     done: bool
     committed: bool
     editable: bool
+    version: int
+    dropped: list[str] = []
     masks: list[MaskOut]
 
 
 class SaveResult(BaseModel):
     saved: bool
     committed: bool
+    version: int
 
 
 class Progress(BaseModel):
@@ -113,6 +122,7 @@ class Progress(BaseModel):
     failed: int
     units: int
     units_committed: int
+    lost: str | None = None  # why this server accepts no save any more (another took the output over)
 
 
 class ModelConfig(BaseModel):
@@ -225,11 +235,25 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
 
     @app.exception_handler(Conflict)
     async def conflict(request: Request, exc: Conflict):
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        body = {"detail": str(exc)}
+        if isinstance(exc, Stale):
+            body["current"] = jsonable_encoder(ImageView(**exc.current))
+        return JSONResponse(body, status_code=409)
+
+    @app.exception_handler(Lost)
+    async def lost(request: Request, exc: Lost):
+        return JSONResponse({"detail": str(exc), "lost": True}, status_code=503)
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, exc: Invalid):
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError):
+        # Where and why only: echoing the input back could not even be encoded (NaN).
+        errors = [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+                  for e in exc.errors()[:20]]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable):
@@ -263,7 +287,7 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
 
     @app.post("/api/renew")
     def renew(body: LeaseKey) -> dict:
-        session.renew(body.key, body.client)
+        session.renew(body.key, body.client, body.version)
         return {"renewed": True}
 
     @app.post("/api/release")
@@ -290,7 +314,7 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
     @app.put("/api/images/{key}")
     def save(key: Key, body: SaveRequest) -> SaveResult:
         masks = [m.model_dump() for m in body.masks]
-        return SaveResult(**session.save(key, body.client, masks, body.done))
+        return SaveResult(**session.save(key, body.client, masks, body.done, body.version))
 
     wrapped = TokenGate(app, token)
     return BodyLimit(wrapped, max_body_bytes)

@@ -17,6 +17,8 @@ from pipeline.annotate.queue import ImageLeases, Queue, QueueImage
 from pipeline.annotate.rle import RleError, compressed_rle, uncompressed_counts
 from pipeline.annotate.store import AUTOMATIC, WORK_DIR, ImageState, Store
 from pipeline.dataset import manifest
+from pipeline.dataset.lease import LeaseLost
+from pipeline.dataset.rle import usable
 from pipeline.inputs.entries import ReadRefused, read_item
 from pipeline.inputs.images import ImageError, PreparedImage, prepare_image, split_image_cfg
 
@@ -33,6 +35,19 @@ class Invalid(ValueError):
 
 class Unavailable(Exception):
     """The image cannot be annotated; its reason is recorded in the errors table."""
+
+
+class Stale(Conflict):
+    """A save of an older state of the image than its current one; ``current`` is the
+    image's view now (what the browser should show instead)."""
+
+    def __init__(self, message: str, current: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class Lost(Exception):
+    """This server no longer holds the output's lease: it accepts no write."""
 
 
 @dataclass
@@ -73,11 +88,15 @@ class Session:
         self.max_file_bytes = limits["max_file_bytes"]
         self.lookahead = lookahead
         self.store = Store(output, check_output_lease)
+        self.check_output_lease = check_output_lease
+        self.lost: str | None = None  # why this server stopped accepting writes
+        self._write_lock = threading.RLock()  # one save or commit at a time
         self.leases = ImageLeases(storage.join(output, WORK_DIR), lease_s)
         self.images = ImageModel(sam, self._prepared_by_key, cache_size)
         self._prepared: OrderedDict[str, PreparedImage] = OrderedDict()
         self._cache_size = max(2, cache_size)
         self._lock = threading.RLock()
+        self.dropped_prefill: dict[str, list[str]] = {}  # input masks that did not fit their image, by key
         for unit, _keys in queue.units.items():  # finished before a crash, not yet committed
             self._maybe_commit(unit)
 
@@ -117,17 +136,36 @@ class Session:
         return self.prepared(self.entry(key))
 
     def _check_prefill(self, entry: QueueImage, image: PreparedImage) -> None:
-        for ann in self.queue.prefill.get(entry.key, [])[:1]:
-            if list(ann["segmentation"]["size"]) != [image.height, image.width]:
-                raise ImageError(
-                    f"its input masks are {ann['segmentation']['size']} but the image is "
-                    f"{image.height}x{image.width} (resized by stage.image.short_side?)"
-                )
+        """Checks the image's input masks before anything decodes them: all of another
+        size means the image was resized (an error row: its masks cannot be reviewed on
+        it); a mask that does not fit is dropped and reported, the others are offered."""
+        masks = self.queue.prefill.get(entry.key, [])
+        sizes = {str(a.get("segmentation", {}).get("size")) if isinstance(a, dict) and isinstance(
+            a.get("segmentation"), dict) else None for a in masks}
+        if masks and len(sizes) == 1 and None not in sizes and sizes != {str([image.height, image.width])}:
+            raise ImageError(
+                f"its input masks are {masks[0]['segmentation']['size']} but the image is "
+                f"{image.height}x{image.width} (resized by stage.image.short_side?)"
+            )
+        fit, problems = usable(masks, image.height, image.width)
+        if problems:
+            log.warning("%s (%s): %d input mask(s) cannot be offered and are left out: %s", entry.key, entry.source,
+                        len(problems), "; ".join(problems[:5]))
+            with self._lock:
+                self.queue.prefill[entry.key] = fit
+                self.dropped_prefill[entry.key] = problems
 
     def _record_error(self, entry: QueueImage, reason: str, phase: str) -> None:
         log.warning("%s (%s) cannot be annotated: %s", entry.key, entry.source, reason)
-        self.store.save(ImageState(entry.key, [], done=False, error=reason, phase=phase))
-        self._maybe_commit(entry.unit)
+        with self._write_lock:
+            try:
+                self._check_output()
+            except Lost:
+                return  # the server that holds the output now records it
+            if entry.unit in self.store.committed:
+                return
+            self.store.save(ImageState(entry.key, [], done=False, error=reason, phase=phase))
+            self._maybe_commit(entry.unit)
 
     def jpeg(self, key: str) -> bytes:
         return self.prepared(self.entry(key)).jpeg
@@ -141,7 +179,9 @@ class Session:
     def lease(self, client: str, after: str | None = None, step: int = 1, key: str | None = None) -> QueueImage | None:
         """Gives ``client`` an image: ``key`` itself, or the next image to do after
         ``after`` (``step`` 1, wrapping around), or the previous one not committed
-        (``step`` -1). Returns None when there is none."""
+        (``step`` -1). Returns None when there is none; ``Lost`` once this server no
+        longer holds the output."""
+        self._check_output()
         if key is not None:
             entry = self.entry(key)
             if entry.unit in self.store.committed:
@@ -183,10 +223,18 @@ class Session:
                 ahead.append(other.key)
         self.images.prefetch(ahead)
 
-    def renew(self, key: str, client: str) -> None:
-        """Extends ``client``'s lease on ``key``; Conflict when it has lost it."""
-        if self.entry(key).unit in self.store.committed or not self.leases.acquire(key, client):
-            raise Conflict(f"{key} is no longer leased to this annotator")
+    def renew(self, key: str, client: str, version: int | None = None) -> None:
+        """Extends ``client``'s lease on ``key``; Conflict when it has lost it: the image is
+        committed, another client holds it, or its lease expired and the image was saved
+        by someone else since ``version`` (the state the client has)."""
+        self._check_output()
+        entry = self.entry(key)
+        with self._write_lock:
+            holder = self.leases.holder(key)
+            expired_and_changed = holder is None and version is not None and version != self.state(key).version
+            if (entry.unit in self.store.committed or holder not in (None, client) or expired_and_changed
+                    or not self.leases.acquire(key, client)):
+                raise Conflict(f"{key} is no longer leased to this annotator")
 
     def release(self, key: str, client: str) -> None:
         self.leases.release(key, client)
@@ -209,7 +257,8 @@ class Session:
 
     def view(self, key: str, client: str | None = None) -> dict[str, Any]:
         """An image for the browser: its place in the queue, size, masks (uncompressed
-        column-major RLE counts), done / committed flags, and whether ``client`` may edit."""
+        column-major RLE counts), done / committed flags, whether ``client`` may edit, and
+        the state's version (what a save names), and the input masks left out (``dropped``)."""
         entry = self.entry(key)
         image = self.prepared(entry)
         state = self.state(key)
@@ -218,48 +267,75 @@ class Session:
             "key": key, "image_id": entry.image_id, "source": entry.source,
             "index": self.queue.position[key], "total": len(self.queue.entries),
             "width": image.width, "height": image.height, "done": state.done, "committed": committed,
-            "editable": not committed and client is not None and self.leases.holder(key) == client,
+            "editable": not committed and client is not None and self.leases.holder(key) == client
+                        and self.lost is None,
+            "version": state.version, "dropped": self.dropped_prefill.get(key, []),
             "masks": [{**{k: v for k, v in m.items() if k != "segmentation"},
                        "counts": uncompressed_counts(m["segmentation"])} for m in state.masks],
         }
 
-    def save(self, key: str, client: str, masks: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        """Replaces the image's masks (and done flag) with what the browser holds.
+    def save(self, key: str, client: str, masks: list[dict[str, Any]], done: bool, version: int) -> dict[str, Any]:
+        """Replaces the image's masks (and done flag) with what the browser holds, if the
+        browser edited the image's current state (``version``).
 
         masks: dicts with uid, counts (uncompressed column-major RLE of the image size),
         provenance, clicks, strokes, seconds, annotator, point_coords. Returns {"saved": True,
-        "committed": whether the image's unit was committed by this save}.
+        "version": the new state's, "committed": whether the image's unit was committed by
+        this save}. A save is in the dataset once acknowledged: it is written and its unit
+        committed under one lock, so a save either lands before its unit's commit (and is
+        in it) or finds the unit committed (``Conflict``); a save of an older version than
+        the image's is ``Stale`` (with the current state); a server that lost the output
+        to another accepts none (``Lost``).
         """
         entry = self.entry(key)
-        if entry.unit in self.store.committed:
-            raise Conflict(f"{key} is committed (unit {entry.unit}); committed images are never rewritten")
-        holder = self.leases.holder(key)
-        if holder not in (None, client):
-            raise Conflict(f"{key} is being annotated by another annotator; reload to get another image")
-        if holder == client:
-            self.leases.acquire(key, client)  # a save renews the lease
-        # A save that arrives after its browser moved on (holder None) is still taken,
-        # without taking the image back: the browser's lease is on its new image now.
-        image = self.prepared(entry)
-        previous = {m["uid"]: m for m in self.state(key).masks}
-        saved = []
-        for mask in masks:
-            try:
-                rle = compressed_rle(mask["counts"], image.height, image.width, mask["uid"])
-            except RleError as e:
-                raise Invalid(str(e)) from None
-            kept = previous.get(mask["uid"], {})
-            saved.append({
-                **{k: kept[k] for k in ("predicted_iou", "stability_score", "crop_box") if kept.get(k) is not None},
-                **{k: v for k, v in mask.items() if k != "counts"},
-                "segmentation": rle,
-            })
+        image = self.prepared(entry)  # before the lock: reading and decoding take time
+        saved = [self._mask(mask, image) for mask in masks]
         if done and any(m["provenance"] == AUTOMATIC for m in saved):
             count = sum(m["provenance"] == AUTOMATIC for m in saved)
             raise Invalid(f"{count} automatic mask(s) are not reviewed yet: "
                           "accept or delete them before marking the image done")
-        self.store.save(ImageState(key, saved, done=done))
-        return {"saved": True, "committed": self._maybe_commit(entry.unit)}
+        with self._write_lock:
+            self._check_output()
+            if entry.unit in self.store.committed:
+                raise Conflict(f"{key} is committed (unit {entry.unit}); committed images are never rewritten")
+            holder = self.leases.holder(key)
+            if holder not in (None, client):
+                raise Conflict(f"{key} is being annotated by another annotator; reload to get another image")
+            current = self.state(key)
+            if version != current.version:
+                raise Stale(f"{key} was saved by someone else since you opened it (version {current.version}, "
+                            f"yours {version}): reload it", self.view(key, client))
+            if holder == client:
+                self.leases.acquire(key, client)  # a save renews the lease
+            # A save that arrives after its browser moved on (holder None) is still taken,
+            # without taking the image back: the browser's lease is on its new image now.
+            previous = {m["uid"]: m for m in current.masks}
+            for mask in saved:
+                kept = previous.get(mask["uid"], {})
+                mask.update({k: kept[k] for k in ("predicted_iou", "stability_score", "crop_box")
+                             if kept.get(k) is not None and k not in mask})
+            self.store.save(ImageState(key, saved, done=done, version=current.version + 1))
+            return {"saved": True, "version": current.version + 1, "committed": self._maybe_commit(entry.unit)}
+
+    def _mask(self, mask: dict[str, Any], image: PreparedImage) -> dict[str, Any]:
+        """A browser's mask as a working mask (compressed RLE), checked."""
+        try:
+            rle = compressed_rle(mask["counts"], image.height, image.width, mask["uid"])
+        except RleError as e:
+            raise Invalid(str(e)) from None
+        return {**{k: v for k, v in mask.items() if k != "counts"}, "segmentation": rle}
+
+    def _check_output(self) -> None:
+        """Raises ``Lost`` once this server no longer holds the output (checked before every
+        write: another server took over, and its commits must not mix with ours)."""
+        if self.lost is None and self.check_output_lease is not None:
+            try:
+                self.check_output_lease()
+            except LeaseLost as e:
+                self.lost = str(e)
+                log.error("%s; no save is accepted any more", e)
+        if self.lost is not None:
+            raise Lost(f"this server lost the output to another run and accepts no save: {self.lost}")
 
     def _maybe_commit(self, unit: int) -> bool:
         entries = [self.queue.by_key[k] for k in self.queue.units[unit]]
@@ -267,7 +343,8 @@ class Session:
 
     # --- progress ------------------------------------------------------------------------
     def progress(self) -> dict[str, int]:
-        """images, done (finished, committed or not), failed, units, units_committed."""
+        """images, done (finished, committed or not), failed, units, units_committed, lost
+        (why this server accepts no save any more, else None)."""
         done = failed = 0
         table = manifest.read_table(self.output).select(["key", "status"]).to_pylist()
         committed_errors = {r["key"] for r in table if r["status"] == manifest.STATUS_ERROR}
@@ -281,7 +358,8 @@ class Session:
                 done += state.done or state.error is not None
                 failed += state.error is not None
         return {"images": len(self.queue.entries), "done": done, "failed": failed,
-                "units": len(self.queue.units), "units_committed": len(self.store.committed & set(self.queue.units))}
+                "units": len(self.queue.units), "units_committed": len(self.store.committed & set(self.queue.units)),
+                "lost": self.lost}
 
     def finished(self) -> bool:
         return set(self.queue.units) <= self.store.committed

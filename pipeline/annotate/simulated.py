@@ -165,7 +165,7 @@ class SimulatedAnnotator:
                           "clicks": result.clicks, "strokes": result.strokes,
                           "seconds": round(time.perf_counter() - start, 3),
                           "annotator": self.name, "point_coords": points})
-        body = {"client": self.client, "masks": kept + saved, "done": True}
+        body = {"client": self.client, "masks": kept + saved, "done": True, "version": view["version"]}
         response = self.http.put(f"/api/images/{key}", json=body)
         response.raise_for_status()
         return results

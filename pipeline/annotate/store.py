@@ -42,7 +42,8 @@ class ImageState:
         PROVENANCES, or AUTOMATIC while unreviewed), clicks, strokes, seconds, annotator,
         point_coords; pre-filled masks also keep predicted_iou, stability_score, crop_box.
     done: the annotator marked the image done. error: why the image cannot be annotated,
-    found in ``phase`` (enumerate, read or decode, as in the errors table).
+    found in ``phase`` (enumerate, read or decode, as in the errors table). version: how
+    many saves made this state (0: none yet); a save names the version it edits.
     """
 
     key: str
@@ -50,9 +51,11 @@ class ImageState:
     done: bool = False
     error: str | None = None
     phase: str | None = None
+    version: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "masks": self.masks, "done": self.done, "error": self.error, "phase": self.phase}
+        return {"key": self.key, "masks": self.masks, "done": self.done, "error": self.error, "phase": self.phase,
+                "version": self.version}
 
 
 class Store:
@@ -64,6 +67,12 @@ class Store:
         self._fs, self._root = storage.filesystem(output)
         self.work_dir = storage.join(self._root, WORK_DIR, "work")
         self._fs.makedirs(self.work_dir, exist_ok=True)
+        # What a killed server left half-written (this one holds the output's lease now).
+        for directory in (self.work_dir, *(storage.join(self._root, d) for d in (
+                shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR))):
+            removed = storage.remove_temps(self._fs, directory)
+            if removed:
+                log.info("removed %d unfinished file(s) in %s left by a killed server", removed, directory)
         self._commit_lock = threading.Lock()
         self.committed = manifest.committed_units(output)
 
@@ -76,7 +85,8 @@ class Store:
             data = json.loads(self._fs.cat_file(self._path(key)))
         except FileNotFoundError:
             return None
-        return ImageState(data["key"], data["masks"], bool(data["done"]), data.get("error"), data.get("phase"))
+        return ImageState(data["key"], data["masks"], bool(data["done"]), data.get("error"), data.get("phase"),
+                          int(data.get("version", 0)))
 
     def save(self, state: ImageState) -> None:
         """Atomically replaces the image's working state (a crash keeps the last save)."""

@@ -81,6 +81,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
         elif logging_config and isinstance(value, str) and value.startswith("ext://") \
                 and value not in ALLOWED_LOGGING_EXTERNALS:
             problems.append(f"{path}: logging external {value!r} imports a module; not allowed")
+        elif logging_config and key == "filename" and not _inside_run_dir(value):
+            problems.append(f"{path}: log file {value!r} is outside the run folder; logs stay in it "
+                            f"({LOG_FILE_DEFAULT})")
         if isinstance(value, str) and "${" in value and any(r in value for r in CONTAINER_RESOLVERS):
             problems.append(f"{path}: {value!r} builds a config from a string "
                             f"({' / '.join(CONTAINER_RESOLVERS)}); not allowed")
@@ -88,6 +91,17 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if isinstance(hydra, dict):
         problems += _hydra_problems(hydra)
     return problems
+
+
+LOG_FILE_DEFAULT = "${hydra.runtime.output_dir}/${hydra.job.name}.log"
+
+
+def _inside_run_dir(value: Any) -> bool:
+    """Whether a logging handler's file name stays in the run folder: a name under
+    ``${hydra.runtime.output_dir}/`` (Hydra's default) without a ``..`` component."""
+    prefix = "${hydra.runtime.output_dir}/"
+    return (isinstance(value, str) and value.startswith(prefix)
+            and ".." not in value[len(prefix):].replace("\\", "/").split("/"))
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any, Any]]:

@@ -153,6 +153,16 @@ class Lease:
         if self.lost.is_set():
             raise LeaseLost(f"{self.output}: the output's lease was taken over by another run; stopping")
 
+    def confirm(self) -> None:
+        """``check``, and the lease file read now: for a writer that must not write even in
+        the seconds between heartbeats after a takeover (the annotation server's saves)."""
+        self.check()
+        try:
+            check(self.output, self.owner)
+        except LeaseLost:
+            self.lost.set()
+            raise
+
     # -- internals -----------------------------------------------------------------
     def _record(self, started: float | None = None) -> bytes:
         now = time.time()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import posixpath
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import jsonschema
 import numpy as np
@@ -28,6 +29,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.dataset import plan
+from pipeline.dataset.rle import rle_problem
 
 log = logging.getLogger(__name__)
 
@@ -105,36 +107,6 @@ class ShardCheck:
     ann_record: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def rle_counts(counts: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string.
-
-    pycocotools decodes a malformed string without complaint, writing past the mask
-    (we saw garbage sums), and exposes no way to read the counts, so we parse them
-    here to check they tile the image before handing the string to pycocotools.
-    """
-    runs: list[int] = []
-    data = counts.encode() if isinstance(counts, str) else counts
-    p = 0
-    while p < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(data):
-                raise ValueError("string ends inside a run length")
-            c = data[p] - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"byte {data[p]!r} outside the RLE alphabet")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
-
-
 def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1), inclusive, of a decoded mask; None if empty."""
     cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
@@ -147,16 +119,9 @@ def check_annotation(ann: dict, height: int, width: int, tol: float) -> list[tup
     """(check, message) problems of one schema-valid annotation."""
     seg = ann["segmentation"]
     prefix = f"annotation {ann['id']}:"
-    if list(seg["size"]) != [height, width]:
-        return [("rle", f"{prefix} RLE size {seg['size']} but the image is {[height, width]}")]
-    try:
-        runs = rle_counts(seg["counts"])
-    except ValueError as exc:
-        return [("rle", f"{prefix} RLE does not parse: {exc}")]
-    if any(r < 0 for r in runs):
-        return [("rle", f"{prefix} RLE has a negative run length")]
-    if sum(runs) != height * width:
-        return [("rle", f"{prefix} RLE covers {sum(runs)} pixels, the image has {height * width}")]
+    problem = rle_problem(seg, height, width)
+    if problem is not None:
+        return [("rle", f"{prefix} {problem}")]
     mask = mask_utils.decode(seg)
     problems = []
     area = int(mask.sum())
@@ -245,6 +210,10 @@ def check_sample(result: ShardCheck, key: str, files: dict[str, bytes],
     errors = sorted(validator.iter_errors(record), key=lambda e: [str(p) for p in e.path])
     for error in errors[:5]:
         report("schema", f"{'/'.join(map(str, error.path)) or '<root>'}: {error.message}")
+    non_finite = list(_non_finite(record))
+    for where in non_finite[:5]:  # NaN / Infinity: Python reads them, JSON has no such numbers
+        report("json", f"{where}: a non-finite number (NaN or infinity is not JSON)")
+    errors += non_finite
     try:
         image = record["image"]
         height, width, image_id = int(image["height"]), int(image["width"]), int(image["image_id"])
@@ -271,6 +240,18 @@ def check_sample(result: ShardCheck, key: str, files: dict[str, bytes],
         ann_record.append(index)
         for check, message in check_annotation(ann, height, width, bbox_tolerance_px):
             report(check, message)
+
+
+def _non_finite(value: Any, path: str = "") -> Iterator[str]:
+    """Paths of the non-finite floats in a parsed JSON value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path or "<root>"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}/{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{path}/{index}" if path else str(index))
 
 
 def check_shard(path: str, decode_images: bool = True, bbox_tolerance_px: float = 1) -> ShardCheck:

@@ -270,59 +270,132 @@ def stored_boxes(
 
 
 # --------------------------------------------------------------------------- readers
+# Every value of a box file is checked for what it must be before it is used: a file
+# that is not the format at all, or whose images cannot be told apart, is refused
+# (``InputError`` naming the file, the entry and the reason) before any work; a box that
+# cannot prompt (no box, no area, a category or a class that is no whole number, YOLO
+# coordinates that are pixels) is dropped and reported in ``Boxes.invalid``.
 def _normal(name: str) -> str:
     name = name.replace("\\", "/")
     return posixpath.normpath(name) if "://" not in name else name
 
 
-def _row(name, box_xywh, *, normalized=False, frame=(0, 0), category_id=1, score=None, keypoints=None,
-         segmentation=None, prompt_id=None, invalid: list[str]) -> dict[str, Any] | None:
-    """One SCHEMA row; None (and a reason in ``invalid``) for a box that cannot prompt."""
-    row = {"name": _normal(str(name)), "x0": None, "y0": None, "x1": None, "y1": None,
-           "normalized": normalized, "frame_width": int(frame[0] or 0), "frame_height": int(frame[1] or 0),
-           "category_id": int(category_id), "score": None if score is None else float(score),
-           "keypoints": None if keypoints is None else [float(v) for v in keypoints],
-           "segmentation": None if segmentation is None else json.dumps(segmentation),
-           "prompt_id": prompt_id}
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number (2.0 is, 2.9 and True are not), else None."""
+    if isinstance(value, bool) or not _number(value) or float(value) != int(value):
+        return None
+    return int(value)
+
+
+def _row(name: str, box_xywh: Any, *, where: str, normalized: bool = False, frame: Any = (0, 0),
+         category_id: Any = 1, score: Any = None, keypoints: Any = None, segmentation: Any = None,
+         prompt_id: Any = None, invalid: list[str]) -> dict[str, Any] | None:
+    """One SCHEMA row; None (and a reason naming ``where`` in ``invalid``) for a box that
+    cannot prompt. ``box_xywh`` None: the image is named, with no box."""
+    row = {"name": _normal(name), "x0": None, "y0": None, "x1": None, "y1": None, "normalized": normalized,
+           "frame_width": int(frame[0] or 0), "frame_height": int(frame[1] or 0), "category_id": 1, "score": None,
+           "keypoints": None, "segmentation": None if segmentation is None else json.dumps(segmentation),
+           "prompt_id": _whole(prompt_id)}
     if box_xywh is None:
         return row
-    x, y, w, h = (float(v) for v in box_xywh)
-    if normalized:  # YOLO: centre and size
-        x, y = x - w / 2, y - h / 2
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        invalid.append(f"{name}: box {list(box_xywh)} (id {prompt_id}) has no area or is not finite")
+    problems = []
+    category = _whole(category_id)
+    if category is None or category < 0:
+        problems.append(f"category {category_id!r} is not a whole number >= 0")
+    if score is not None and not _number(score):
+        problems.append(f"score {score!r} is not a finite number")
+    if keypoints is not None and (not isinstance(keypoints, list) or len(keypoints) % 3
+                                  or not all(_number(v) for v in keypoints)):
+        problems.append(f"keypoints {str(keypoints)[:60]} are not x, y, visibility triples")
+    if not isinstance(box_xywh, (list, tuple)) or len(box_xywh) != 4 or not all(_number(v) for v in box_xywh):
+        problems.append(f"bbox {str(box_xywh)[:60]} is not 4 finite numbers")
+    else:
+        x, y, w, h = (float(v) for v in box_xywh)
+        if normalized and not all(-0.01 <= v <= 1.01 for v in (x, y, w, h)):
+            problems.append(f"box {[x, y, w, h]} is not normalised to [0, 1] (pixel coordinates in a YOLO file?)")
+        if normalized:  # YOLO: centre and size
+            x, y = x - w / 2, y - h / 2
+        if w <= 0 or h <= 0:
+            problems.append(f"box {list(box_xywh)} has no area")
+    if problems:
+        invalid.append(f"{where}: " + "; ".join(problems))
         return None
-    row.update(x0=x, y0=y, x1=x + w, y1=y + h)
+    row.update(x0=x, y0=y, x1=x + w, y1=y + h, category_id=category,
+               score=None if score is None else float(score),
+               keypoints=None if keypoints is None else [float(v) for v in keypoints])
     return row
+
+
+def _refuse(url: str, where: str, reason: str) -> InputError:
+    return InputError(f"stage.boxes={url}: {where}: {reason}")
 
 
 def _read_coco(url: str, data: bytes) -> Boxes:
     try:
         coco = json.loads(data)
-        images = {int(i["id"]): i for i in coco["images"]}
-        annotations = coco.get("annotations") or []
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"stage.boxes={url}: not a COCO instances JSON ({type(e).__name__}: {e})") from None
-    rows, invalid, crowd, boxed = [], [], 0, set()
-    for ann in annotations:
-        image = images.get(int(ann["image_id"]))
+    except ValueError as e:
+        raise _refuse(url, "the file", f"not JSON ({e})") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise _refuse(url, "the file", "not a COCO instances JSON (no images list)")
+    annotations = coco.get("annotations") or []
+    categories = coco.get("categories") or [DEFAULT_CATEGORY]
+    if not isinstance(annotations, list) or not isinstance(categories, list):
+        raise _refuse(url, "annotations / categories", "not lists")
+    images: dict[int, dict[str, Any]] = {}
+    by_name: dict[str, tuple[int, Any]] = {}
+    invalid: list[str] = []
+    for index, image in enumerate(coco["images"]):
+        where = f"images[{index}]"
+        if not isinstance(image, dict):
+            raise _refuse(url, where, f"not an object: {str(image)[:60]}")
+        image_id = _whole(image.get("id"))
+        if image_id is None:
+            raise _refuse(url, where, f"id {image.get('id')!r} is not a whole number")
+        name = image.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise _refuse(url, f"{where} (id {image_id})", f"file_name {name!r} is not a file name")
+        for side in ("width", "height"):
+            if image.get(side) is not None and (_whole(image[side]) is None or image[side] <= 0):
+                raise _refuse(url, f"{where} (id {image_id})", f"{side} {image[side]!r} is not a positive whole number")
+        if image_id in images:  # the boxes of one would land on the other
+            raise _refuse(url, where, f"image id {image_id} is also the id of image "
+                                      f"{images[image_id]['file_name']!r}: image ids must be unique")
+        size = (image.get("width"), image.get("height"))
+        if name in by_name and by_name[name][1] != size:
+            invalid.append(f"{where}: images {by_name[name][0]} and {image_id} are both {name!r}, at sizes "
+                           f"{by_name[name][1]} and {size}: their boxes stay in the frame each declares")
+        by_name.setdefault(name, (image_id, size))
+        images[image_id] = image
+    rows, crowd, boxed = [], 0, set()
+    for index, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            raise _refuse(url, f"annotations[{index}]", f"not an object: {str(ann)[:60]}")
+        where = f"annotation {ann.get('id', index)!r}"
+        image_id = _whole(ann.get("image_id"))
+        image = images.get(image_id) if image_id is not None else None
         if image is None:
-            invalid.append(f"annotation {ann.get('id')} names image id {ann['image_id']}, which the file does not list")
+            invalid.append(f"{where}: image_id {ann.get('image_id')!r} is not an image the file lists")
             continue
         if ann.get("iscrowd"):
             crowd += 1
             continue
-        row = _row(image["file_name"], ann.get("bbox"), frame=(image.get("width"), image.get("height")),
+        if ann.get("bbox") is None:
+            invalid.append(f"{where}: bbox is null")
+            continue
+        row = _row(image["file_name"], ann["bbox"], where=where, frame=(image.get("width"), image.get("height")),
                    category_id=ann.get("category_id", 1), score=ann.get("score"), keypoints=ann.get("keypoints"),
                    segmentation=ann.get("segmentation") or None, prompt_id=ann.get("id"), invalid=invalid)
-        if row is not None and row["x0"] is not None:
+        if row is not None:
             rows.append(row)
-            boxed.add(int(ann["image_id"]))
+            boxed.add(image_id)
     for image_id, image in images.items():  # looked at, nothing found: kept with no mask
         if image_id not in boxed:
-            frame = (image.get("width"), image.get("height"))
-            rows.append(_row(image["file_name"], None, frame=frame, invalid=invalid))
-    categories = coco.get("categories") or [DEFAULT_CATEGORY]
+            rows.append(_row(image["file_name"], None, where=f"image {image_id}",
+                             frame=(image.get("width"), image.get("height")), invalid=invalid))
     return Boxes("coco", url, pa.Table.from_pylist(rows, schema=SCHEMA), hashlib.sha256(data).hexdigest(),
                  categories, invalid, crowd)
 
@@ -343,33 +416,40 @@ def _read_yolo(fs, root: str) -> Boxes:
             values = line.split()
             if not values:
                 continue
+            where = f"{relative}:{number}"
             try:
                 numbers = [float(v) for v in values]
             except ValueError:
-                invalid.append(f"{relative}:{number}: not numbers: {line[:80]!r}")
+                invalid.append(f"{where}: not numbers: {line[:80]!r}")
                 continue
             n = len(numbers)
             extra = n - 5
             if n < 5 or (extra % 3 not in (0, 1)):
-                invalid.append(f"{relative}:{number}: {n} values; expected class cx cy w h [conf] or pose triples")
+                invalid.append(f"{where}: {n} values; expected class cx cy w h [conf] or pose triples")
+                continue
+            if not values[0].isdigit():  # 1.7 or -3: YOLO classes are 0, 1, 2, ...
+                invalid.append(f"{where}: class {values[0]!r} is not a whole number >= 0")
                 continue
             score = numbers[-1] if extra % 3 == 1 else None
             keypoints = numbers[5 : 5 + extra - extra % 3] or None
-            row = _row(name, numbers[1:5], normalized=True, category_id=int(numbers[0]), score=score,
+            row = _row(name, numbers[1:5], where=where, normalized=True, category_id=int(values[0]), score=score,
                        keypoints=keypoints, prompt_id=number, invalid=invalid)
             if row is not None:
                 rows.append(row)
-                classes.add(int(numbers[0]))
+                classes.add(row["category_id"])
                 boxed = True
         if not boxed:
-            rows.append(_row(name, None, normalized=True, invalid=invalid))
+            rows.append(_row(name, None, where=relative, normalized=True, invalid=invalid))
     categories = [{"id": k, "name": f"class_{k}", "supercategory": "object"} for k in sorted(classes)]
     return Boxes("yolo", storage.url(fs, root), pa.Table.from_pylist(rows, schema=SCHEMA), digest.hexdigest(),
                  categories or [DEFAULT_CATEGORY], invalid)
 
 
 def _read_parquet(url: str, data: bytes) -> Boxes:
-    table = pq.read_table(pa.BufferReader(data))
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _refuse(url, "the file", f"not a readable Parquet table ({type(e).__name__}: {e})") from None
     columns = set(table.column_names)
     name_column = next((c for c in ("file_name", "image") if c in columns), None)
     has_xywh = {"x", "y", "w", "h"} <= columns
@@ -385,12 +465,19 @@ def _read_parquet(url: str, data: bytes) -> Boxes:
         names = {n: i + 1 for i, n in enumerate(sorted(found))}
     rows, invalid = [], []
     for index, r in enumerate(records):
-        box = r["bbox"] if "bbox" in columns else (
-            None if r["x"] is None else (r["x"], r["y"], r["w"], r["h"]))
+        where = f"row {index}"
+        name = r[name_column]
+        if not isinstance(name, str) or not name:
+            invalid.append(f"{where}: {name_column} {name!r} is not a file name")
+            continue
+        frame = (r.get("width"), r.get("height"))
+        if not all(v is None or (_whole(v) is not None and v > 0) for v in frame):
+            invalid.append(f"{where}: width / height {frame} are not positive whole numbers")
+            continue
+        box = r["bbox"] if "bbox" in columns else (None if r["x"] is None else (r["x"], r["y"], r["w"], r["h"]))
         category = r.get("category_id") if "category_id" in columns else names.get(str(r.get("category")), 1)
-        row = _row(r[name_column], box, frame=(r.get("width"), r.get("height")),
-                   category_id=1 if category is None else category, score=r.get("score"),
-                   keypoints=r.get("keypoints"), prompt_id=index, invalid=invalid)
+        row = _row(name, box, where=where, frame=frame, category_id=1 if category is None else category,
+                   score=r.get("score"), keypoints=r.get("keypoints"), prompt_id=index, invalid=invalid)
         if row is not None:
             rows.append(row)
     if names:

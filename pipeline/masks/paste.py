@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import zlib
 from collections import OrderedDict
@@ -33,10 +34,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.dataset import shards
+from pipeline.dataset.rle import usable
 from pipeline.inputs.entries import Item
 from pipeline.inputs.images import PreparedImage
 from pipeline.masks import paste_plan
 from pipeline.masks.records import Rewritten, mask_record
+
+log = logging.getLogger(__name__)
 
 SOURCE_CACHE = 16  # decoded source images kept per worker (objects often share one)
 
@@ -108,8 +112,11 @@ class Paster:
             return [], []
         record = json.loads(shards.read_range(*where))
         w, h = size
+        fit, problems = usable(record["annotations"], int(record["image"]["height"]), int(record["image"]["width"]))
+        if problems:
+            log.warning("%s: background masks left out: %s", item.name, "; ".join(problems[:3]))
         annotations, changed = [], []
-        for a in record["annotations"]:
+        for a in fit:
             a = {k: v for k, v in a.items() if k != "id"}  # ids are the output's
             rle = _rle(a["segmentation"])
             resized = tuple(rle["size"]) != (h, w)

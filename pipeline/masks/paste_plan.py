@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.dataset import listing as dataset
 from pipeline.dataset import shards
+from pipeline.dataset.rle import rle_problem
 from pipeline.inputs.entries import Entry, InputError, enumerate_input
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,15 @@ def _index(url: str) -> list[dict[str, Any]]:
                 log.warning("%s: sample %s has no .jpg or .json member of that name; not used", shard, sample.key)
                 continue
             image = sample.record["image"]
-            pixels = max(1, int(image["width"]) * int(image["height"]))
-            masks = [(int(a.get("category_id", DEFAULT_CATEGORY["id"])), int(a["area"]), int(a["area"]) / pixels)
-                     for a in sample.record["annotations"]]
+            height, width = int(image["height"]), int(image["width"])
+            pixels = max(1, width * height)
+            masks = []
+            for a in sample.record["annotations"]:  # a mask that does not fit its image is never pasted (area -1)
+                problem = rle_problem(a.get("segmentation"), height, width)
+                if problem is not None:
+                    log.warning("%s %s: mask %s is not pasted: %s", shard, sample.key, a.get("id"), problem)
+                masks.append((int(a.get("category_id", DEFAULT_CATEGORY["id"])),
+                              -1 if problem else int(a["area"]), int(a["area"]) / pixels))
             samples.append({"shard": shard, "key": sample.key, "jpg": jpg, "json": json_range, "masks": masks})
     return samples
 

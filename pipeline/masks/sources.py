@@ -16,18 +16,22 @@ the model is one small class here and an entry in SOURCES.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable, Mapping
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline.dataset.filters import MaskFilter
+from pipeline.dataset.rle import rle_problem
 from pipeline.inputs import box_files
 from pipeline.inputs.entries import Item
 from pipeline.inputs.images import PreparedImage
 from pipeline.masks import paste
 from pipeline.masks.records import MaskSource, mask_record, xywh
 from pipeline.models import loader as model
+
+log = logging.getLogger(__name__)
 
 
 class GridSource:
@@ -161,10 +165,15 @@ class BoxSource:
                                  box_source="mask" if trusted[i] else "detector")
             if row["score"] is not None:
                 record["score"] = row["score"]
-            if row["segmentation"] is not None:
-                truth = _ground_truth(row, image, size, frame)
-                record["gt_area"] = int(mask_utils.area(truth))
-                record["gt_iou"] = float(mask_utils.iou([answer.rles[i]], [truth], [0])[0][0])
+            if row["segmentation"] is not None:  # optional: a bad one costs only this box's score
+                try:
+                    truth = _ground_truth(row, image, size, frame)
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    record["gt_problem"] = f"its ground-truth segmentation cannot be used: {type(e).__name__}: {e}"
+                    log.warning("%s box %s: %s", item.name, row["prompt_id"], record["gt_problem"])
+                else:
+                    record["gt_area"] = int(mask_utils.area(truth))
+                    record["gt_iou"] = float(mask_utils.iou([answer.rles[i]], [truth], [0])[0][0])
             records.append(record)
         return records
 
@@ -201,9 +210,14 @@ def _ground_truth(row: dict, image: PreparedImage, size: tuple[int, int], frame:
             for p in segmentation if len(p) >= 6
         ]
         return mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
-    fh, fw = segmentation["size"]
+    fh, fw = (int(v) for v in segmentation["size"])
+    if fh * fw > 4 * max(image.original_size[0] * image.original_size[1], h * w):
+        raise ValueError(f"its size {fh}x{fw} is not the image's")
     if isinstance(segmentation["counts"], list):
         segmentation = mask_utils.frPyObjects(segmentation, fh, fw)
+    problem = rle_problem(segmentation, fh, fw)
+    if problem is not None:
+        raise ValueError(problem)
     mask = mask_utils.decode(segmentation)
     name, _ = box_files.frame_of(row, image.original_size, image.orientation, frame)
     if name == "raw":

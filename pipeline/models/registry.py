@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 from typing import Any, Sequence
@@ -72,6 +73,8 @@ def resolve_model(spec: str | None, output: str, what: str = "checkpoint") -> st
     spec = str(spec)
     registered = model_file(output, spec)
     if "/" not in spec and _exists(registered):
+        fs, path = storage.filesystem(registered)
+        refuse_links(fs, posixpath.dirname(path), [path], what)
         return registered
     if not _exists(spec):
         raise FileNotFoundError(
@@ -130,6 +133,7 @@ def read_files(path: str, names: Sequence[str], what: str) -> dict[str, bytes]:
     folder, or one of those files in it), read once: check and load the same bytes."""
     fs, inner = storage.filesystem(path)
     folder = posixpath.dirname(inner) if posixpath.basename(inner) in names else inner
+    refuse_links(fs, folder, [storage.join(folder, name) for name in names], what)
     try:
         return {name: fs.cat_file(storage.join(folder, name)) for name in names}
     except FileNotFoundError:
@@ -152,6 +156,17 @@ def check_identity(files: dict[str, bytes], expected_sha256: str | None, path: s
     if expected_sha256 is not None and identity(files) != expected_sha256:
         raise ValueError(f"{path}: its files changed after the run recorded them (sha256 {identity(files)}, "
                          f"expected {expected_sha256}); the dataset would mix two models")
+
+
+def refuse_links(fs, folder: str, files: Sequence[str], what: str) -> None:
+    """A registered folder is read as it is: a symbolic link in it (the folder or one of
+    its files) could make a version read any file on the machine, so it is refused."""
+    if not storage.is_local(fs):
+        return
+    for path in (folder, *files):
+        if os.path.islink(path):
+            raise ValueError(f"{what} {path}: a symbolic link ({os.readlink(path)}); registered model folders "
+                             "hold their own files: copy the file in instead")
 
 
 def _exists(url: str) -> bool:

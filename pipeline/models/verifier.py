@@ -58,6 +58,8 @@ FEATURES = (
 MODEL_FILE = registry.MODEL_FILE
 META_FILE = "verifier.json"
 EVAL_FILE = registry.EVAL_FILE
+# What a verifier.json may declare before anything is allocated: a small MLP on 12 features.
+MAX_LAYERS, MAX_WIDTH = 8, 1024
 
 
 # ------------------------------------------------------------------------------ features
@@ -404,7 +406,12 @@ def load_verifier(path: str, expected_sha256: str | None = None) -> Verifier:
     if list(meta.get("features", [])) != list(FEATURES):
         raise ValueError(f"verifier {path}: trained on features {meta.get('features')}, this version computes "
                          f"{list(FEATURES)}: retrain it (+stage=verifier)")
-    net = VerifierNet(len(FEATURES), meta["hidden"])
+    hidden = meta.get("hidden")
+    if (not isinstance(hidden, list) or len(hidden) > MAX_LAYERS
+            or not all(type(h) is int and 0 < h <= MAX_WIDTH for h in hidden)):
+        raise ValueError(f"verifier {path}: hidden layer sizes {str(hidden)[:100]} are not a list of at most "
+                         f"{MAX_LAYERS} widths of 1 to {MAX_WIDTH} (a damaged or foreign {META_FILE})")
+    net = VerifierNet(len(FEATURES), hidden)
     net.load_state_dict(torch.load(io.BytesIO(model), map_location="cpu", weights_only=True))
     net.eval()
     return Verifier(net, list(meta["hidden"]), float(meta["threshold"]), meta["curve"], meta["validation"])

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 
 from pipeline import storage
+from pipeline.dataset.rle import rle_problem
 from pipeline.dataset.shards import iter_members, record_problem
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,10 @@ def concavity(mask: np.ndarray) -> float:
 
 def rle_concavity(rle: dict) -> float:
     """``concavity`` of an RLE mask, computed on its bounding-box crop: the contour
-    search and the copy to C order then cost the object's size, not the image's."""
+    search and the copy to C order then cost the object's size, not the image's. NaN for
+    counts that do not tile the mask (checked before anything decodes them)."""
+    if rle_problem(rle, *rle["size"]) is not None:
+        return float("nan")
     x, y, w, h = mask_utils.toBbox(rle).astype(int)
     return concavity(mask_utils.decode(rle)[y : y + h, x : x + w])
 
@@ -254,8 +258,14 @@ def shard_stats(path: str, concavity_per_bin: int = 64, seed: int = 0) -> ShardS
             if problem:
                 skipped.append((key, problem))
                 continue
-            columns = image_mask_columns(record)
             image = record["image"]
+            size = [int(image["height"]), int(image["width"])]
+            fit = [a for a in record["annotations"] if list(a["segmentation"]["size"]) == size]
+            if len(fit) < len(record["annotations"]):  # never decoded, never summed as this image's
+                skipped.append((key, f"{len(record['annotations']) - len(fit)} mask(s) whose RLE size is not the "
+                                     f"image's {size}: left out of the tables"))
+                record = {**record, "annotations": fit}
+            columns = image_mask_columns(record)
         except Exception as exc:  # a broken record must not hide the rest of the shard
             skipped.append((key, f"{type(exc).__name__}: {exc}"))
             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Iterator, Mapping, Sequence
@@ -26,9 +27,12 @@ import numpy as np
 from pipeline import storage
 from pipeline.dataset.filters import MaskFilter, is_held_out
 from pipeline.dataset.listing import committed_shards
+from pipeline.dataset.rle import rle_problem, usable
 from pipeline.dataset.shards import Sample, iter_shard
 from pipeline.truth.domains import make_domain_scene
 from pipeline.truth.synthetic import scene_seeds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,8 +104,12 @@ class ShardMasks:
     def decode(self, sample: Sample) -> GroundTruth:
         from pycocotools import mask as mask_utils
 
-        kept = self.filter(sample.record["annotations"])
         image = _rgb(sample.jpg)
+        fit, problems = usable(sample.record["annotations"], *image.shape[:2])
+        if problems:
+            log.warning("%s %s: %d mask(s) left out: %s", sample.shard, sample.key, len(problems),
+                        "; ".join(problems[:3]))
+        kept = self.filter(fit)
         if kept:
             masks = mask_utils.decode([dict(a["segmentation"]) for a in kept]).transpose(2, 0, 1).astype(bool)
         else:
@@ -144,11 +152,22 @@ class CocoInstances:
         info, anns = record
         fs, folder = storage.filesystem(self.image_dir)
         image = _rgb(fs.cat_file(storage.join(folder, info["file_name"])))
-        masks = np.stack([self.coco.annToMask(a).astype(bool) for a in anns]) if anns else _no_masks(image)
+        h, w = image.shape[:2]
+        fit = [a for a in anns if not _is_rle(a) or rle_problem(a["segmentation"], h, w) is None]
+        if len(fit) < len(anns):
+            log.warning("%s: %d RLE mask(s) of image %s do not fit it; left out", info["file_name"],
+                        len(anns) - len(fit), info.get("id"))
+        masks = np.stack([self.coco.annToMask(a).astype(bool) for a in fit]) if fit else _no_masks(image)
         return GroundTruth(_stem(info), image, masks)
 
     def __iter__(self) -> Iterator[GroundTruth]:
         return (self.decode(r) for r in self.records())
+
+
+def _is_rle(ann: Mapping[str, Any]) -> bool:
+    """A compressed RLE segmentation (polygons and uncompressed RLE are pycocotools' to convert)."""
+    seg = ann.get("segmentation")
+    return isinstance(seg, Mapping) and isinstance(seg.get("counts"), (str, bytes))
 
 
 def _stem(info: Mapping[str, Any]) -> str:

@@ -36,8 +36,11 @@ async function api(method, path, body) {
   });
   if (!response.ok) {
     const detail = await response.text();
-    const error = new Error(`${response.status}: ${detail}`);
+    let parsed = null;
+    try { parsed = JSON.parse(detail); } catch (_) { /* plain text */ }
+    const error = new Error(`${response.status}: ${parsed && parsed.detail ? parsed.detail : detail}`);
     error.status = response.status;
+    error.body = parsed;
     throw error;
   }
   return response;
@@ -256,12 +259,25 @@ function save(done = false) {
     }),
   };
   state.saving = state.saving.then(async () => {
+    if (!view.editable) return false;
+    // The version is read when the save is sent: a save queued behind another edits its result.
+    body.version = view.version;
     try {
       const result = await (await api("PUT", `/api/images/${view.key}`, body)).json();
+      view.version = result.version;
       status(done ? (result.committed ? "done; unit committed" : "done") : `saved ${body.masks.length} mask(s)`);
       return true;
     } catch (e) {
-      status(e.status === 409 ? "another annotator has this image now: open the next one" : `not saved: ${e.message}`, true);
+      view.editable = false;
+      if (e.status === 503) {
+        state.lost = true;
+        status(`NOT SAVED: ${e.message}. Ask whoever runs the tool which server to use now.`, true);
+      } else if (e.status === 409 && e.body && e.body.current) {
+        await show(e.body.current);
+        status("NOT SAVED: someone else saved this image since you opened it; showing their version", true);
+      } else {
+        status(e.status === 409 ? `NOT SAVED: ${e.message}` : `not saved: ${e.message}`, true);
+      }
       return false;
     }
   });
@@ -297,6 +313,7 @@ async function show(view) {
   refresh({ all: true, current: true });
   updateProgress();
   status(view.editable ? "ready: click an object" : "read-only: committed or taken by another annotator");
+  if (view.dropped && view.dropped.length) status(`${view.dropped.length} input mask(s) of this image could not be shown: ${view.dropped[0]}`, true);
   state.ready = true;
 }
 
@@ -311,6 +328,7 @@ async function updateProgress() {
   try {
     const p = await (await api("GET", "/api/progress")).json();
     $("progress").textContent = `${p.done} / ${p.images} done · ${p.units_committed} / ${p.units} units committed`;
+    if (p.lost) { state.lost = true; if (state.view) state.view.editable = false; status(`this server accepts no save: ${p.lost}`, true); }
   } catch (e) { /* the next update will tell */ }
 }
 
@@ -419,8 +437,9 @@ $("annotator").addEventListener("change", (e) => localStorage.setItem("sam-annot
 function heartbeat() {
   const view = state.view;
   if (view && view.editable) {
-    api("POST", "/api/renew", { client: state.client, key: view.key }).catch((e) => {
+    api("POST", "/api/renew", { client: state.client, key: view.key, version: view.version }).catch((e) => {
       if (e.status === 409) { view.editable = false; status("the lease on this image was lost: open the next one", true); }
+      if (e.status === 503) { view.editable = false; state.lost = true; status(`this server accepts no save: ${e.message}`, true); }
     });
   }
 }
