@@ -26,50 +26,36 @@ SECRETS = ("stage.token",)  # never written to a file: Hydra's record of the run
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    redact_hydra_record(SECRETS)
+    redact_hydra_record(cfg, SECRETS)
     summary = run_stage(cfg)
     if summary:
         log.info("%s finished: %s", cfg.stage.name, summary)
 
 
-def redact_hydra_record(keys: tuple[str, ...]) -> None:
-    """Replaces the values of ``keys`` in the files Hydra wrote to the run folder
-    (``.hydra/config.yaml``, ``overrides.yaml``, ``hydra.yaml``): with the default output,
-    that folder is the dataset, and a secret there would travel with it."""
+def redact_hydra_record(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    """Replaces the values of ``keys`` wherever they stand in the files Hydra wrote to the
+    run folder (``.hydra/``: the configuration, the overrides, the job's dirname): with
+    the default output, that folder is the dataset, and a secret there would travel with it."""
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    secrets = {str(v) for key in keys
+               if (v := OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)) is not None}
     hydra_cfg = HydraConfig.get()
-    if not hydra_cfg.output_subdir:
+    if not secrets or not hydra_cfg.output_subdir:
         return
-    folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
-    for name, overrides_at in (("config.yaml", None), ("overrides.yaml", ""), ("hydra.yaml", "hydra.overrides.task")):
-        path = folder / name
-        if not path.is_file():
-            continue
-        saved = OmegaConf.load(path)
-        if overrides_at is None:  # the composed configuration
-            for key in keys:
-                if OmegaConf.select(saved, key, default=None) is not None:
-                    OmegaConf.update(saved, key, REDACTED, merge=False)
-        else:  # the command line's overrides, key=value strings
-            listed = saved if overrides_at == "" else OmegaConf.select(saved, overrides_at, default=[])
-            redacted = [_redacted(str(o), keys) for o in listed]
-            if overrides_at == "":
-                saved = OmegaConf.create(redacted)
-            else:
-                OmegaConf.update(saved, overrides_at, redacted, merge=False)
-        path.write_text(OmegaConf.to_yaml(saved))
+    for path in (Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir).glob("*.yaml"):
+        text = path.read_text()
+        redacted = text
+        for secret in secrets:
+            redacted = redacted.replace(secret, REDACTED)
+        if redacted != text:
+            path.write_text(redacted)
 
 
 REDACTED = "<redacted>"
-
-
-def _redacted(override: str, keys: tuple[str, ...]) -> str:
-    name, sep, _ = override.partition("=")
-    return f"{name}={REDACTED}" if sep and name.lstrip("+~") in keys else override
 
 
 if __name__ == "__main__":

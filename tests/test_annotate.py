@@ -489,3 +489,15 @@ def test_a_malformed_prefill_mask_is_left_out_and_the_queue_goes_on(serve, tmp_p
     assert len(keys) == 2 and served.session.finished()
     assert sum(len(s.record["annotations"]) for s in iter_samples(str(tmp_path / "out"))) == 3
     assert len(source.samples) == 2
+
+
+def test_what_a_killed_server_left_half_written_is_cleaned_at_the_next_start(serve, tmp_path):
+    folder, output = image_folder(tmp_path / "in", count=2), tmp_path / "out"
+    serve(folder, output).close()
+    leftovers = [output / "annotate" / "work" / ".sa_1.json.tmp-0123abcd",
+                 output / "shards" / ".sa_000000.tar.tmp-4567cdef"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    serve(folder, output)
+    assert not any(path.exists() for path in leftovers)

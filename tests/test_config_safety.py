@@ -85,6 +85,8 @@ def test_entry_point_refuses_a_hostile_logging_handler(evil_dir, dataset, tmp_pa
     ("+stage.x='${oc.create:\"{_target_: os.system}\"}'", "builds a config from a string"),
     ("hydra.searchpath=[file:///tmp]", "configs come from conf/ only"),
     ("hydra.mode=MULTIRUN", "run one configuration per command"),
+    ("hydra.job_logging.handlers.file.filename=/etc/cron.d/x", "outside the run folder"),
+    ("hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/../../x.log", "outside the run folder"),
 ])
 def test_hostile_overrides_are_refused(override, message):
     with pytest.raises(ConfigRefused, match="refused") as refused:
@@ -156,3 +158,16 @@ def test_submit_refuses_before_submitting():
         entrypoint(["+stage=stats", "+hydra.callbacks.x={_target_:os.system}"])
     with pytest.raises(SystemExit, match="(?s)not submitted.*outside conf/"):
         entrypoint(["+stage=../../jobs/runtime_env"])
+
+
+def test_a_token_never_lands_in_the_run_folder(dataset, tmp_path):
+    """With the default output, Hydra's run folder is the dataset: its record of the
+    command line must not carry a secret given on it."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline.run", "+stage=validate", f"input={dataset.root}",
+               f"hydra.run.dir={run_dir}", "+stage.token=s3cr3t-token-1234"]
+    result = run_entry_point(command, tmp_path)
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file(), result.stderr
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and b"s3cr3t-token-1234" in p.read_bytes()]
+    assert not leaked
+    assert "<redacted>" in (run_dir / ".hydra" / "overrides.yaml").read_text()

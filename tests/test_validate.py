@@ -44,6 +44,8 @@ def corrupt(sample) -> None:
         sample.record["image"]["width"] += 1
     elif sample.key == "synthetic_000010":
         sample.record["image"]["image_id"] = 2  # the image id of synthetic_000002
+    elif sample.key == "synthetic_000003":
+        sample.record["image"]["exposure_s"] = float("nan")  # json.dumps writes NaN; JSON has no such number
 
 
 EXPECTED = {
@@ -58,6 +60,7 @@ EXPECTED = {
     ("sa_000002.tar", "synthetic_000009", "image"),
     ("sa_000000.tar", "synthetic_000002", "unique"),
     ("sa_000003.tar", "synthetic_000010", "unique"),
+    ("sa_000000.tar", "synthetic_000003", "json"),
     ("sa_000003.tar", "synthetic_000011", "tar"),  # cut inside this key's JPEG
     ("sa_000004.tar", "-", "tar"),  # cut at a member boundary: no end-of-archive marker
 }
@@ -120,9 +123,7 @@ def test_every_problem_is_reported_with_shard_and_key(broken, tmp_path, capsys):
     assert "image id 2 occurs 2 times" in messages[("synthetic_000010", "unique")]
     assert "unexpected end of data" in messages[("synthetic_000011", "tar")]
     assert "no end-of-archive marker" in "".join(m for _, k, c, m in printed if k == "-")
-    # Nothing reported for the keys that were left intact.
-    intact = {"synthetic_000003"}
-    assert not [p for p in printed if p[1] in intact]
+    assert "image/exposure_s: a non-finite number" in messages[("synthetic_000003", "json")]
     written = pd.read_parquet(tmp_path / "report" / "validate" / "problems.parquet")
     assert len(written) == len(printed)
 

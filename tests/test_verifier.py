@@ -97,6 +97,22 @@ def test_threshold_reaches_the_target_precision_and_files_round_trip(tmp_path):
         verifier.load_verifier(str(tmp_path / "v"))
     with pytest.raises(FileNotFoundError, match="verifier.json"):
         verifier.load_verifier(str(tmp_path / "nowhere"))
+    # Declared sizes are bounded before anything is allocated.
+    meta["features"], meta["hidden"] = list(verifier.FEATURES), [10**9]
+    (tmp_path / "v" / "verifier.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="hidden layer sizes"):
+        verifier.load_verifier(str(tmp_path / "v"))
+
+
+def test_a_registered_folder_with_a_symbolic_link_is_refused(tmp_path):
+    fitted = verifier.fit(separable(), hidden=[], target_precision=0.9)
+    verifier.save(fitted, str(tmp_path / "v"))
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text((tmp_path / "v" / "verifier.json").read_text())
+    (tmp_path / "v" / "verifier.json").unlink()
+    (tmp_path / "v" / "verifier.json").symlink_to(outside)
+    with pytest.raises(ValueError, match="symbolic link"):
+        verifier.load_verifier(str(tmp_path / "v"))
 
 
 def test_choose_threshold_prefers_recall_and_says_when_the_target_is_out_of_reach():

@@ -374,11 +374,11 @@ def _read_coco(url: str, data: bytes) -> Boxes:
     for index, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             raise _refuse(url, f"annotations[{index}]", f"not an object: {str(ann)[:60]}")
-        where = f"annotation {ann.get('id', index)!r}"
+        where = f"annotation id {ann.get('id', index)!r}"
         image_id = _whole(ann.get("image_id"))
         image = images.get(image_id) if image_id is not None else None
         if image is None:
-            invalid.append(f"{where}: image_id {ann.get('image_id')!r} is not an image the file lists")
+            invalid.append(f"{where}: names image id {ann.get('image_id')!r}, which the file does not list")
             continue
         if ann.get("iscrowd"):
             crowd += 1
