@@ -41,7 +41,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import pipeline.stages  # noqa: F401  registers ${project_root:}
+    import pipeline.config  # noqa: F401  registers ${project_root:}
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)

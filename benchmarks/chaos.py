@@ -39,7 +39,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import manifest  # noqa: E402
+from pipeline.dataset import manifest  # noqa: E402
 from pipeline.dataset.shards import iter_shard  # noqa: E402
 from pipeline.inputs.entries import enumerate_input  # noqa: E402
 

@@ -94,7 +94,7 @@ def miou(scenes: int, size: tuple[int, int]) -> None:
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    import pipeline.stages  # noqa: F401  (the ${project_root:} resolver)
+    import pipeline.config  # noqa: F401  (the ${project_root:} resolver)
     from pipeline.stages import run_stage
 
     with tempfile.TemporaryDirectory() as tmp:

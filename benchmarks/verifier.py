@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import verifier  # noqa: E402
+from pipeline.models import verifier  # noqa: E402
 from pipeline.models.loader import build_generator  # noqa: E402
 from pipeline.truth.synthetic import make_scene, scene_seeds  # noqa: E402
 from sam_core.metrics import amg_matches  # noqa: E402

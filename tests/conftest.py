@@ -85,7 +85,7 @@ def compose_config() -> Callable[..., "DictConfig"]:  # noqa: F821
     """compose_config("+stage=fully_auto", "input=...", ...) -> the app's resolved config."""
     from hydra import compose, initialize_config_dir
 
-    import pipeline.stages  # noqa: F401  registers the ${project_root:} resolver
+    import pipeline.config  # noqa: F401  registers the ${project_root:} resolver
 
     def compose_with(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

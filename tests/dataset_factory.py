@@ -198,7 +198,7 @@ def compose(stage: str, input: Path | str, output: Path | str | None = None,
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import pipeline.stages  # noqa: F401  registers the ${project_root:} resolver
+    import pipeline.config  # noqa: F401  registers the ${project_root:} resolver
 
     args = [f"+stage={stage}", f"input={input}",
             f"output={output}" if output is not None else "output=null", *overrides]
