@@ -161,13 +161,13 @@ def _run_round(cfg: DictConfig, output: str, n: int, model: str) -> dict[str, An
     if not promoted:
         log.warning("round %d: %s is worse than %s on the held-out images (promotion gate): the next round goes "
                     "on with %s", n, version, model, model)
-    kept = candidate if promoted else model
-    metrics = phase.evaluated(kept, registered if promoted else phase.folder, lambda m, d: _evaluate(cfg, m, d))
+    in_use = candidate if promoted else model
+    metrics = phase.evaluated(in_use, registered if promoted else phase.folder, lambda m, d: _evaluate(cfg, m, d))
     storage.write_json(storage.join(phase.folder, registry.EVAL_FILE), metrics)
 
     summary = annotated["dataset"]
     return phase.finish({
-        "round": n, "model": kept, "candidate": candidate, "promoted": promoted, "gate": trained.get("gate"),
+        "round": n, "model": in_use, "candidate": candidate, "promoted": promoted, "gate": trained.get("gate"),
         "version": version, "from_model": model,
         "images_annotated": summary["images_ok"], "images_failed": summary["images"] - summary["images_ok"],
         "masks_generated": masks, "masks_kept": kept,

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
 from pipeline.dataset.listing import committed_shards
+from pipeline.dataset.shards import iter_shard
 from pipeline.models import registry
 from pipeline.models.evaluation import NoImages, evaluate_model
 from pipeline.models.loader import model_identity
@@ -56,6 +57,7 @@ def run(cfg: DictConfig) -> dict:
     base, _ = tuned_base(init, spec)
     config.update(init_checkpoint=init, base_sha256=model_identity(base) if base else None)
     data_files = committed_shards(config["data"]["shards"]) if config["data"]["shards"] else []
+    config["data"]["holdout_fraction"] = holdout_fraction(config["data"], data_files)
     log.info("retrain %s: tune %s from %s, %d steps of %d images, lr %g (%s)", version, spec.mode, init or "scratch",
              config["steps"], config["batch_size"], config["optim"]["lr"], _data_line(config["data"], data_files))
 
@@ -74,6 +76,29 @@ def run(cfg: DictConfig) -> dict:
         )
     log.info("registered %s: %s", version, summary)
     return summary
+
+
+MIN_HOLDOUT_IMAGES = 5  # fewer annotated images than this: all train (a share of them could be all of them)
+
+
+def holdout_fraction(data: dict[str, Any], shards: list[str]) -> float:
+    """``data.holdout_fraction``, or 0 when the annotated images are too few to hold a
+    share out (counted from a few shards or the COCO file; many shards are never few)."""
+    fraction = float(data["holdout_fraction"])
+    if fraction <= 0 or (not shards and not data["coco"]["annotations"]):
+        return fraction
+    count = 0
+    if len(shards) < MIN_HOLDOUT_IMAGES:
+        count += sum(1 for url in shards for _ in iter_shard(url, images=False))
+    else:
+        count += MIN_HOLDOUT_IMAGES
+    if data["coco"]["annotations"]:
+        count += len(storage.read_json(data["coco"]["annotations"]).get("images", []))
+    if count < MIN_HOLDOUT_IMAGES:
+        log.info("%d annotated image(s): too few to hold any out; all train, and the gate measures on the other "
+                 "held-out sets", count)
+        return 0.0
+    return fraction
 
 
 def _model_name(spec) -> str:
