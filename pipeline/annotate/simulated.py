@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import uuid
@@ -39,6 +40,9 @@ from pipeline.truth.pools import Truth, write_scenes
 from sam_core.metrics import mask_iou, next_click
 from sam_core.utils.onnx import upscale_low_res
 from sam_core.utils.transforms import ResizeLongestSide
+
+# One line per request would bury the run's own log (the annotator makes thousands).
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @dataclass
