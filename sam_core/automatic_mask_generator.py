@@ -1,6 +1,9 @@
-"""SamAutomaticMaskGenerator: masks for a whole image from a grid of point prompts.
+"""SamAutomaticMaskGenerator: masks for a whole image from a grid of point prompts, for
+SAM 1 and SAM 2 / 2.1 models alike (SAM2AutomaticMaskGenerator: the same class with
+SAM 2's defaults).
 
-Drop-in compatible with the official class (same parameters, defaults and record keys).
+Drop-in compatible with the official classes (same parameters, defaults and record keys;
+SAM 2's ``use_m2m``, ``multimask_output`` and ``mask_threshold`` work with either family).
 Deliberate differences, none of which change the returned masks:
   * predicted-IoU filtering happens right after the decoder's transformer: mask logits
     are only built (upscaling, hypernetworks) and upsampled for prompts that keep a mask;
@@ -8,7 +11,11 @@ Deliberate differences, none of which change the returned masks:
     official uncompressed form, and converted to the requested output_mode at the end;
   * extra option ``max_mask_area_fraction`` drops masks covering at least that fraction
     of the image (SA-1B used 0.95); None (the default) keeps the official behaviour;
-  * the input image is validated and converted (see sam_core.utils.inputs.as_rgb_uint8).
+  * the input image is validated and converted (see sam_core.utils.inputs.as_rgb_uint8);
+  * SAM 2's ``min_mask_region_area`` fills holes and removes specks in the low-res
+    logits as the official package does with its CUDA extension, but on any device
+    (without that extension the official generator silently skips it); SAM 1's removes
+    small regions from the final masks, as its official generator does.
 Extra option ``precision="bf16"`` (a fast path for GPUs, off by default) runs the image
 encoder under bfloat16 autocast; the mask decoder, whose outputs are thresholded
 (predicted IoU, stability, binarisation), stays in float32: with the decoder in bf16 too,
@@ -46,8 +53,10 @@ from .utils.amg import (
     uncrop_points,
 )
 from .utils.inputs import as_rgb_uint8
+from .utils.regions import fill_small_regions
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+FAMILY_PRED_IOU_THRESH = {"sam": 0.88, "sam2": 0.8}  # the official generators' defaults
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 # Named generator settings, as changes to the constructor's defaults (the official
@@ -64,6 +73,20 @@ AMG_PRESETS: Dict[str, Dict[str, Any]] = {
         min_mask_region_area=100,
         max_mask_area_fraction=0.95,
     ),
+    # The sam2 example notebook's denser settings for SAM 2 ("more masks"): a 64-point
+    # grid, looser filters, one crop layer, small regions cleaned, mask-to-mask refinement.
+    "sam2_dense": dict(
+        points_per_side=64,
+        points_per_batch=128,
+        pred_iou_thresh=0.7,
+        stability_score_thresh=0.92,
+        stability_score_offset=0.7,
+        crop_n_layers=1,
+        box_nms_thresh=0.7,
+        crop_n_points_downscale_factor=2,
+        min_mask_region_area=25,
+        use_m2m=True,
+    ),
 }
 
 
@@ -73,7 +96,7 @@ class SamAutomaticMaskGenerator:
         model: Sam,
         points_per_side: Optional[int] = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
+        pred_iou_thresh: Optional[float] = 0.88,
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
@@ -86,14 +109,22 @@ class SamAutomaticMaskGenerator:
         output_mode: str = "binary_mask",
         max_mask_area_fraction: Optional[float] = None,
         precision: str = "fp32",
+        use_m2m: bool = False,
+        multimask_output: bool = True,
+        mask_threshold: Optional[float] = None,
     ) -> None:
-        """See the official documentation for every parameter but the last two.
+        """See the official documentation for every parameter but these:
 
         max_mask_area_fraction: drop masks whose area is at least this fraction of the
             image area (None keeps all). Applied before NMS, so that a mask covering
             the whole image cannot suppress a large but legitimate one.
         precision: "fp32" (exact, the official behaviour) or "bf16" (image encoder under
             bfloat16 autocast, decoder in float32; for GPUs, no faster on most CPUs).
+        pred_iou_thresh: None means the official default of the model's family (SAM 1
+            0.88, SAM 2 0.8; what conf/amg/default.yaml asks for).
+        use_m2m, multimask_output, mask_threshold: as in SAM 2's generator (one more
+            decoder pass with each candidate's own low-res mask as input; one output per
+            point instead of three; the logit threshold, None: the model's).
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
@@ -116,7 +147,7 @@ class SamAutomaticMaskGenerator:
             self.point_grids = [np.asarray(g, dtype=float) for g in point_grids]
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
+        self.pred_iou_thresh = FAMILY_PRED_IOU_THRESH[model.family] if pred_iou_thresh is None else pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
         self.box_nms_thresh = box_nms_thresh
@@ -128,6 +159,9 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.max_mask_area_fraction = max_mask_area_fraction
         self.precision = precision
+        self.use_m2m = use_m2m
+        self.multimask_output = multimask_output
+        self.mask_threshold = model.mask_threshold if mask_threshold is None else mask_threshold
 
     def _encoder_precision(self) -> contextlib.AbstractContextManager:
         """The context the image encoder runs in: autocast for bf16, nothing for fp32."""
@@ -160,7 +194,7 @@ class SamAutomaticMaskGenerator:
         """
         image = as_rgb_uint8(image)
         data = self._generate_masks(image)
-        if self.min_mask_region_area > 0:
+        if self.min_mask_region_area > 0 and self.predictor.model.family == "sam":
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
@@ -214,6 +248,7 @@ class SamAutomaticMaskGenerator:
         with self._encoder_precision():
             self.predictor.set_image(crop)
         self.predictor.features = self.predictor.features.float()
+        self.predictor.high_res_features = [level.float() for level in self.predictor.high_res_features]
         points_for_crop = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         data = MaskData()
         for (points,) in batch_iterator(self.points_per_batch, points_for_crop):
@@ -242,28 +277,50 @@ class SamAutomaticMaskGenerator:
         in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
         decoder = model.mask_decoder
+        high_res = predictor.get_high_res_features()
         sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
         tokens, features = decoder.run_transformer(
             predictor.features[:1], model.prompt_encoder.get_dense_pe(), sparse, dense
         )
-        iou_preds = decoder.iou_from_tokens(tokens)[:, 1:]  # the multimask outputs
-        n_prompts, n_out = iou_preds.shape
-        data = MaskData(
-            iou_preds=iou_preds.flatten(),
-            points=torch.as_tensor(points.repeat(n_out, axis=0), device=device),
-            prompt=torch.arange(n_prompts, device=device).repeat_interleave(n_out),
-            output=torch.arange(1, n_out + 1, device=device).repeat(n_prompts),
-        )
-        if self.pred_iou_thresh > 0.0:
-            data.filter(data["iou_preds"] > self.pred_iou_thresh)
-        if not len(data):
-            return MaskData()
-        # Only prompts with a surviving mask pay for upscaling and the hypernetworks.
-        prompts, slot = torch.unique(data["prompt"], return_inverse=True)
-        low_res = decoder.masks_from_tokens(tokens[prompts], features[prompts])[slot, data["output"]]
-        del data["prompt"], data["output"], tokens, features
+        if self.multimask_output and not self.use_m2m:
+            iou_preds = decoder.iou_from_tokens(tokens)[:, 1:]  # the multimask outputs
+            n_prompts, n_out = iou_preds.shape
+            data = MaskData(
+                iou_preds=iou_preds.flatten(),
+                points=torch.as_tensor(points.repeat(n_out, axis=0), device=device),
+                prompt=torch.arange(n_prompts, device=device).repeat_interleave(n_out),
+                output=torch.arange(1, n_out + 1, device=device).repeat(n_prompts),
+            )
+            if self.pred_iou_thresh > 0.0:
+                data.filter(data["iou_preds"] > self.pred_iou_thresh)
+            if not len(data):
+                return MaskData()
+            # Only prompts with a surviving mask pay for upscaling and the hypernetworks.
+            prompts, slot = torch.unique(data["prompt"], return_inverse=True)
+            low_res = decoder.masks_from_tokens(tokens[prompts], features[prompts], high_res)[slot, data["output"]]
+            del data["prompt"], data["output"], tokens, features
+        else:
+            # One answer per point, or every candidate refined: masks are needed for all.
+            low_res, iou_preds = decoder.select(decoder.masks_from_tokens(tokens, features, high_res),
+                                                decoder.iou_from_tokens(tokens), self.multimask_output)
+            n_out = iou_preds.shape[1]
+            data = MaskData(iou_preds=iou_preds.flatten(),
+                            points=torch.as_tensor(points.repeat(n_out, axis=0), device=device))
+            low_res = low_res.flatten(0, 1)
+            del tokens, features
+            if self.use_m2m:
+                low_res, data["iou_preds"] = self._refine(in_points.repeat_interleave(n_out, dim=0), low_res)
+            if self.pred_iou_thresh > 0.0:
+                keep = data["iou_preds"] > self.pred_iou_thresh
+                data.filter(keep)
+                low_res = low_res[keep]
+            if not len(data):
+                return MaskData()
+        if model.family == "sam2" and self.min_mask_region_area > 0:
+            low_res = fill_small_regions(low_res, self.mask_threshold, self.min_mask_region_area,
+                                         self.min_mask_region_area)
         logits = model.postprocess_masks(low_res[:, None], predictor.input_size, crop_size)[:, 0]
-        threshold = predictor.model.mask_threshold
+        threshold = self.mask_threshold
         data["stability_score"] = calculate_stability_score(logits, threshold, self.stability_score_offset)
         if self.stability_score_thresh > 0.0:
             keep = data["stability_score"] >= self.stability_score_thresh
@@ -281,6 +338,19 @@ class SamAutomaticMaskGenerator:
             masks = masks[keep]
         data["rles"] = encode_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
         return data
+
+    def _refine(self, in_points: torch.Tensor, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's mask-to-mask refinement: each candidate decoded again from its point and
+        its own low-res logits (clipped as the predictor returns them), one answer each.
+        Returns (low-res logits n x h x w, predicted IoU n)."""
+        model = self.predictor.model
+        mask_input = low_res.clamp(-32.0, 32.0)[:, None]
+        labels = torch.ones(len(in_points), 1, dtype=torch.int, device=in_points.device)
+        sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], labels), boxes=None, masks=mask_input)
+        refined, iou = model.mask_decoder(self.predictor.features[:1], model.prompt_encoder.get_dense_pe(), sparse,
+                                          dense, multimask_output=False,
+                                          high_res_features=self.predictor.get_high_res_features())
+        return refined[:, 0], iou[:, 0]
 
     def _drop_large(self, data: MaskData, image_area: int) -> MaskData:
         if self.max_mask_area_fraction is None or not len(data):
@@ -312,6 +382,16 @@ class SamAutomaticMaskGenerator:
                 mask_data["boxes"][i] = boxes[i]
         mask_data.filter(keep)
         return mask_data
+
+
+class SAM2AutomaticMaskGenerator(SamAutomaticMaskGenerator):
+    """The generator with the official SAM 2 defaults (pred_iou_thresh 0.8; the rest are
+    SAM 1's). Takes SAM 1 models too."""
+
+    def __init__(self, model: Sam, points_per_side: Optional[int] = 32, points_per_batch: int = 64,
+                 pred_iou_thresh: float = 0.8, **kwargs: Any) -> None:
+        super().__init__(model, points_per_side=points_per_side, points_per_batch=points_per_batch,
+                         pred_iou_thresh=pred_iou_thresh, **kwargs)
 
 
 def _empty(crop_box: List[int]) -> MaskData:

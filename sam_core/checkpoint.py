@@ -1,24 +1,42 @@
-"""Safe, strict loading of SAM state dicts (the official released format)."""
+"""Safe, strict loading of SAM state dicts in the official released formats: SAM 1's
+flat state dict, SAM 2's ``{"model": state dict}`` with its video tensors."""
 from __future__ import annotations
 
 import hashlib
 import io
 import os
 import pickle
+import re
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sizes import ENCODER_SIZES
+from .sizes import ENCODER_SIZES, HIERA_SIZES, SAM2_ARCHS
 
+_SAM2_RELEASES = {"sam2": "072824", "sam2.1": "092824"}  # release folders of the download site
+_HIERA_FILE_NAMES = {"hiera_t": "hiera_tiny", "hiera_s": "hiera_small", "hiera_b+": "hiera_base_plus",
+                     "hiera_l": "hiera_large"}
 OFFICIAL_CHECKPOINTS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    **{arch: f"https://dl.fbaipublicfiles.com/segment_anything_2/{_SAM2_RELEASES[version]}/"
+             f"{version}_{_HIERA_FILE_NAMES[size]}.pt"
+       for arch, (version, size) in SAM2_ARCHS.items()},
 }
+
+# SAM 2's checkpoint names for the parts shared with SAM 1, and the tensors only its
+# video model uses (kept aside by ``load_checkpoint``, written back by ``official_state``).
+SAM2_RENAMES = (("sam_prompt_encoder.", "prompt_encoder."), ("sam_mask_decoder.", "mask_decoder."))
+SAM2_VIDEO_PREFIXES = ("memory_attention.", "memory_encoder.", "mask_downsample.", "obj_ptr_proj.",
+                       "obj_ptr_tpos_proj.", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
+                       "no_obj_embed_spatial")
+SAM2_VIDEO_TENSORS = {"sam2": 157, "sam2.1": 160}  # the same for every Hiera size
+_MLP_OFFICIAL = re.compile(r"(mask_decoder\.transformer\.layers\.\d+\.mlp\.)layers\.([01])\.")
+_MLP_OURS = re.compile(r"(mask_decoder\.transformer\.layers\.\d+\.mlp\.)lin([12])\.")
 
 
 class CheckpointError(ValueError):
@@ -62,6 +80,8 @@ def read_state_dict(path: Union[str, os.PathLike], expected_sha256: Optional[str
         ) from err
     except Exception as err:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if isinstance(state, dict) and set(state) == {"model"} and isinstance(state["model"], dict):
+        state = state["model"]  # SAM 2's released format
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     # A diverged training run saves NaN weights that load without complaint, then score
@@ -78,6 +98,16 @@ def read_state_dict(path: Union[str, os.PathLike], expected_sha256: Optional[str
 
 def describe_architecture(state: Dict[str, torch.Tensor]) -> str:
     """A short guess of the encoder a state dict belongs to, for error messages."""
+    trunk = state.get("image_encoder.trunk.pos_embed")
+    if trunk is not None:
+        width = trunk.shape[1]
+        depth = len({k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")})
+        version = "sam2.1" if "no_obj_embed_spatial" in state else "sam2"
+        sizes = [name for name, sizes in HIERA_SIZES.items()
+                 if sizes["embed_dim"] == width and sum(sizes["stages"]) == depth]
+        if sizes:
+            return f"{version}_{sizes[0]}"
+        return f"a SAM 2 Hiera of an unregistered size (width {width}, depth {depth})"
     pos = state.get("image_encoder.pos_embed")
     if pos is None:
         return "no SAM image encoder (image_encoder.pos_embed is absent)"
@@ -135,6 +165,10 @@ def load_checkpoint(
     ``expected_sha256``: see ``read_state_dict``.
     """
     state = read_state_dict(path, expected_sha256)
+    as_read = state  # what error messages describe
+    video: Dict[str, torch.Tensor] = {}
+    if getattr(model, "family", "sam") == "sam2":
+        state, video = split_sam2_state(state, arch, path)
     if resize:
         resize_positions(state, model)
     expected = model.state_dict()
@@ -152,10 +186,60 @@ def load_checkpoint(
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
                 parts.append(f"{label}: {shown}")
-        parts.append(f"the file looks like {describe_architecture(state)}")
+        parts.append(f"the file looks like {describe_architecture(as_read)}")
         raise CheckpointError("; ".join(parts))
     model.load_state_dict(state, strict=True)
+    if video:
+        model.video_state = video
     return model
+
+
+def split_sam2_state(state: Dict[str, torch.Tensor], arch: str, path: Union[str, os.PathLike] = "checkpoint"
+                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """An official SAM 2 state dict -> (this project's names for the image model, the video
+    tensors by their official names). The video part must be whole and of the version
+    ``arch`` names (or absent: a file saved without it, by another tool)."""
+    image: Dict[str, torch.Tensor] = {}
+    video: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(SAM2_VIDEO_PREFIXES):
+            video[key] = value
+            continue
+        for official, ours in SAM2_RENAMES:
+            if key.startswith(official):
+                key = ours + key[len(official):]
+        image[_MLP_OFFICIAL.sub(lambda m: f"{m.group(1)}lin{int(m.group(2)) + 1}.", key)] = value
+    if video:
+        version = "sam2.1" if "no_obj_embed_spatial" in video else "sam2"
+        wanted = SAM2_ARCHS.get(arch, ("sam2.1" if arch.startswith("sam2.1") else "sam2",))[0]
+        if version != wanted:
+            size = arch.split("_", 1)[1] if "_" in arch else "hiera_t"
+            raise CheckpointError(
+                f"{path} is a {version.replace('sam2', 'SAM 2')} checkpoint, not {wanted.replace('sam2', 'SAM 2')}: "
+                f"use model={version}_{size} (the image models are the same; the video tensors differ)")
+        if len(video) != SAM2_VIDEO_TENSORS[version]:
+            raise CheckpointError(
+                f"{path}: {len(video)} video tensors where a {version} checkpoint has "
+                f"{SAM2_VIDEO_TENSORS[version]}: the file is incomplete or not an official one")
+    return image, video
+
+
+def official_state(model: nn.Module) -> Dict[str, object]:
+    """``model``'s weights on the CPU in its family's released format, which the official
+    package loads: SAM 1's flat state dict, or SAM 2's ``{"model": ...}`` with the video
+    tensors the model was loaded with."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if getattr(model, "family", "sam") != "sam2":
+        return state
+    official: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = _MLP_OURS.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) - 1}.", key)
+        for theirs, ours in SAM2_RENAMES:
+            if key.startswith(ours):
+                key = theirs + key[len(ours):]
+        official[key] = value
+    official.update({k: v.detach().cpu() for k, v in getattr(model, "video_state", {}).items()})
+    return {"model": official}
 
 
 def checkpoint_sha256(path: Union[str, os.PathLike]) -> str:

@@ -1,5 +1,8 @@
 """SamPredictor: encode an image (or a batch of images) once, then predict masks for
-any number of point / box / mask prompts on the cached embedding."""
+any number of point / box / mask prompts on the cached embedding. The same class serves
+SAM 1 (``Sam``) and SAM 2 / 2.1 (``Sam2``): the model says how images and prompts enter
+its frame and what its features are; SAM 2's official predictor behaviours (low-res
+logits clamped to +-32, optional hole and sprinkle removal) apply to SAM 2 models."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -9,13 +12,22 @@ import torch
 
 from .modeling import Sam
 from .utils.inputs import as_rgb_uint8
-from .utils.transforms import ResizeLongestSide
+from .utils.regions import fill_small_regions
+
+SAM2_LOW_RES_CLAMP = 32.0  # SAM 2's predictor returns low-res logits clipped to +-32
 
 
 class SamPredictor:
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, max_hole_area: float = 0.0, max_sprinkle_area: float = 0.0) -> None:
+        """max_hole_area / max_sprinkle_area (SAM 2's predictor options, in low-res mask
+        pixels): background holes / foreground specks up to that area are filled /
+        removed in the low-res logits before upsampling. The official package does this
+        only with its CUDA extension and silently skips it otherwise; here it runs
+        everywhere (OpenCV, 8-connectivity, as that extension counts)."""
         self.model = sam_model
-        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.transform = sam_model.input_transform()
+        self.max_hole_area = max_hole_area
+        self.max_sprinkle_area = max_sprinkle_area
         self.reset_image()
 
     # --- images ---------------------------------------------------------------------
@@ -31,37 +43,44 @@ class SamPredictor:
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if len(images) == 0:
             raise ValueError("set_image_batch needs at least one image")
-        tensors, sizes = [], []
+        inputs, sizes, input_sizes = [], [], []
         for i, image in enumerate(images):
             image = as_rgb_uint8(image, name=f"image {i}" if len(images) > 1 else "image")
             if image_format != self.model.image_format:
                 image = np.ascontiguousarray(image[..., ::-1])
-            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
-            tensors.append(resized.permute(2, 0, 1).contiguous())
+            inputs.append(self.model.prepare_image(image))
             sizes.append(image.shape[:2])
-        self._encode(tensors, sizes, batch_size)
+            input_sizes.append(self.transform.input_size(image.shape[:2]))
+        self._encode(inputs, sizes, input_sizes, batch_size)
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
-        """Encodes a 1x3xHxW image already resized with ResizeLongestSide."""
-        size = self.model.image_encoder.img_size
+        """Encodes a 1x3xHxW image already resized with ResizeLongestSide (SAM 1's API)."""
+        if self.model.family != "sam":
+            raise ValueError("set_torch_image is SAM 1's API; for SAM 2 call set_image with the image itself")
+        size = self.model.img_size
         if transformed_image.ndim != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != size:
             raise ValueError(
                 f"set_torch_image expects Bx3xHxW with long side {size}; got shape {tuple(transformed_image.shape)}"
             )
-        self._encode(list(transformed_image), [tuple(original_image_size)] * transformed_image.shape[0], 8)
+        inputs = [self.model.preprocess(x.float()) for x in transformed_image]
+        input_sizes = [tuple(int(v) for v in transformed_image.shape[-2:])] * len(inputs)
+        self._encode(inputs, [tuple(original_image_size)] * len(inputs), input_sizes, 8)
 
     @torch.no_grad()
-    def _encode(self, images: List[torch.Tensor], original_sizes: List[Tuple[int, int]], batch_size: int) -> None:
+    def _encode(self, inputs: List[torch.Tensor], original_sizes: List[Tuple[int, int]],
+                input_sizes: List[Tuple[int, int]], batch_size: int) -> None:
         self.reset_image()
-        features = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = torch.stack([self.model.preprocess(x.float()) for x in chunk])
-            features.append(self.model.image_encoder(batch))
+        features, high_res = [], []
+        for start in range(0, len(inputs), batch_size):
+            embedding, maps = self.model.encode(torch.stack(inputs[start : start + batch_size]))
+            features.append(embedding)
+            high_res.append(maps)
         self.features = torch.cat(features)
+        # Per level, all images: [Bx32xS/4xS/4, Bx64xS/8xS/8] for SAM 2, [] for SAM 1.
+        self.high_res_features = [torch.cat(level) for level in zip(*high_res)]
         self.original_sizes = [tuple(int(v) for v in s) for s in original_sizes]
-        self.input_sizes = [tuple(int(v) for v in x.shape[-2:]) for x in images]
+        self.input_sizes = [tuple(int(v) for v in s) for s in input_sizes]
         self.is_image_set = True
 
     # Single-image attributes of the official API.
@@ -86,7 +105,8 @@ class SamPredictor:
         image_index: int = 0,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One prompt in original-image pixels: Nx2 points (x, y) with N labels
-        (1 foreground, 0 background), a length-4 XYXY box, a 1x256x256 low-res mask.
+        (1 foreground, 0 background), a length-4 XYXY box, a 1x256x256 low-res mask
+        (for a 1024-px model).
 
         Returns (masks CxHxW bool, or float logits with return_logits; iou predictions C;
         low-res logits Cx256x256), C = 3 with multimask_output else 1.
@@ -136,9 +156,15 @@ class SamPredictor:
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, image_index
         )
-        masks = self.model.postprocess_masks(low_res, self.input_sizes[image_index], self.original_sizes[image_index])
+        logits = low_res
+        if self.max_hole_area > 0 or self.max_sprinkle_area > 0:
+            logits = fill_small_regions(low_res, self.model.mask_threshold, self.max_hole_area,
+                                        self.max_sprinkle_area)
+        masks = self.model.postprocess_masks(logits, self.input_sizes[image_index], self.original_sizes[image_index])
         if not return_logits:
             masks = masks > self.model.mask_threshold
+        if self.model.family == "sam2":
+            low_res = low_res.clamp(-SAM2_LOW_RES_CLAMP, SAM2_LOW_RES_CLAMP)
         return masks, iou, low_res
 
     @torch.no_grad()
@@ -162,12 +188,21 @@ class SamPredictor:
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            high_res_features=self.get_high_res_features(image_index),
         )
 
     def get_image_embedding(self, image_index: int = 0) -> torch.Tensor:
         """1xCxhxw embedding of the image set (C=256, h=w=64 for the released models)."""
         self._require_image()
         return self.features[image_index : image_index + 1]
+
+    def get_high_res_features(self, image_index: int = 0) -> Optional[List[torch.Tensor]]:
+        """SAM 2: the image's two projected high-resolution maps (1x32xS/4xS/4,
+        1x64xS/8xS/8), which the decoder needs besides the embedding; SAM 1: None."""
+        self._require_image()
+        if not self.high_res_features:
+            return None
+        return [level[image_index : image_index + 1] for level in self.high_res_features]
 
     @property
     def device(self) -> torch.device:
@@ -177,6 +212,7 @@ class SamPredictor:
         """Drops the cached embeddings."""
         self.is_image_set = False
         self.features: Optional[torch.Tensor] = None
+        self.high_res_features: List[torch.Tensor] = []
         self.original_sizes: List[Tuple[int, int]] = []
         self.input_sizes: List[Tuple[int, int]] = []
 

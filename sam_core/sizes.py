@@ -1,6 +1,6 @@
-"""The published SAM encoder sizes, and this project's small ones: each variant is a set
-of sizes of the same network (``build`` wires them; ``checkpoint`` names the size a
-file fits)."""
+"""The published SAM 1 encoder sizes and this project's small ones, and the SAM 2 / 2.1
+Hiera sizes: each variant is a set of sizes of the same network (``build`` wires them;
+``checkpoint`` names the size a file fits)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -29,3 +29,30 @@ ENCODER_SIZES: Dict[str, dict] = {
 # The small model at twice the input size: its 128x128 low-res masks can draw objects a
 # 256-px model's 64x64 cannot (models/README.md, "resolution ceiling"); 4x the compute.
 ENCODER_SIZES["vit_tiny_512"] = {**ENCODER_SIZES["vit_tiny"], "image_size": 512}
+
+# SAM 2 / 2.1 Hiera trunks (the four published sizes; 2.0 and 2.1 share them, their
+# checkpoints differ only in video tensors). Window sizes default to (8, 4, 14, 7).
+HIERA_SIZES: Dict[str, dict] = {
+    "hiera_t": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
+                    window_pos_embed_bkg_spatial_size=(7, 7)),
+    "hiera_s": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), global_att_blocks=(7, 10, 13),
+                    window_pos_embed_bkg_spatial_size=(7, 7)),
+    "hiera_b+": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3), global_att_blocks=(12, 16, 20),
+                     window_pos_embed_bkg_spatial_size=(14, 14)),
+    "hiera_l": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
+                    window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 16, 8)),
+}
+SAM2_VERSIONS = ("sam2", "sam2.1")
+# Architecture names, as the official config files are named: sam2.1_hiera_t, sam2_hiera_l, ...
+SAM2_ARCHS: Dict[str, tuple] = {f"{version}_{size}": (version, size)
+                                for version in SAM2_VERSIONS for size in HIERA_SIZES}
+
+
+def family(arch: str) -> str:
+    """"sam" (SAM 1 ViTs) or "sam2" (SAM 2 / 2.1 Hiera): what a dataset records, so that
+    a run is never resumed with the other family."""
+    if arch in SAM2_ARCHS:
+        return "sam2"
+    if arch in ENCODER_SIZES or arch == "default":
+        return "sam"
+    raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted([*ENCODER_SIZES, *SAM2_ARCHS]))}")

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 from sam_core.build import ENCODER_SIZES, _build_sam
 
@@ -67,6 +68,29 @@ def model_pair(arch: str = "vit_tiny", seed: int = 0):
     return ref, ours.eval()
 
 
+def rle_of(record):
+    """A generator record's mask as a pycocotools RLE, whatever its output_mode."""
+    seg = record["segmentation"]
+    if isinstance(seg, np.ndarray):
+        return mask_utils.encode(np.asfortranarray(seg.astype(np.uint8)))
+    return mask_utils.frPyObjects(seg, *seg["size"]) if isinstance(seg["counts"], list) else seg
+
+
+def match_records(ref_records, our_records):
+    """Greedy one-to-one matching by mask IoU (pycocotools); returns (ref, ours, iou)."""
+    if not ref_records or not our_records:
+        return []
+    ious = mask_utils.iou([rle_of(r) for r in ref_records], [rle_of(r) for r in our_records],
+                          [0] * len(our_records))
+    ious = np.asarray(ious).reshape(len(ref_records), len(our_records))
+    pairs = []
+    for i in range(len(ref_records)):
+        j = int(np.argmax(ious[i]))
+        pairs.append((ref_records[i], our_records[j], float(ious[i, j])))
+        ious[:, j] = -1.0
+    return pairs
+
+
 def scene_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A uint8 RGB image of flat-coloured rectangles and discs over a gradient: enough
     structure for the random-weight model to produce varied masks."""
@@ -83,3 +107,43 @@ def scene_image(height: int, width: int, seed: int = 0) -> np.ndarray:
         else:
             img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = color
     return img
+
+
+# --- SAM 2 / 2.1: the official ``sam2`` package (pip install sam2 with SAM2_BUILD_CUDA=0)
+
+
+def official_sam2(arch: str = "sam2.1_hiera_t", image_size: int = 256, seed: int = 0) -> torch.nn.Module:
+    """The official SAM 2 model of ``arch`` at ``image_size`` (a smaller size keeps CPU
+    tests fast; both sides use it), random weights (zero-initialised ones randomised),
+    in eval mode on the CPU, with the official inference options (``build_sam2``'s)."""
+    from sam2.build_sam import build_sam2
+
+    version = arch.split("_", 1)[0]
+    torch.manual_seed(seed)
+    model = build_sam2(f"configs/{version}/{arch}.yaml", None, device="cpu",
+                       hydra_overrides_extra=[f"++model.image_size={image_size}"])
+    randomise_(model, seed)
+    return model.eval()
+
+
+def shape_for_thresholds_(model: torch.nn.Module, iou_shift: float = 1.4, logit_scale: float = 300.0) -> None:
+    """Random weights predict IoU ~0.5 and logits near 0, so SAM 2's default thresholds
+    (predicted IoU 0.8, stability 0.95 at offset 1) would keep nothing: shift the IoU
+    head's last bias and scale the hypernetworks' last layers so that the scores straddle
+    those thresholds and the filters decide for many masks."""
+    decoder = model.sam_mask_decoder
+    with torch.no_grad():
+        decoder.iou_prediction_head.layers[-1].bias += iou_shift
+        for mlp in decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= logit_scale
+
+
+def official_feature_sizes(image_size: int) -> list:
+    """SAM2ImagePredictor hard-codes the 1024-px feature sizes; these are another size's."""
+    return [(image_size // 4,) * 2, (image_size // 8,) * 2, (image_size // 16,) * 2]
+
+
+def save_official_sam2(model: torch.nn.Module, path) -> str:
+    """``model``'s weights in the released file format."""
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)

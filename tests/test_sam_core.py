@@ -214,7 +214,7 @@ def test_sa1b_preset():
         SamAutomaticMaskGenerator.from_preset(sam_model_registry["vit_tiny"](), "nope")
 
 
-@pytest.mark.parametrize("preset", ["default", "sa1b"])
+@pytest.mark.parametrize("preset", ["default", "sa1b", "sam2_dense"])
 def test_generator_presets_agree_with_the_amg_configs(preset, compose_config):
     """The library's defaults and presets and conf/amg/<preset>.yaml must both exist (a
     drop-in API, a Hydra group): every setting of one is the same in the other."""
@@ -228,6 +228,10 @@ def test_generator_presets_agree_with_the_amg_configs(preset, compose_config):
     conf = dict(compose_config("+stage=fully_auto", "output=/x", "model=vit_h", f"amg={preset}").amg)
     assert set(PIPELINE_AMG_KEYS) <= conf.keys()
     conf = {k: v for k, v in conf.items() if k not in PIPELINE_AMG_KEYS}
+    if conf["pred_iou_thresh"] is None:  # the family's default: the library's, for SAM 1 models
+        sam = sam_model_registry["vit_tiny"]()
+        assert SamAutomaticMaskGenerator(sam, **conf).pred_iou_thresh == library["pred_iou_thresh"]
+        conf["pred_iou_thresh"] = library["pred_iou_thresh"]
     assert conf.keys() == library.keys()
     assert conf == pytest.approx(library)
 

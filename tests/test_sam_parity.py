@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator as RefGenerator
 from segment_anything import SamPredictor as RefPredictor
 
 from sam_core import SamAutomaticMaskGenerator, SamPredictor
 
-from .sam_reference import model_pair, scene_image
+from .sam_reference import match_records, model_pair, scene_image
 
 
 @pytest.fixture(autouse=True)
@@ -110,28 +109,6 @@ def test_image_batch_matches_single_images(pair):
                                    rtol=1e-4, atol=1e-4)
 
 
-def _rle_of(record):
-    seg = record["segmentation"]
-    if isinstance(seg, np.ndarray):
-        return mask_utils.encode(np.asfortranarray(seg.astype(np.uint8)))
-    return mask_utils.frPyObjects(seg, *seg["size"]) if isinstance(seg["counts"], list) else seg
-
-
-def _match(ref_records, our_records):
-    """Greedy one-to-one matching by mask IoU (pycocotools); returns (ref, ours, iou)."""
-    if not ref_records or not our_records:
-        return []
-    ious = mask_utils.iou([_rle_of(r) for r in ref_records], [_rle_of(r) for r in our_records],
-                          [0] * len(our_records))
-    ious = np.asarray(ious).reshape(len(ref_records), len(our_records))
-    pairs = []
-    for i in range(len(ref_records)):
-        j = int(np.argmax(ious[i]))
-        pairs.append((ref_records[i], our_records[j], float(ious[i, j])))
-        ious[:, j] = -1.0
-    return pairs
-
-
 # Random weights give masks scattered over the whole image, which box NMS would
 # collapse to one: parity runs with NMS disabled (IoU > 1 never happens) so that
 # every filter, score and encoding is compared mask by mask. NMS, crop-edge filtering
@@ -155,7 +132,7 @@ def test_automatic_generator_matches_official(pair, image, settings):
     our_records = SamAutomaticMaskGenerator(ours, **settings).generate(image)
     assert len(ref_records) >= 5, "settings too strict for a meaningful comparison"
     assert len(our_records) == len(ref_records)
-    pairs = _match(ref_records, our_records)
+    pairs = match_records(ref_records, our_records)
     assert len(pairs) == len(ref_records)
     # Small-region clean-up is a hard threshold on region sizes: a logit within float
     # noise of 0 (random weights put many there) can turn a 200-pixel island into a
@@ -186,7 +163,7 @@ def test_filters_match_official(pair, image):
     our_records = SamAutomaticMaskGenerator(ours, **settings).generate(image)
     assert 5 <= len(ref_records) < len(everything)
     assert abs(len(our_records) - len(ref_records)) <= 1  # a score exactly at a threshold may flip
-    pairs = _match(ref_records, our_records)
+    pairs = match_records(ref_records, our_records)
     assert sum(iou >= 0.99 for _, _, iou in pairs) >= len(ref_records) - 1
 
 

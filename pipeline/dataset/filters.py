@@ -15,14 +15,17 @@ from typing import Any, Iterable, Mapping
 
 
 class MaskFilter:
-    def __init__(self, pred_iou_thresh: float = 0.0, stability_score_thresh: float = 0.0) -> None:
-        self.pred_iou_thresh, self.stability_score_thresh = pred_iou_thresh, stability_score_thresh
+    def __init__(self, pred_iou_thresh: float | None = 0.0, stability_score_thresh: float | None = 0.0) -> None:
+        """A threshold of None (``amg.pred_iou_thresh: null``, the generator's family
+        default) filters nothing: the generator already applied it to what it kept."""
+        self.pred_iou_thresh = float(pred_iou_thresh or 0.0)
+        self.stability_score_thresh = float(stability_score_thresh or 0.0)
         self.kept = self.dropped = 0  # masks counted by ``keeps``
 
     @classmethod
     def of(cls, settings: Mapping[str, Any]) -> "MaskFilter":
         """The filter of a config node with ``pred_iou_thresh`` and ``stability_score_thresh``."""
-        return cls(float(settings["pred_iou_thresh"]), float(settings["stability_score_thresh"]))
+        return cls(settings["pred_iou_thresh"], settings["stability_score_thresh"])
 
     def keeps(self, predicted_iou: float | None, stability_score: float | None) -> bool:
         """Whether a mask with these scores passes (None: the mask has no such score); counted."""

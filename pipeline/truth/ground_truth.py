@@ -90,10 +90,10 @@ class ShardMasks:
 
     generated = True
 
-    def __init__(self, shards: str | Sequence[str], pred_iou_thresh: float = 0.0,
-                 stability_score_thresh: float = 0.0, holdout: float = 0.0, held_out: bool = False) -> None:
+    def __init__(self, shards: str | Sequence[str], pred_iou_thresh: float | None = 0.0,
+                 stability_score_thresh: float | None = 0.0, holdout: float = 0.0, held_out: bool = False) -> None:
         self.files = committed_shards(shards)
-        self.filter = MaskFilter(float(pred_iou_thresh), float(stability_score_thresh))
+        self.filter = MaskFilter(pred_iou_thresh, stability_score_thresh)
         self.holdout, self.held_out = float(holdout), bool(held_out)
 
     def records(self, files: Sequence[str] | None = None) -> Iterator[Sample]:

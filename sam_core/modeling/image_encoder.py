@@ -218,11 +218,14 @@ def decomposed_rel_pos_bias(
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection; returns BxHxWxC (channels last)."""
+    """Patch projection, a convolution of stride ``patch_size``; returns BxHxWxC (channels
+    last). Patches do not overlap unless ``kernel_size``/``padding`` say so (Hiera: 7, 3)."""
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 kernel_size: int | None = None, padding: int = 0) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size or patch_size, stride=patch_size,
+                              padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)

@@ -9,8 +9,9 @@ from torch import nn
 
 from .common import LayerNorm2d
 
-# Point labels understood by the encoder. PAD marks a slot that holds no point.
-LABEL_PAD, LABEL_NEGATIVE, LABEL_POSITIVE = -1, 0, 1
+# Point labels understood by the encoder. PAD marks a slot that holds no point; the box
+# corners are labels too (how SAM 1's ONNX model and SAM 2 take boxes).
+LABEL_PAD, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
 
 
 class PromptEncoder(nn.Module):
@@ -21,9 +22,14 @@ class PromptEncoder(nn.Module):
         input_image_size: Tuple[int, int],
         mask_in_chans: int,
         activation: Type[nn.Module] = nn.GELU,
+        boxes_as_points: bool = False,
     ) -> None:
+        """boxes_as_points (SAM 2): a box is embedded as two labelled corner points ahead
+        of the other points, followed by the padding point (SAM 1 embeds a box after the
+        points, without padding); the two give different tokens for the same prompt."""
         super().__init__()
         self.embed_dim = embed_dim
+        self.boxes_as_points = boxes_as_points
         self.input_image_size = input_image_size
         self.image_embedding_size = image_embedding_size
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
@@ -57,6 +63,8 @@ class PromptEncoder(nn.Module):
         emb = torch.where(labels == LABEL_PAD, self.not_a_point_embed.weight, emb)
         emb = emb + (labels == LABEL_NEGATIVE) * self.point_embeddings[0].weight
         emb = emb + (labels == LABEL_POSITIVE) * self.point_embeddings[1].weight
+        emb = emb + (labels == LABEL_BOX_TOP_LEFT) * self.point_embeddings[2].weight
+        emb = emb + (labels == LABEL_BOX_BOTTOM_RIGHT) * self.point_embeddings[3].weight
         return emb
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -84,6 +92,14 @@ class PromptEncoder(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (sparse BxNxC for points and boxes, dense BxCxhxw for masks)."""
         bs = self._batch_size(points, boxes, masks)
+        if boxes is not None and self.boxes_as_points:
+            corners = boxes.reshape(-1, 2, 2)
+            corner_labels = torch.tensor([[LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]], dtype=torch.int,
+                                         device=boxes.device).expand(corners.shape[0], -1)
+            if points is not None:
+                corners = torch.cat([corners, points[0]], dim=1)
+                corner_labels = torch.cat([corner_labels, points[1].to(corner_labels.dtype)], dim=1)
+            points, boxes = (corners, corner_labels), None
         device = self.no_mask_embed.weight.device
         sparse = [torch.empty((bs, 0, self.embed_dim), device=device)]
         if points is not None:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.transforms import ResizeLongestSide
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -16,6 +18,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class Sam(nn.Module):
+    family = "sam"
     mask_threshold: float = 0.0
     image_format: str = "RGB"
 
@@ -38,6 +41,23 @@ class Sam(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    # The interface SamPredictor and the generator use, shared with ``Sam2``.
+    def input_transform(self) -> ResizeLongestSide:
+        return ResizeLongestSide(self.img_size)
+
+    def prepare_image(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> 3xSxS normalised, zero-padded encoder input."""
+        resized = torch.as_tensor(self.input_transform().apply_image(image), device=self.device)
+        return self.preprocess(resized.permute(2, 0, 1).float())
+
+    def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Bx3xSxS encoder inputs -> (image embeddings, no high-resolution maps)."""
+        return self.image_encoder(images), []
 
     @torch.no_grad()
     def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Resizing of images, points and boxes to the model's input frame (long side = img_size)."""
+"""Resizing of images, points and boxes to a model's input frame: SAM 1's (long side =
+img_size, padded to a square) and SAM 2's (stretched to the square)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -20,6 +21,10 @@ class ResizeLongestSide:
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
         scale = long_side_length / max(oldh, oldw)
         return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+
+    def input_size(self, original_size: Tuple[int, ...]) -> Tuple[int, int]:
+        """(h, w) of an image of ``original_size`` in the input frame (before padding)."""
+        return self.get_preprocess_shape(original_size[0], original_size[1], self.target_length)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWxC uint8 -> resized uint8. PIL's bilinear filter (antialiased when
@@ -51,6 +56,36 @@ class ResizeLongestSide:
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
         scale = torch.tensor([new_w / old_w, new_h / old_h], device=coords.device)
         return coords.to(torch.float) * scale
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+
+class ResizeSquare:
+    """SAM 2's input frame: the image stretched to ``target_length`` x ``target_length``;
+    coordinates scale by S/W and S/H. Computed in float32 in the official order
+    (divide by the side, then multiply by S), so that prompts match it bit for bit."""
+
+    def __init__(self, target_length: int) -> None:
+        self.target_length = target_length
+
+    def input_size(self, original_size: Tuple[int, ...]) -> Tuple[int, int]:
+        return self.target_length, self.target_length
+
+    def apply_coords(self, coords: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
+        h, w = original_size
+        coords = np.array(coords, dtype=np.float32, copy=True)
+        coords[..., 0] = coords[..., 0] / np.float32(w)
+        coords[..., 1] = coords[..., 1] / np.float32(h)
+        return coords * np.float32(self.target_length)
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: Tuple[int, ...]) -> np.ndarray:
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
+        h, w = original_size
+        sides = torch.tensor([float(w), float(h)], device=coords.device)
+        return coords.to(torch.float) / sides * self.target_length
 
     def apply_boxes_torch(self, boxes: torch.Tensor, original_size: Tuple[int, ...]) -> torch.Tensor:
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
