@@ -275,3 +275,23 @@ def test_progress_is_batched_and_adds_up(compose_config, image_folder, tmp_path,
     assert sum(m["masks"] for m in progress) == summary["masks"]
     assert sum(m["failed"] for m in progress) == summary["errors"] > 0
     assert len(progress) == (len(unit.items) if careful else 1)
+
+
+def test_sam2_makes_a_valid_dataset_that_sam1_cannot_resume(compose_config, tmp_path, tiny_checkpoint, ray_local):
+    """SAM 2.1 Hiera-T (random weights, at its real 1024-px input) on the sample photos:
+    a valid SA-1B dataset whose every record names the family and the weights; resuming
+    it with a SAM 1 model is refused, naming the family."""
+    from pipeline.dataset.provenance import ConfigMismatch
+
+    inp, out = REPO / "sample" / "images", tmp_path / "out"
+    common = ["+stage=fully_auto", f"input={inp}", f"output={out}", *FAST, "stage.image.short_side=160"]
+    summary = run_stage(compose_config(*common, "model=sam2.1_hiera_t", "model.checkpoint=null"))
+    assert summary["images_ok"] == len(enumerate_input(str(inp))) and summary["masks"] > 0
+    records = check_dataset(out, str(inp))
+    assert {(r["image"]["model_family"], r["image"]["model_sha256"]) for r in records.values()} == {
+        ("sam2", "random-init")}
+    assert OmegaConf.load(out / "config.yaml").model_family == "sam2"
+    validated = run_stage(compose_config("+stage=validate", f"input={out}", "stage.parallel=local"))
+    assert validated["problems"] == 0 and validated["annotations"] == summary["masks"]
+    with pytest.raises(ConfigMismatch, match=r'model_family: "sam2" \(recorded\) vs "sam" \(this run\)'):
+        run_stage(compose_config(*common, "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}"))

@@ -61,7 +61,8 @@ def sa1b_record(
     crop_box [x, y, w, h] and point_coords [[x, y]], all plain JSON types, then the
     mask record's other keys (e.g. category_id, score) unchanged.
     ``image_fields``: extra keys of the image entry (this project writes ``source`` and
-    ``source_sha256``, the input's path and the sha256 of its bytes).
+    ``source_sha256``, the input's path and the sha256 of its bytes, and, for masks a
+    model made, ``model_family`` ("sam" or "sam2") and ``model_sha256``).
     """
     annotations = []
     for index, mask in enumerate(masks):

@@ -32,6 +32,7 @@ from pipeline.execution.scheduler import Outcome, UnitScheduler
 from pipeline.execution.worker import INFLIGHT_DIR, UnitWorker, inflight_key
 from pipeline.inputs import privacy
 from pipeline.inputs.entries import Entry, Unit, enumerate_input
+from pipeline.models.loader import model_family
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,12 @@ def _check_output(output: str, cfg: DictConfig, job: Job) -> None:
         )
     plan.check_images_per_unit(output, cfg.stage.images_per_unit)
     config = {**OmegaConf.to_container(cfg, resolve=True), **job.recorded}
-    record_or_check(output, config, job.identity, job.identity_ignores, allow_change=cfg.stage.allow_config_change)
+    identity = tuple(job.identity)
+    if "model" in job.source:
+        # SAM 1 and SAM 2 masks never share a dataset: the family is recorded and compared.
+        config["model_family"] = model_family(job.source["model"])
+        identity += ("model_family",)
+    record_or_check(output, config, identity, job.identity_ignores, allow_change=cfg.stage.allow_config_change)
     fs, root = storage.filesystem(output)
     for directory in (shards.SHARDS_DIR, manifest.MANIFEST_DIR, manifest.ERRORS_DIR):
         fs.makedirs(storage.join(root, directory), exist_ok=True)

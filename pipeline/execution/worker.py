@@ -32,6 +32,7 @@ from pipeline.inputs.images import ImageError, PreparedImage, prepare_image, spl
 from pipeline.inputs.privacy import PrivacyUnavailable
 from pipeline.masks import sources as mask_sources
 from pipeline.masks.records import Rewritten
+from pipeline.models.loader import model_family
 
 Failure = tuple[str, str]  # (phase, reason) as written to the errors table
 # Progress goes to the driver at most this often (plus once at the end of a unit): one
@@ -90,6 +91,9 @@ class UnitWorker:
         self.image_cfg = dict(image_cfg)
         self.output = output
         self.model_sha256 = model_sha256
+        # Named in every image's record: what made its masks.
+        self.model_fields = ({"model_family": model_family(source["model"]), "model_sha256": model_sha256}
+                             if "model" in source else {})
         self.lease_owner = lease_owner
         self.prefetch = prefetch
         self.kill_on = tuple(kill_on)
@@ -187,6 +191,7 @@ class UnitWorker:
                 record = shards.sa1b_record(
                     item.key, item.image_id, prepared.width, prepared.height, masks,
                     source=item.source, source_sha256=prepared.source_sha256, **prepared.record_fields(),
+                    **self.model_fields,
                 )
                 result = _Result(row=self._row(item, shard, prepared, len(masks), manifest.STATUS_OK),
                                  record=record, jpeg=prepared.jpeg)

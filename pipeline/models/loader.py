@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import sam_core
+import sam_core.sizes
 from pipeline import storage
 from pipeline.models.registry import TUNED_FILE
 from pipeline.paths import is_url
@@ -65,6 +66,12 @@ def local_checkpoint(checkpoint: str | None) -> Iterator[str | None]:
         local = os.path.join(tmp, os.path.basename(path) or "model.pth")
         fs.get_file(path, local)
         yield local
+
+
+def model_family(model: "ModelSpec | Mapping[str, Any] | DictConfig") -> str:
+    """"sam" or "sam2": the family of ``model``'s architecture, which every dataset
+    records (a run is never resumed with the other family)."""
+    return sam_core.sizes.family(ModelSpec.of(model).arch)
 
 
 def resolve_device(device: str) -> torch.device:
