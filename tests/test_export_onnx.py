@@ -36,9 +36,20 @@ def image() -> np.ndarray:
     return make_scene(7, (300, 420)).image
 
 
-@pytest.fixture(scope="module", params=["random_vit_tiny", "default_model"])
+SAM2_SIZE = 256  # SAM 2.1 Hiera-T at a smaller input on both sides, for time
+
+
+@pytest.fixture(scope="module", params=["random_vit_tiny", "default_model", "random_sam2.1_hiera_t"])
 def model(request, tiny_checkpoint, tmp_path_factory, image):
     """(predictor with the image set, onnxruntime session of the same model)."""
+    if request.param == "random_sam2.1_hiera_t":
+        from .sam_reference import official_sam2, save_official_sam2
+
+        checkpoint = save_official_sam2(official_sam2("sam2.1_hiera_t", SAM2_SIZE),
+                                        tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_t.pt")
+        predictor = SamPredictor(sam_model_registry["sam2.1_hiera_t"](checkpoint=checkpoint, image_size=SAM2_SIZE))
+        predictor.set_image(image)
+        return predictor, _exported(tmp_path_factory, "sam2.1_hiera_t", checkpoint, "--image-size", str(SAM2_SIZE))
     arch, checkpoint = (("vit_tiny", tiny_checkpoint) if request.param == "random_vit_tiny"
                         else ("vit_tiny_512", DEFAULT_MODEL))
     predictor = SamPredictor(sam_model_registry[arch](checkpoint=str(checkpoint)))
@@ -46,25 +57,34 @@ def model(request, tiny_checkpoint, tmp_path_factory, image):
     return predictor, _exported(tmp_path_factory, arch, checkpoint)
 
 
-def run_onnx(session, predictor, points=None, labels=None, box=None, mask_input=None, embedding=None):
+def run_onnx(session, predictor, points=None, labels=None, box=None, mask_input=None, embedding=None,
+             high_res=None):
     """The official calling convention: coordinates in the resized frame, box corners as
-    labels 2 and 3, one padding point (-1) when there is no box."""
+    labels 2 and 3, one padding point (-1) when there is no box (SAM 2: always); SAM 2's
+    graph also takes the image's high-resolution maps."""
     h, w = predictor.original_size
+    sam2 = predictor.model.family == "sam2"
     coords, lbls = np.zeros((0, 2)), np.zeros(0)
     if points is not None:
         coords, lbls = np.asarray(points, float), np.asarray(labels, float)
     if box is not None:
-        coords = np.concatenate([coords, np.asarray(box, float).reshape(2, 2)])
-        lbls = np.concatenate([lbls, [2, 3]])
-    else:
+        coords = np.concatenate([np.asarray(box, float).reshape(2, 2), coords] if sam2 else
+                                [coords, np.asarray(box, float).reshape(2, 2)])
+        lbls = np.concatenate([[2, 3], lbls] if sam2 else [lbls, [2, 3]])
+    if box is None or sam2:
         coords = np.concatenate([coords, [[0.0, 0.0]]])
         lbls = np.concatenate([lbls, [-1]])
     coords = predictor.transform.apply_coords(coords, (h, w))
     if embedding is None:
         embedding = predictor.get_image_embedding().numpy()
     side = 4 * predictor.model.prompt_encoder.image_embedding_size[0]
+    maps = {}
+    if sam2:
+        high_res = high_res or [level.numpy() for level in predictor.get_high_res_features()]
+        maps = {"high_res_feats_0": high_res[0].astype(np.float32), "high_res_feats_1": high_res[1].astype(np.float32)}
     feeds = {
         "image_embeddings": embedding.astype(np.float32),
+        **maps,
         "point_coords": coords[None].astype(np.float32),
         "point_labels": lbls[None].astype(np.float32),
         "mask_input": (np.zeros((1, 1, side, side)) if mask_input is None else mask_input[None]).astype(np.float32),
@@ -125,10 +145,15 @@ def test_onnx_mask_input_matches_pytorch(model):
 def test_float16_embedding_keeps_parity(model):
     """The server sends embeddings as float16; the decoder's answer must not change."""
     predictor, session = model
-    half = predictor.get_image_embedding().numpy().astype(np.float16).astype(np.float32)
+    def half(x):
+        return x.numpy().astype(np.float16).astype(np.float32)
+
+    embedding = half(predictor.get_image_embedding())
+    high_res = [half(level) for level in predictor.get_high_res_features() or []]  # SAM 2's maps, also float16
     for case in ("one_click", "three_clicks", "box"):
         full_masks, full_scores, _ = run_onnx(session, predictor, **CASES[case])
-        half_masks, half_scores, _ = run_onnx(session, predictor, **CASES[case], embedding=half)
+        half_masks, half_scores, _ = run_onnx(session, predictor, **CASES[case], embedding=embedding,
+                                              high_res=high_res or None)
         assert_agree(half_masks, half_scores, full_masks, full_scores)
 
 
@@ -146,6 +171,31 @@ def test_return_single_mask(tiny_checkpoint, tmp_path_factory, image):
     single, single_scores, _ = predictor.predict(np.array(prompt["points"]), np.array(prompt["labels"]),
                                                  multimask_output=False)
     assert_agree(masks, scores, single, single_scores)
+
+
+def test_sam2_return_single_mask_counts_prompts(tmp_path_factory, image):
+    """SAM 2 always pads, so one box (2 corners + padding) and two clicks (+ padding) both
+    have three points: the graph tells them apart by their labels."""
+    from .sam_reference import official_sam2, save_official_sam2
+
+    checkpoint = save_official_sam2(official_sam2("sam2.1_hiera_t", SAM2_SIZE), tmp_path_factory.mktemp("s") / "m.pt")
+    predictor = SamPredictor(sam_model_registry["sam2.1_hiera_t"](checkpoint=checkpoint, image_size=SAM2_SIZE))
+    predictor.set_image(image)
+    session = _exported(tmp_path_factory, "sam2.1_hiera_t", checkpoint, "--image-size", str(SAM2_SIZE),
+                        "--return-single-mask")
+    for case, one_prompt in (("one_click", True), ("box", True), ("three_clicks", False), ("box_and_clicks", False)):
+        prompt = CASES[case]
+        masks, scores, _ = run_onnx(session, predictor, **prompt)
+        kwargs = dict(point_coords=np.array(prompt["points"]) if "points" in prompt else None,
+                      point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
+                      box=np.array(prompt["box"]) if "box" in prompt else None)
+        multi, multi_scores, _ = predictor.predict(**kwargs, multimask_output=True)
+        if one_prompt:
+            best = int(np.argmax(multi_scores))
+            assert_agree(masks, scores, multi[best : best + 1], multi_scores[best : best + 1])
+        else:
+            single, single_scores, _ = predictor.predict(**kwargs, multimask_output=False)
+            assert_agree(masks, scores, single, single_scores)
 
 
 def test_vit_b_export_on_random_weights(tmp_path_factory):
