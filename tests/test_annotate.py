@@ -43,7 +43,7 @@ class Served:
         sam = load_sam({"arch": "vit_tiny", "checkpoint": str(checkpoint), "device": "cpu"})
         identity = model_identity(str(checkpoint))
         decoder = exported_decoder(sam, "vit_tiny", identity, str(decoder_cache))
-        model = ModelInfo("vit_tiny", identity, 256, (1, 128, 16, 16), decoder)
+        model = ModelInfo("vit_tiny", identity, 256, [(1, 128, 16, 16)], decoder)
         image_cfg = {"short_side": 1500, "max_pixels": 10_000_000, "min_side": 16, "jpeg_quality": 95}
         self.session = Session(self.queue, str(output), sam, model, image_cfg, lease_s=lease_s,
                                check_output_lease=output_lease.confirm if output_lease else None)
@@ -235,7 +235,7 @@ def test_next_images_are_embedded_ahead(serve, tmp_path):
     futures = served.session.images._futures
     assert list(futures) == ["sa_1", "sa_2", "sa_3"]  # this image and stage.lookahead (2) more
     for key in ("sa_2", "sa_3"):
-        embedding = futures[key].result(timeout=60)
+        (embedding,) = futures[key].result(timeout=60)  # SAM 1: the embedding alone
         assert embedding.dtype == np.float16 and embedding.shape == (1, 128, 16, 16)
     # What the browser then asks for is already there: the same array, not recomputed.
     assert served.session.embedding("sa_2") is futures["sa_2"].result()

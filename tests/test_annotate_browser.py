@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.annotate.simulated import Decoder
+from pipeline.annotate.simulated import Decoder, read_features
 from pipeline.dataset.listing import iter_samples
 from pipeline.truth.pools import write_scenes
 from sam_core.metrics import next_click
@@ -198,12 +198,11 @@ def test_click_accept_brush_next_and_saved_record(browser, scenes, stage):
 
     # The expected mask: the same ONNX decoder in Python, on the embedding the page got.
     api = httpx.Client(base_url=stage.base, headers={"X-Token": stage.token})
-    response = api.get("/api/images/sa_1/embedding")
-    shape = tuple(int(v) for v in response.headers["X-Embedding-Shape"].split(","))
-    embedding = np.frombuffer(response.content, "<f2").reshape(shape).astype(np.float32)
+    features = read_features(api.get("/api/images/sa_1/embedding"))
     config = api.get("/api/config").json()["model"]
-    decoder = Decoder(api.get(config["decoder_url"]).content, config["img_size"], config["mask_input_size"])
-    scores, low_res = decoder(embedding, [tuple(clicked[0])], [1], (256, 256), None)
+    decoder = Decoder(api.get(config["decoder_url"]).content, config["img_size"], config["mask_input_size"],
+                      config["family"])
+    scores, low_res = decoder(features, [tuple(clicked[0])], [1], (256, 256), None)
     best = 1 + int(np.argmax(scores[1:]))
     assert candidate == best
     expected = decoder.mask(low_res[best], (256, 256))
@@ -269,3 +268,54 @@ def test_prefilled_masks_select_delete_accept_all(browser, tmp_path):
         assert [a["predicted_iou"] for a in anns] == [originals[i]["predicted_iou"] for i in (0, 2, 3)]
     finally:
         stage.stop()
+
+
+def test_sam2_page_answers_as_the_decoder_in_python(browser, scenes, tmp_path, tiny_checkpoint):
+    """SAM 2.1 Hiera-T (random weights) in the tool: the page receives the embedding and
+    the two high-resolution maps, runs SAM 2's exported graph on WebAssembly and shows
+    the same masks as that graph under onnxruntime in Python, for a first click (best of
+    three) and a refining second click (mask input from the first answer)."""
+    root, truth = scenes
+    started = Stage(tmp_path, root / "images", tmp_path / "out", "model=sam2.1_hiera_t", "model.checkpoint=null")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(started.url)
+        page.wait_for_function("window.sam && window.sam.state.ready", timeout=120_000)
+        view = page.evaluate("window.sam.state.view")
+        size = (view["height"], view["width"])
+        api = httpx.Client(base_url=started.base, headers={"X-Token": started.token})
+        config = api.get("/api/config").json()["model"]
+        assert config["family"] == "sam2" and len(config["feature_shapes"]) == 3
+        features = read_features(api.get(f"/api/images/{view['key']}/embedding"))
+        assert [list(f.shape) for f in features] == config["feature_shapes"]
+        decoder = Decoder(api.get(config["decoder_url"]).content, config["img_size"], config["mask_input_size"],
+                          "sam2")
+
+        gt = max(truth_masks(truth, Path(view["source"]).name), key=lambda m: m.sum())
+        (x, y), _ = next_click(gt, None)
+        page.mouse.click(*screen_point(page, x + 0.5, y + 0.5))
+        page.wait_for_function("window.sam.stats.clicks.length === 1 && window.sam.state.current.mask", timeout=30_000)
+        points = [tuple(p) for p in page.evaluate("window.sam.state.current.points")]
+        shown = np.array(page.evaluate("Array.from(window.sam.state.current.mask)"), bool).reshape(size)
+        scores, low_res = decoder(features, points, [1], size, None)
+        best = 1 + int(np.argmax(scores[1:]))
+        assert page.evaluate("window.sam.state.current.candidate") == best
+        assert (shown == decoder.mask(low_res[best], size)).mean() >= 0.999
+
+        (x2, y2), label = next_click(gt, shown)
+        page.mouse.click(*screen_point(page, x2 + 0.5, y2 + 0.5), button="left" if label == 1 else "right")
+        page.wait_for_function("window.sam.stats.clicks.length === 2", timeout=30_000)
+        points = [tuple(p) for p in page.evaluate("window.sam.state.current.points")]
+        labels = page.evaluate("window.sam.state.current.labels")
+        assert len(points) == 2
+        refined = np.array(page.evaluate("Array.from(window.sam.state.current.mask)"), bool).reshape(size)
+        _, again = decoder(features, points, labels, size, low_res[best])
+        assert (refined == decoder.mask(again[0], size)).mean() >= 0.999
+        assert not errors, errors
+    finally:
+        started.stop()
+    # The output now holds a SAM 2 session's work: a SAM 1 session on it is refused.
+    with pytest.raises(RuntimeError, match="model_family: 'sam2' recorded vs 'sam'"):
+        Stage(tmp_path, root / "images", tmp_path / "out", "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}")

@@ -7,16 +7,17 @@ import os
 import secrets
 from dataclasses import dataclass
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
-from pipeline.annotate.embeddings import exported_decoder
+from pipeline.annotate.embeddings import exported_decoder, feature_shapes
 from pipeline.annotate.queue import load_queue
 from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.store import WORK_DIR
 from pipeline.dataset.lease import Lease
-from pipeline.dataset.provenance import code_version
+from pipeline.dataset.provenance import ConfigMismatch, code_version
 from pipeline.models.loader import ModelSpec, load_sam, model_identity
 from pipeline.paths import is_url
 
@@ -63,6 +64,7 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     queue = load_queue(source, output, int(stage.images_per_unit), prefill=bool(stage.prefill))
     identity = model_identity(cfg.model.checkpoint)
     sam = load_sam(ModelSpec.of(cfg.model, sha256=identity))
+    _save_config(output, cfg, sam.family)
     if stage.decoder_cache:
         cache = str(stage.decoder_cache)
     elif is_url(output):
@@ -70,10 +72,7 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     else:
         cache = os.path.join(output, WORK_DIR, "decoder")
     decoder = exported_decoder(sam, cfg.model.arch, identity, cache)
-    _save_config(output, cfg)
-    h, w = sam.prompt_encoder.image_embedding_size
-    model = ModelInfo(cfg.model.arch, identity, sam.image_encoder.img_size, (1, sam.prompt_encoder.embed_dim, h, w),
-                      decoder)
+    model = ModelInfo(cfg.model.arch, identity, sam.img_size, feature_shapes(sam), decoder, family=sam.family)
     session = Session(queue, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
                       lease_s=float(stage.lease_s), lookahead=int(stage.lookahead),
                       cache_size=int(stage.embedding_cache), check_output_lease=lease.confirm)
@@ -83,10 +82,20 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     return Tool(session, app, token, str(stage.host), int(stage.port), lease)
 
 
-def _save_config(output: str, cfg: DictConfig) -> None:
+def _save_config(output: str, cfg: DictConfig, family: str) -> None:
+    """Records the session's settings (the latest session's), refusing an output whose
+    masks another model family made: SAM 1 and SAM 2 answers never share a dataset."""
     fs, root = storage.filesystem(output)
+    path = storage.join(root, "config.yaml")
+    if fs.exists(path):
+        recorded = (yaml.safe_load(fs.cat_file(path)) or {}).get("model_family", "sam")
+        if recorded != family:
+            raise ConfigMismatch(
+                f"{output} was annotated with a {recorded} model (model_family: {recorded!r} recorded vs {family!r} "
+                f"this session): one dataset holds one model family's masks. Use its model, or a new output=")
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["stage"].pop("token", None)  # a secret: never written to the dataset
     saved["code_version"] = code_version()
+    saved["model_family"] = family
     with storage.atomic_open(fs, storage.join(root, "config.yaml")) as f:
         f.write(OmegaConf.to_yaml(saved).encode("utf-8"))

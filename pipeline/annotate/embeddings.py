@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class ImageModel:
     """Embeds images for the browser's decoder.
 
-    ``embedding(key)`` blocks until the key's embedding is ready (float16, 1 x C x h x w);
+    ``embedding(key)`` blocks until the key's features are ready: float16 arrays, the
+    image embedding (1 x C x h x w) and, for SAM 2, its two high-resolution maps;
     ``prefetch(keys)`` queues keys in the background. The ``cache_size`` most recently
     used embeddings stay in memory. One worker thread runs the encoder, so requests and
     look-ahead never compete for the device.
@@ -43,9 +44,9 @@ class ImageModel:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
 
     @property
-    def embedding_shape(self) -> tuple[int, int, int, int]:
-        h, w = self.sam.prompt_encoder.image_embedding_size
-        return (1, self.sam.prompt_encoder.embed_dim, h, w)
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of what ``embedding`` returns, in order."""
+        return feature_shapes(self.sam)
 
     def _future(self, key: str) -> Future:
         with self._lock:
@@ -58,22 +59,33 @@ class ImageModel:
                 old.cancel()
             return future
 
-    def embedding(self, key: str) -> np.ndarray:
+    def embedding(self, key: str) -> list[np.ndarray]:
         return self._future(key).result()
 
     def prefetch(self, keys: list[str]) -> None:
         for key in keys[: self.cache_size - 1]:
             self._future(key)
 
-    def _compute(self, key: str) -> np.ndarray:
+    def _compute(self, key: str) -> list[np.ndarray]:
         image = self.load(key)
         self.predictor.set_image(image.rgb)
-        embedding = self.predictor.get_image_embedding().float().cpu().numpy().astype(np.float16)
+        features = [self.predictor.get_image_embedding(), *(self.predictor.get_high_res_features() or [])]
         self.predictor.reset_image()
-        return embedding
+        return [f.float().cpu().numpy().astype(np.float16) for f in features]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def feature_shapes(sam: sam_core.modeling.Sam) -> list[tuple[int, ...]]:
+    """What the page's decoder takes per image: the embedding's shape, then (SAM 2) those
+    of its high-resolution maps (32 x 4h x 4w, 64 x 2h x 2w)."""
+    h, w = sam.prompt_encoder.image_embedding_size
+    shapes: list[tuple[int, ...]] = [(1, sam.prompt_encoder.embed_dim, h, w)]
+    if sam.family == "sam2":
+        decoder = sam.mask_decoder
+        shapes += [(1, decoder.conv_s0.out_channels, 4 * h, 4 * w), (1, decoder.conv_s1.out_channels, 2 * h, 2 * w)]
+    return shapes
 
 
 def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache_dir: str) -> str:
@@ -100,6 +112,7 @@ def exported_decoder(sam: sam_core.modeling.Sam, arch: str, identity: str, cache
 
 
 def _cpu_copy(sam: sam_core.modeling.Sam, arch: str) -> sam_core.modeling.Sam:
-    copy = sam_core.sam_model_registry[arch]()
+    extra = {"image_size": sam.img_size} if sam.family == "sam2" else {}
+    copy = sam_core.sam_model_registry[arch](**extra)
     copy.load_state_dict({k: v.cpu() for k, v in sam.state_dict().items()})
     return copy.eval()

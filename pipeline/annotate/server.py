@@ -127,9 +127,11 @@ class Progress(BaseModel):
 
 class ModelConfig(BaseModel):
     arch: str
+    family: str                      # "sam" or "sam2": how the page maps clicks and masks
     sha256: str
     img_size: int
     embedding_shape: list[int]
+    feature_shapes: list[list[int]]  # what the embedding endpoint sends, in order
     mask_input_size: int
     decoder_url: str
 
@@ -269,8 +271,9 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
     def config() -> AppConfig:
         m = session.model
         return AppConfig(annotator=annotator, lease_s=session.leases.lease_s, threads=threads, model=ModelConfig(
-            arch=m.arch, sha256=m.sha256, img_size=m.img_size, embedding_shape=list(m.embedding_shape),
-            mask_input_size=m.mask_input_size, decoder_url="/api/decoder.onnx"))
+            arch=m.arch, family=m.family, sha256=m.sha256, img_size=m.img_size, embedding_shape=list(m.embedding_shape),
+            feature_shapes=[list(shape) for shape in m.feature_shapes], mask_input_size=m.mask_input_size,
+            decoder_url="/api/decoder.onnx"))
 
     @app.get("/api/decoder.onnx")
     def decoder() -> FileResponse:
@@ -306,10 +309,13 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
     @app.get("/api/images/{key}/embedding")
     def embedding(key: Key) -> Response:
         start = time.perf_counter()
-        array = session.embedding(key)
-        return Response(array.astype("<f2").tobytes(), media_type="application/octet-stream", headers={
-            "X-Embedding-Shape": ",".join(map(str, array.shape)), "X-Embedding-Dtype": "float16",
-            "X-Server-Seconds": f"{time.perf_counter() - start:.3f}"})
+        features = session.embedding(key)
+        # The embedding, then (SAM 2) its high-resolution maps, back to back.
+        return Response(b"".join(f.astype("<f2").tobytes() for f in features), media_type="application/octet-stream",
+                        headers={"X-Embedding-Shape": ",".join(map(str, features[0].shape)),
+                                 "X-Feature-Shapes": ";".join(",".join(map(str, f.shape)) for f in features),
+                                 "X-Embedding-Dtype": "float16",
+                                 "X-Server-Seconds": f"{time.perf_counter() - start:.3f}"})
 
     @app.put("/api/images/{key}")
     def save(key: Key, body: SaveRequest) -> SaveResult:

@@ -57,8 +57,13 @@ class ModelInfo:
     arch: str
     sha256: str
     img_size: int
-    embedding_shape: tuple[int, int, int, int]
+    feature_shapes: list[tuple[int, ...]]  # the embedding's, then (SAM 2) the high-res maps'
     decoder_path: str
+    family: str = "sam"
+
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        return self.feature_shapes[0]
 
     @property
     def mask_input_size(self) -> int:
@@ -170,7 +175,7 @@ class Session:
     def jpeg(self, key: str) -> bytes:
         return self.prepared(self.entry(key)).jpeg
 
-    def embedding(self, key: str) -> np.ndarray:
+    def embedding(self, key: str) -> list[np.ndarray]:
         entry = self.entry(key)
         self.prepared(entry)  # raises Unavailable for a bad image, before the encoder sees it
         return self.images.embedding(key)
@@ -339,7 +344,7 @@ class Session:
 
     def _maybe_commit(self, unit: int) -> bool:
         entries = [self.queue.by_key[k] for k in self.queue.units[unit]]
-        return self.store.commit_unit(unit, entries, self.prepared, self.model.sha256)
+        return self.store.commit_unit(unit, entries, self.prepared, self.model.sha256, self.model.family)
 
     # --- progress ------------------------------------------------------------------------
     def progress(self) -> dict[str, int]:

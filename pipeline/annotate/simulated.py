@@ -39,7 +39,7 @@ from pipeline.annotate.rle import counts_from_mask, mask_from_counts
 from pipeline.truth.pools import Truth, write_scenes
 from sam_core.metrics import mask_iou, next_click
 from sam_core.utils.onnx import upscale_low_res
-from sam_core.utils.transforms import ResizeLongestSide
+from sam_core.utils.transforms import ResizeLongestSide, ResizeSquare
 
 # One line per request would bury the run's own log (the annotator makes thousands).
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -65,21 +65,25 @@ class Decoder:
     """The page's decoder in Python: the server's low-res ONNX graph under onnxruntime,
     and the upsampling of the chosen mask to the image size (as the page does)."""
 
-    def __init__(self, onnx_bytes: bytes, img_size: int, mask_input_size: int) -> None:
+    def __init__(self, onnx_bytes: bytes, img_size: int, mask_input_size: int, family: str = "sam") -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # as the browser's single-threaded WebAssembly
         self.session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         self.img_size = img_size
-        self.transform = ResizeLongestSide(img_size)
+        self.family = family
+        self.transform = ResizeSquare(img_size) if family == "sam2" else ResizeLongestSide(img_size)
         self.mask_input_size = mask_input_size
 
-    def __call__(self, embedding: np.ndarray, points: list[tuple[float, float]], labels: list[int],
+    def __call__(self, features: list[np.ndarray], points: list[tuple[float, float]], labels: list[int],
                  size: tuple[int, int], previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted IoUs 4, low-res logits 4 x S x S) for the clicks, (x, y) in pixels."""
+        """(predicted IoUs 4, low-res logits 4 x S x S) for the clicks, (x, y) in pixels;
+        ``features``: the embedding, then (SAM 2) its high-resolution maps."""
         coords = self.transform.apply_coords(np.array(list(points) + [(0, 0)], float), size)
         side = self.mask_input_size
+        maps = {"high_res_feats_0": features[1], "high_res_feats_1": features[2]} if self.family == "sam2" else {}
         feeds = {
-            "image_embeddings": embedding,
+            "image_embeddings": features[0],
+            **maps,
             "point_coords": coords[None].astype(np.float32),
             "point_labels": np.array([list(labels) + [-1]], np.float32),
             "mask_input": (previous if previous is not None else np.zeros((side, side)))[None, None].astype(np.float32),
@@ -89,9 +93,24 @@ class Decoder:
         return scores[0], low_res[0]
 
     def mask(self, low_res: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """One low-res mask -> H x W bool, as ``Sam.postprocess_masks`` then > 0."""
-        logits = upscale_low_res(torch.from_numpy(low_res)[None], self.img_size, size)
+        """One low-res mask -> H x W bool, as the model's ``postprocess_masks`` then > 0."""
+        logits = upscale_low_res(torch.from_numpy(low_res)[None], self.img_size, size, self.family)
         return logits[0].numpy() > 0
+
+
+def read_features(response: httpx.Response) -> list[np.ndarray]:
+    """The embedding endpoint's answer -> float32 arrays (the embedding, then SAM 2's
+    high-resolution maps), as the page reads it."""
+    shapes = [tuple(int(v) for v in shape.split(",")) for shape in response.headers["X-Feature-Shapes"].split(";")]
+    values = np.frombuffer(response.content, "<f2")
+    features, at = [], 0
+    for shape in shapes:
+        count = int(np.prod(shape))
+        features.append(values[at : at + count].reshape(shape).astype(np.float32))
+        at += count
+    if at != len(values):
+        raise ValueError(f"features of {len(values)} values, the shapes say {at}")
+    return features
 
 
 class SimulatedAnnotator:
@@ -110,7 +129,8 @@ class SimulatedAnnotator:
         self.stall_clicks = stall_clicks  # 0: click on to max_clicks
         config = self._get("/api/config").json()
         model = config["model"]
-        self.decoder = Decoder(self._get(model["decoder_url"]).content, model["img_size"], model["mask_input_size"])
+        self.decoder = Decoder(self._get(model["decoder_url"]).content, model["img_size"], model["mask_input_size"],
+                               model["family"])
 
     def _get(self, path: str) -> httpx.Response:
         response = self.http.get(path)
@@ -143,9 +163,7 @@ class SimulatedAnnotator:
         key, size = view["key"], (view["height"], view["width"])
         if truth.shape[1:] != size:
             raise ValueError(f"{key}: ground truth is {truth.shape[1:]}, the image {size}")
-        response = self._get(f"/api/images/{key}/embedding")
-        shape = tuple(int(v) for v in response.headers["X-Embedding-Shape"].split(","))
-        embedding = np.frombuffer(response.content, "<f2").reshape(shape).astype(np.float32)
+        features = read_features(self._get(f"/api/images/{key}/embedding"))
         objects = [m for m in truth if m.any()]
         saved, results = [], []
         automatic = [(m, mask_from_counts(m["counts"], *size)) for m in view["masks"] if m["provenance"] == "automatic"]
@@ -161,7 +179,7 @@ class SimulatedAnnotator:
                 remaining.append(gt)
         for gt in remaining:
             start = time.perf_counter()
-            result, mask, points = self._click_until_done(key, embedding, gt, size)
+            result, mask, points = self._click_until_done(key, features, gt, size)
             mask, result.strokes = strokes_until_done(mask, gt, self.target_iou, self.max_strokes)
             result.final_iou = mask_iou(mask, gt)
             results.append(result)
@@ -174,7 +192,7 @@ class SimulatedAnnotator:
         response.raise_for_status()
         return results
 
-    def _click_until_done(self, key: str, embedding: np.ndarray, gt: np.ndarray, size: tuple[int, int]):
+    def _click_until_done(self, key: str, features: list[np.ndarray], gt: np.ndarray, size: tuple[int, int]):
         points: list[tuple[int, int]] = []
         labels: list[int] = []
         pred, logits, ious, seconds = None, None, [], []
@@ -183,7 +201,7 @@ class SimulatedAnnotator:
             points.append(xy)
             labels.append(label)
             start = time.perf_counter()
-            scores, low_res = self.decoder(embedding, points, labels, size, logits)
+            scores, low_res = self.decoder(features, points, labels, size, logits)
             # One click: the best of the three ambiguity-aware masks, as the browser shows
             # first; more: the single-mask output, refined from the previous logits.
             index = 1 + int(np.argmax(scores[1:])) if k == 1 else 0

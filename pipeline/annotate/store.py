@@ -98,7 +98,8 @@ class Store:
         return state is not None and (state.done or state.error is not None)
 
     def commit_unit(
-        self, unit: int, entries: list[QueueImage], prepare: Callable[[QueueImage], PreparedImage], model_sha256: str
+        self, unit: int, entries: list[QueueImage], prepare: Callable[[QueueImage], PreparedImage], model_sha256: str,
+        model_family: str = "sam",
     ) -> bool:
         """Writes the unit's shard, errors and manifest part if every image is finished
         and the unit is not committed yet; returns whether it committed now."""
@@ -124,7 +125,8 @@ class Store:
                     image = prepare(entry)
                     masks = [dataset_mask(m, image.width, image.height) for m in state.masks]
                     record = shards.sa1b_record(entry.key, entry.image_id, image.width, image.height, masks,
-                                                source=entry.source, source_sha256=image.source_sha256)
+                                                source=entry.source, source_sha256=image.source_sha256,
+                                                model_family=model_family, model_sha256=model_sha256)
                     writer.write(entry.key, image.jpeg, record)
                     rows.append({**row, "shard": shard, "source_sha256": image.source_sha256, "width": image.width,
                                  "height": image.height, "num_masks": len(masks), "status": manifest.STATUS_OK})

@@ -304,8 +304,8 @@ async function show(view) {
   await image.decode();
   const response = await embedding;
   if (!response.ok) { status(`no embedding for ${view.key}: ${await response.text()}`, true); return; }
-  const shape = response.headers.get("X-Embedding-Shape").split(",").map(Number);
-  state.decoder.setEmbedding(await response.arrayBuffer(), shape);
+  const shapes = response.headers.get("X-Feature-Shapes").split(";").map((s) => s.split(",").map(Number));
+  state.decoder.setEmbedding(await response.arrayBuffer(), shapes);
   Object.assign(state, { view, image, H: view.height, W: view.width, selected: null, current: null, undo: [], redo: [] });
   state.masks = view.masks.map((m) => maskObject({ ...m }));
   $("image-name").textContent = `${view.key} (${view.index + 1} / ${view.total})${view.done ? " · done" : ""}${view.editable ? "" : " · read-only"}`;

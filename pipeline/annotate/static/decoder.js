@@ -1,6 +1,7 @@
 // SAM's prompt encoder and mask decoder in the page: the ONNX graph the server exported
-// (sam_core/onnx.py), run by onnxruntime-web on WebAssembly, over the image embedding the
-// server sends as float16. A click is answered without a round trip.
+// (sam_core/utils/onnx.py), run by onnxruntime-web on WebAssembly, over the image
+// features the server sends as float16 (SAM 1: the embedding; SAM 2: the embedding and
+// two high-resolution maps). A click is answered without a round trip.
 import * as ort from "/static/vendor/onnxruntime-web/ort.wasm.min.mjs";
 
 // Its Emscripten glue (ort-wasm-simd-threaded.mjs) and .wasm, from the app's own files.
@@ -30,21 +31,30 @@ export class Decoder {
 
   constructor(session, model) {
     this.session = session;
+    this.family = model.family || "sam";
     this.imgSize = model.img_size;
     this.maskSize = model.mask_input_size;
     this.emptyMask = new ort.Tensor("float32", new Float32Array(this.maskSize * this.maskSize), [1, 1, this.maskSize, this.maskSize]);
   }
 
-  // The embedding of one image: float16 bytes -> a float32 tensor for the graph.
-  setEmbedding(buffer, shape) {
+  // The features of one image: float16 bytes, arrays of `shapes` back to back -> float32
+  // tensors for the graph (the embedding, then SAM 2's high-resolution maps).
+  setEmbedding(buffer, shapes) {
     const half = new Uint16Array(buffer);
-    const data = new Float32Array(half.length);
-    for (let i = 0; i < half.length; i++) data[i] = HALF_TO_FLOAT[half[i]];
-    this.embedding = new ort.Tensor("float32", data, shape);
+    let at = 0;
+    this.features = shapes.map((shape) => {
+      const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+      for (let i = 0; i < data.length; i++) data[i] = HALF_TO_FLOAT[half[at + i]];
+      at += data.length;
+      return new ort.Tensor("float32", data, shape);
+    });
+    if (at !== half.length) throw new Error(`features of ${half.length} values, shapes say ${at}`);
   }
 
-  // The size of the image in the model's input frame (ResizeLongestSide's rounding).
+  // The size of the image in the model's input frame: SAM 1 keeps the aspect ratio
+  // (ResizeLongestSide's rounding, then padding); SAM 2 stretches it to the square.
   resized(height, width) {
+    if (this.family === "sam2") return [this.imgSize, this.imgSize];
     const scale = this.imgSize / Math.max(height, width);
     return [Math.floor(height * scale + 0.5), Math.floor(width * scale + 0.5)];
   }
@@ -56,12 +66,19 @@ export class Decoder {
     const [h, w] = this.resized(height, width);
     const sx = w / width, sy = h / height;
     const coords = [], codes = [];
+    const sam2 = this.family === "sam2";
+    const addBox = () => { coords.push(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy); codes.push(2, 3); };
+    // SAM 1: points, then the box or one padding point. SAM 2 (as its predictor): the
+    // box first, then the points, then always the padding point.
+    if (box && sam2) addBox();
     points.forEach(([x, y], i) => { coords.push(x * sx, y * sy); codes.push(labels[i]); });
-    if (box) { coords.push(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy); codes.push(2, 3); }
-    else { coords.push(0, 0); codes.push(-1); }
+    if (box && !sam2) addBox();
+    if (!box || sam2) { coords.push(0, 0); codes.push(-1); }
     const n = codes.length, side = this.maskSize;
+    const [embedding, s0, s1] = this.features;
     const feeds = {
-      image_embeddings: this.embedding,
+      image_embeddings: embedding,
+      ...(sam2 ? { high_res_feats_0: s0, high_res_feats_1: s1 } : {}),
       point_coords: new ort.Tensor("float32", Float32Array.from(coords), [1, n, 2]),
       point_labels: new ort.Tensor("float32", Float32Array.from(codes), [1, n]),
       mask_input: previous ? new ort.Tensor("float32", previous, [1, 1, side, side]) : this.emptyMask,
@@ -77,10 +94,12 @@ export class Decoder {
 
   // One low-res mask -> the image-size mask (Uint8Array, 1 = object): exactly
   // Sam.postprocess_masks (bilinear to the square input frame, crop the padding,
-  // bilinear to the image size) and > 0. The graph leaves this to the page so that only
-  // the mask shown is upsampled, not all four.
+  // bilinear to the image size) and > 0; SAM 2: bilinear straight to the image size. The
+  // graph leaves this to the page so that only the mask shown is upsampled, not all four.
   mask(lowRes, height, width) {
-    const [h, w] = this.resized(height, width), side = this.maskSize;
+    const side = this.maskSize;
+    if (this.family === "sam2") return resize(lowRes, side, side, height, width, height, width, true);
+    const [h, w] = this.resized(height, width);
     const frame = resize(lowRes, side, side, this.imgSize, this.imgSize, h, w);
     return h === height && w === width ? threshold(frame) : resize(frame, h, w, height, width, height, width, true);
   }
