@@ -194,11 +194,12 @@ def load_checkpoint(
     return model
 
 
-def split_sam2_state(state: Dict[str, torch.Tensor], arch: str, path: Union[str, os.PathLike] = "checkpoint"
+def split_sam2_state(state: Dict[str, torch.Tensor], arch: Optional[str], path: Union[str, os.PathLike] = "checkpoint"
                      ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """An official SAM 2 state dict -> (this project's names for the image model, the video
     tensors by their official names). The video part must be whole and of the version
-    ``arch`` names (or absent: a file saved without it, by another tool)."""
+    ``arch`` names (any version for None), or absent (a file saved without it, by another
+    tool, or from random weights)."""
     image: Dict[str, torch.Tensor] = {}
     video: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -211,7 +212,7 @@ def split_sam2_state(state: Dict[str, torch.Tensor], arch: str, path: Union[str,
         image[_MLP_OFFICIAL.sub(lambda m: f"{m.group(1)}lin{int(m.group(2)) + 1}.", key)] = value
     if video:
         version = "sam2.1" if "no_obj_embed_spatial" in video else "sam2"
-        wanted = SAM2_ARCHS.get(arch, ("sam2.1" if arch.startswith("sam2.1") else "sam2",))[0]
+        wanted = version if arch is None else SAM2_ARCHS.get(arch, ("sam2.1" if arch.startswith("sam2.1") else "sam2",))[0]
         if version != wanted:
             size = arch.split("_", 1)[1] if "_" in arch else "hiera_t"
             raise CheckpointError(
@@ -222,6 +223,19 @@ def split_sam2_state(state: Dict[str, torch.Tensor], arch: str, path: Union[str,
                 f"{path}: {len(video)} video tensors where a {version} checkpoint has "
                 f"{SAM2_VIDEO_TENSORS[version]}: the file is incomplete or not an official one")
     return image, video
+
+
+def load_official_state(model: nn.Module, state: Dict[str, object]) -> nn.Module:
+    """Loads what ``official_state`` returned (e.g. a training checkpoint) back into
+    ``model``, strictly; a SAM 2 model takes the video tensors with it."""
+    if getattr(model, "family", "sam") != "sam2":
+        model.load_state_dict(state, strict=True)
+        return model
+    inner = state["model"] if set(state) == {"model"} else state
+    image, video = split_sam2_state(inner, None)  # type: ignore[arg-type]
+    model.load_state_dict(image, strict=True)
+    model.video_state = video
+    return model
 
 
 def official_state(model: nn.Module) -> Dict[str, object]:

@@ -80,6 +80,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 # --- Hydra ---------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _hydra_uninitialised():
+    """Importing the official sam2 package (a test oracle) initialises Hydra globally for
+    its own configs, after which composing the pipeline's configs is refused: every test
+    starts with Hydra uninitialised."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    yield
+
+
 @pytest.fixture
 def compose_config() -> Callable[..., "DictConfig"]:  # noqa: F821
     """compose_config("+stage=fully_auto", "input=...", ...) -> the app's resolved config."""

@@ -116,12 +116,20 @@ def official_sam2(arch: str = "sam2.1_hiera_t", image_size: int = 256, seed: int
     """The official SAM 2 model of ``arch`` at ``image_size`` (a smaller size keeps CPU
     tests fast; both sides use it), random weights (zero-initialised ones randomised),
     in eval mode on the CPU, with the official inference options (``build_sam2``'s)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from sam2.build_sam import build_sam2
 
     version = arch.split("_", 1)[0]
     torch.manual_seed(seed)
-    model = build_sam2(f"configs/{version}/{arch}.yaml", None, device="cpu",
-                       hydra_overrides_extra=[f"++model.image_size={image_size}"])
+    # Importing sam2 initialises Hydra globally for its own configs, which the pipeline's
+    # Hydra (tests' compose_config) then refuses: build within its own initialisation,
+    # leaving Hydra uninitialised afterwards.
+    GlobalHydra.instance().clear()
+    with initialize_config_module("sam2", version_base="1.2"):
+        model = build_sam2(f"configs/{version}/{arch}.yaml", None, device="cpu",
+                           hydra_overrides_extra=[f"++model.image_size={image_size}"])
+    GlobalHydra.instance().clear()
     randomise_(model, seed)
     return model.eval()
 

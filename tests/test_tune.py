@@ -141,3 +141,71 @@ def test_the_gate_promotes_a_fine_tune_that_pays_and_refuses_a_harmed_one(ray_lo
     summary = json.loads((out / "models" / harmed["version"] / "train_summary.json").read_text())
     # Registered, with the figures.
     assert summary["promoted"] is False and summary["gate"]["sets"]["synthetic"] == figures
+
+
+# --- SAM 2 / 2.1 ----------------------------------------------------------------------
+
+SAM2_SIZE = 128  # the Hiera-T network at a small input, for CPU time
+
+
+@pytest.fixture(scope="module")
+def sam2_file(tmp_path_factory):
+    """Random SAM 2.1 Hiera-T weights in the official file format (the official package
+    made them), at SAM2_SIZE."""
+    from tests.sam_reference import official_sam2, save_official_sam2
+
+    return save_official_sam2(official_sam2("sam2.1_hiera_t", SAM2_SIZE), tmp_path_factory.mktemp("s2") / "t.pt")
+
+
+@pytest.mark.parametrize("mode", TUNE_MODES)
+def test_sam2_trains_in_every_mode_and_saves_what_the_official_package_loads(mode, sam2_file):
+    """Each mode trains its parts of SAM 2 (the projections of the high-resolution maps
+    only with the encoder, in ``full``), the loss falls over a few steps on a microscopy
+    batch, and the result saves in the released format with its video tensors."""
+    from sam_core.checkpoint import official_state
+    from sam_core.training import InteractiveConfig, InteractiveSam, collate, prepare_sample, select_masks, train_step
+    from tests.sam_reference import official_sam2
+
+    sam = sam_model_registry["sam2.1_hiera_t"](checkpoint=sam2_file, image_size=SAM2_SIZE)
+    trainable = set(prepare(sam, TunedSpec(mode)))
+    assert any(n.startswith("mask_decoder.conv_s") for n in trainable) == (mode == "full")
+    assert any(n.startswith("image_encoder.") for n in trainable) == (mode in ("adapter", "lora", "full"))
+    samples = []
+    for seed in range(2):
+        scene = make_domain_scene("microscopy", seed, (128, 160))
+        image, size, masks = prepare_sample(scene.image, scene.masks, SAM2_SIZE, square=True)
+        assert size == (SAM2_SIZE, SAM2_SIZE)  # SAM 2's frame: stretched, not padded
+        samples.append((image, size, masks[torch.from_numpy(select_masks(masks.numpy(), 4))]))
+    batch = collate(samples)
+    model = InteractiveSam(sam, InteractiveConfig(num_rounds=2, num_rounds_without_point=1))
+    optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
+    losses = [train_step(model, optimizer, batch, torch.Generator().manual_seed(0))["loss"] for _ in range(3)]
+    assert losses[-1] < losses[0]
+    if mode in ("decoder", "decoder_prompt", "full"):  # a plain SAM 2 state: the official format
+        saved = official_state(sam)["model"]
+        assert len([k for k in saved if k.startswith("memory_")]) > 0  # the video tensors came along
+        official_sam2("sam2.1_hiera_t", SAM2_SIZE, seed=1).load_state_dict(saved, strict=True)
+
+
+def test_sam2_retrain_registers_a_checkpoint_the_official_package_loads(ray_local, compose_config, tmp_path):
+    """The retrain stage on SAM 2.1 Hiera-T (random weights at the released 1024 px, a
+    decoder step on cached features): the registered model.pth is the released format,
+    video tensors included, and loads back here and in the official package."""
+    from tests.sam_reference import official_sam2, save_official_sam2
+
+    base = save_official_sam2(official_sam2("sam2.1_hiera_t", 1024), tmp_path / "sam2.1_hiera_tiny.pt")
+    out = tmp_path / "out"
+    summary = run_stage(compose_config(
+        "+stage=retrain", f"output={out}", "model=sam2.1_hiera_t", f"stage.init_checkpoint={base}",
+        "stage.tune=decoder", "stage.steps=1", "stage.batch_size=1", "stage.data.synthetic.enabled=true",
+        "stage.data.synthetic.domain=microscopy", "stage.data.synthetic.size=[128,128]",
+        "stage.data.synthetic.seed_count=2", "stage.data.max_masks_per_image=4", "stage.interactive.num_rounds=2",
+        "stage.interactive.num_rounds_without_point=1", "stage.interactive.loss_size=256",
+        "stage.eval.enabled=false", "stage.gate.enabled=false"))
+    saved = torch.load(summary["model"], weights_only=True)
+    assert set(saved) == {"model"} and "no_obj_embed_spatial" in saved["model"]
+    official_sam2("sam2.1_hiera_t", 1024, seed=2).load_state_dict(saved["model"], strict=True)
+    tuned = load_sam({"arch": "sam2.1_hiera_t", "checkpoint": summary["model"], "device": "cpu"})
+    original = sam_model_registry["sam2.1_hiera_t"](checkpoint=base)
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, original.state_dict()[k])}
+    assert changed and all(k.startswith("mask_decoder.") and ".conv_s" not in k for k in changed)

@@ -44,9 +44,13 @@ def write_local(directory: str, weights: dict[str, Any], state: dict[str, Any]) 
     torch.save(state, os.path.join(directory, TRAIN_STATE_FILE))
 
 
-def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict on the CPU, detached: what a checkpoint stores of a model."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """``model``'s weights on the CPU, detached, in its family's released format (SAM 2's
+    with the video tensors it was loaded with): what a checkpoint stores of a model, and
+    what the official packages load."""
+    from sam_core.checkpoint import official_state
+
+    return official_state(model)
 
 
 def report(step: int, weights: dict[str, Any] | None, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:

@@ -102,16 +102,17 @@ def training_stream(data: Mapping[str, Any], rank: int, world: int, start_step: 
         step += 1
 
 
-def to_batch(items: list[GroundTruth], img_size: int, data: Mapping[str, Any], rng: np.random.Generator):
+def to_batch(items: list[GroundTruth], img_size: int, data: Mapping[str, Any], rng: np.random.Generator,
+             square: bool = False):
     """A ``sam_core.training.Batch`` of the items' trainable masks (empty images skipped),
-    or None when no item has one."""
+    or None when no item has one; ``square``: SAM 2's frame (``prepare_sample``)."""
     from sam_core.training import collate, prepare_sample, select_masks
 
     samples, supervise_iou = [], []
     for gt in items:
         if len(gt.masks) == 0:  # e.g. an image none of whose automatic masks passed the filters
             continue
-        image, size, masks = prepare_sample(gt.image, gt.masks, img_size)
+        image, size, masks = prepare_sample(gt.image, gt.masks, img_size, square)
         idx = select_masks(masks.numpy(), int(data["max_masks_per_image"]),
                            float(data["max_area_fraction"]), int(data["min_mask_area"]), rng)
         if len(idx):

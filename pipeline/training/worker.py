@@ -23,6 +23,7 @@ from pipeline.training import checkpoints
 from pipeline.training.optim import make_optimizer, make_scheduler
 from pipeline.training.stream import to_batch, training_stream
 from pipeline.training.trainer import say
+from sam_core.checkpoint import load_official_state
 from sam_core.training import (
     ENCODER_MODES,
     InteractiveConfig,
@@ -66,17 +67,19 @@ def adapter_file(sam: torch.nn.Module, spec, arch: str, base: str, base_sha256: 
 
 
 class EmbeddingCache:
-    """Image embeddings of a frozen encoder by image content, least recently used out
-    first, at most ``max_mb`` megabytes."""
+    """What a frozen encoder computes for an image (SAM 1: its embedding; SAM 2: the
+    embedding and the two high-resolution maps) by image content, least recently used
+    out first, at most ``max_mb`` megabytes."""
 
     def __init__(self, max_mb: float) -> None:
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.hits = self.misses = 0
-        self._items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
 
-    def embeddings(self, sam: torch.nn.Module, batch) -> torch.Tensor:
-        """The batch's embeddings (B x C x h x w), computed for the images not cached."""
+    def embeddings(self, sam: torch.nn.Module, batch) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The batch's embeddings (B x C x h x w) and SAM 2's high-resolution maps (None
+        for SAM 1), computed for the images not cached."""
 
         keys = [hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() for img in batch.images]
         missing = [i for i, key in enumerate(keys) if key not in self._items]
@@ -86,19 +89,21 @@ class EmbeddingCache:
             device = next(sam.parameters()).device
             sub = type(batch)(batch.images[missing].to(device), [batch.input_sizes[i] for i in missing], [])
             with torch.no_grad():
-                computed = sam.image_encoder(encoder_input(sam, sub)).cpu()
-            for i, embedding in zip(missing, computed):
-                self._put(keys[i], embedding)
+                embedding, maps = sam.encode(encoder_input(sam, sub))
+            for j, i in enumerate(missing):
+                self._put(keys[i], [embedding[j].cpu(), *(level[j].cpu() for level in maps)])
         for key in keys:
             self._items.move_to_end(key)
-        return torch.stack([self._items[key] for key in keys])
+        per_image = [self._items[key] for key in keys]
+        levels = [torch.stack(level) for level in zip(*per_image)]
+        return levels[0], (levels[1:] or None)
 
-    def _put(self, key: bytes, embedding: torch.Tensor) -> None:
-        self._items[key] = embedding
-        self.bytes += embedding.numel() * embedding.element_size()
+    def _put(self, key: bytes, tensors: list[torch.Tensor]) -> None:
+        self._items[key] = tensors
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         while self.bytes > self.max_bytes and len(self._items) > 1:
             _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -132,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if "tuned" in weights:
                 load_tuned(sam, spec, weights["tuned"])
             else:
-                sam.load_state_dict(weights)
+                load_official_state(sam, weights)
             state = checkpoints.load(folder, checkpoints.TRAIN_STATE_FILE)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -161,10 +166,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         attempt = 0
         while batch is None:  # a batch whose masks are all filtered out is skipped
             rng = np.random.default_rng([seed, rank, step, attempt])
-            batch = to_batch(next(stream), img_size, data, rng)
+            batch = to_batch(next(stream), img_size, data, rng, square=bare.sam.family == "sam2")
             attempt += 1
         if cache is not None:
-            batch.embeddings = cache.embeddings(bare.sam, batch)
+            batch.embeddings, batch.high_res = cache.embeddings(bare.sam, batch)
         out = train_step(model, optimizer, batch.to(device), generator, autocast, optim["grad_clip"])
         scheduler.step()
         out.update(step=step + 1, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)

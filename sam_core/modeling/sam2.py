@@ -71,6 +71,11 @@ class Sam2(nn.Module):
             x = F.interpolate(x[None], (size, size), mode="bilinear", align_corners=False, antialias=True)[0]
         return (x - self.pixel_mean) / self.pixel_std
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """A 3xSxS image in [0, 255], already resized to the square (training batches) ->
+        the normalised encoder input."""
+        return (x / 255 - self.pixel_mean) / self.pixel_std
+
     def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Bx3xSxS prepared images -> (image embeddings BxCxS/16xS/16, [the S/4 and S/8 maps
         already projected by the decoder's conv_s0/conv_s1, once per image])."""

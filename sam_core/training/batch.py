@@ -19,7 +19,8 @@ class Batch:
     Attributes:
         images: Bx3xSxS float in [0, 255]; the longest side resized to S, the rest
             zero-padded at the bottom and right (``Sam.preprocess`` redoes the padding
-            after normalisation, so its value here does not matter).
+            after normalisation, so its value here does not matter); for SAM 2, the
+            image stretched to the square (``prepare_sample(square=True)``).
         input_sizes: B (h, w) sizes of the resized images inside the frame.
         masks: B tensors of MixSxS bool, instance masks in the same frame.
         supervise_iou: per image, whether its masks train the IoU head (None: all do).
@@ -27,6 +28,8 @@ class Batch:
             trained on them, the IoU head learns that its own masks are right.
         embeddings: the images' embeddings when the image encoder is frozen (computed
             once per image by the caller, e.g. from a cache), else None: the encoder runs.
+        high_res: with ``embeddings``, SAM 2's high-resolution maps of the same images
+            (``Sam2.encode``'s second output); None for SAM 1.
     """
 
     images: torch.Tensor
@@ -34,10 +37,12 @@ class Batch:
     masks: list[torch.Tensor]
     supervise_iou: list[bool] | None = None
     embeddings: torch.Tensor | None = None
+    high_res: list[torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.images.to(device), self.input_sizes, [m.to(device) for m in self.masks], self.supervise_iou,
-                     None if self.embeddings is None else self.embeddings.to(device))
+                     None if self.embeddings is None else self.embeddings.to(device),
+                     None if self.high_res is None else [h.to(device) for h in self.high_res])
 
     @property
     def num_masks(self) -> int:
@@ -73,16 +78,17 @@ def select_masks(
 
 
 def prepare_sample(
-    image: np.ndarray, masks: np.ndarray, size: int
+    image: np.ndarray, masks: np.ndarray, size: int, square: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
-    """Resizes an HxWx3 uint8 image and its NxHxW bool masks into the SxS frame.
+    """Resizes an HxWx3 uint8 image and its NxHxW bool masks into the SxS frame: the
+    longest side to S (SAM 1), or, with ``square``, stretched to S x S (SAM 2).
 
     Returns (image 3xSxS float, (h, w) inside the frame, masks NxSxS bool). Masks that
     vanish in the resize (thinner than a pixel of the frame) come back empty; drop
     them with ``select_masks`` afterwards.
     """
     h, w = image.shape[:2]
-    nh, nw = resized_shape(h, w, size)
+    nh, nw = (size, size) if square else resized_shape(h, w, size)
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     m = torch.from_numpy(np.ascontiguousarray(masks))
     if (nh, nw) != (h, w):
@@ -92,7 +98,8 @@ def prepare_sample(
     frame = torch.zeros(3, size, size)
     frame[:, :nh, :nw] = img
     mask_frame = torch.zeros(len(m), size, size, dtype=torch.bool)
-    mask_frame[:, :nh, :nw] = m
+    if len(m):  # (an image without masks keeps its original size: nothing to place)
+        mask_frame[:, :nh, :nw] = m
     return frame, (nh, nw), mask_frame
 
 

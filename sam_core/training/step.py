@@ -75,7 +75,10 @@ class InteractiveSam(nn.Module):
             num_masks: number of masks trained on.
         """
         sam = self.sam
-        embeddings = batch.embeddings if batch.embeddings is not None else sam.image_encoder(encoder_input(sam, batch))
+        if batch.embeddings is not None:
+            embeddings, high_res = batch.embeddings, batch.high_res or []
+        else:
+            embeddings, high_res = sam.encode(encoder_input(sam, batch))
         image_pe = sam.prompt_encoder.get_dense_pe()
         totals: dict[str, torch.Tensor] = {}
         count = 0
@@ -83,7 +86,8 @@ class InteractiveSam(nn.Module):
             if len(gt) == 0:
                 continue
             train_iou = batch.supervise_iou is None or batch.supervise_iou[b]
-            sums = self._interact(embeddings[b : b + 1], image_pe, gt, size, generator, train_iou)
+            maps = [level[b : b + 1] for level in high_res] or None  # SAM 2's high-resolution maps
+            sums = self._interact(embeddings[b : b + 1], image_pe, gt, size, generator, train_iou, maps)
             for k, v in sums.items():
                 totals[k] = totals[k] + v if k in totals else v
             count += len(gt)
@@ -111,7 +115,8 @@ class InteractiveSam(nn.Module):
         The two groups go through the prompt encoder separately (the official encoder
         takes one kind of first prompt per call) and are put back in mask order. Both
         give the same token count: point group = clicks + padding token, box group =
-        clicks + 2 corners.
+        clicks + 2 corners (SAM 2, which also pads after a box: one more padding token
+        in the point group).
         """
         pe = self.sam.prompt_encoder
         sparse, dense, order = [], [], []
@@ -119,6 +124,9 @@ class InteractiveSam(nn.Module):
             pts = torch.cat([first_points[:, None], coords[point_idx]], dim=1)
             first = torch.ones(len(point_idx), 1, dtype=labels.dtype, device=labels.device)
             lbl = torch.cat([first, labels[point_idx]], dim=1)
+            if pe.boxes_as_points and len(box_idx):
+                pts = torch.cat([pts, pts.new_zeros(len(point_idx), 1, 2)], dim=1)
+                lbl = torch.cat([lbl, lbl.new_full((len(point_idx), 1), -1)], dim=1)
             s, d = pe(points=(pts, lbl), boxes=None, masks=None if mask_input is None else mask_input[point_idx])
             sparse.append(s), dense.append(d), order.append(point_idx)
         if len(box_idx):
@@ -136,6 +144,7 @@ class InteractiveSam(nn.Module):
         input_size: tuple[int, int],
         generator: torch.Generator | None,
         train_iou: bool = True,
+        high_res: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Sums over masks and rounds of the losses of one image's masks (MxSxS gt).
 
@@ -189,6 +198,7 @@ class InteractiveSam(nn.Module):
                     sparse_prompt_embeddings=sparse[idx],
                     dense_prompt_embeddings=dense[idx],
                     multimask_output=multimask,
+                    high_res_features=high_res,
                 )
                 losses = self._losses(low_res, iou_pred, targets[idx], loss_size, train_iou)
                 for name, value in zip(_SUMMED, (losses.loss, losses.focal, losses.dice, losses.iou)):
@@ -234,7 +244,7 @@ class InteractiveSam(nn.Module):
 
 
 def encoder_input(sam: nn.Module, batch: Batch) -> torch.Tensor:
-    """The batch's images normalised and padded as the image encoder takes them."""
+    """The batch's images normalised (and, SAM 1, padded) as the image encoder takes them."""
     return torch.stack([sam.preprocess(img[:, :h, :w]) for img, (h, w) in zip(batch.images, batch.input_sizes)])
 
 

@@ -117,6 +117,11 @@ def _insert(sam: nn.Module, spec: TunedSpec) -> None:
 def _trainable(name: str, mode: str) -> bool:
     if mode == "full":
         return True
+    if name.startswith("mask_decoder.conv_s"):
+        # SAM 2's projections of the high-resolution maps run once per image with the
+        # encoder (``Sam2.encode``), whose output a frozen encoder's run caches: they
+        # train with the encoder (full), not with the decoder.
+        return False
     if name.startswith("mask_decoder."):
         return True
     if mode == "decoder_prompt" and name.startswith("prompt_encoder."):
