@@ -212,7 +212,8 @@ def split_sam2_state(state: Dict[str, torch.Tensor], arch: Optional[str], path: 
         image[_MLP_OFFICIAL.sub(lambda m: f"{m.group(1)}lin{int(m.group(2)) + 1}.", key)] = value
     if video:
         version = "sam2.1" if "no_obj_embed_spatial" in video else "sam2"
-        wanted = version if arch is None else SAM2_ARCHS.get(arch, ("sam2.1" if arch.startswith("sam2.1") else "sam2",))[0]
+        named = None if arch is None else SAM2_ARCHS.get(arch, ("sam2.1" if arch.startswith("sam2.1") else "sam2",))
+        wanted = version if named is None else named[0]
         if version != wanted:
             size = arch.split("_", 1)[1] if "_" in arch else "hiera_t"
             raise CheckpointError(
