@@ -94,11 +94,12 @@ def prompt_ious(predictor: SamPredictor, masks: np.ndarray, clicks: int) -> Dict
     return {"clicks": click_iou, "oracle1": oracle, "box": box_iou}
 
 
-def resolution_ceiling(masks: np.ndarray, low_res: int) -> np.ndarray:
+def resolution_ceiling(masks: np.ndarray, low_res: int, square: bool = False) -> np.ndarray:
     """IoU each of the masks (MxHxW bool) would get from a perfect answer at ``low_res``.
 
     SAM's decoder answers with ``low_res`` x ``low_res`` logits over its square input
-    frame (the image's longest side), which are upsampled bilinearly and thresholded.
+    frame (the image's longest side; ``square``: SAM 2's, the image stretched to it),
+    which are upsampled bilinearly and thresholded.
     A mask's best answer at that size is about its own area average, upsampled the same
     way and thresholded at one half: small and thin objects lose most (a 256-px model
     answers at 64x64, i.e. 8x8 pixels of a 512-px image per logit).
@@ -106,7 +107,8 @@ def resolution_ceiling(masks: np.ndarray, low_res: int) -> np.ndarray:
     h, w = masks.shape[1:]
     scale = low_res / max(h, w)
     m = torch.from_numpy(masks).float()[:, None]
-    low = F.interpolate(m, (max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+    frame = (low_res, low_res) if square else (max(1, round(h * scale)), max(1, round(w * scale)))
+    low = F.interpolate(m, frame, mode="area")
     best = F.interpolate(low, (h, w), mode="bilinear", align_corners=False)[:, 0] > 0.5
     return binary_mask_iou(best, m[:, 0] > 0).numpy()
 

@@ -73,7 +73,7 @@ def evaluate_model(
         click_rows.append(res["clicks"])
         oracle_rows.append(res["oracle1"])
         box_rows.append(res["box"])
-        ceiling_rows.append(resolution_ceiling(prompted, low_res))
+        ceiling_rows.append(resolution_ceiling(prompted, low_res, square=sam.family == "sam2"))
         if automatic:
             g, p = amg_matches(generator.generate(gt.image), masks)
             gt_best.append(g)

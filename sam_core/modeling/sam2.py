@@ -65,7 +65,8 @@ class Sam2(nn.Module):
     def prepare_image(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> 3xSxS normalised input, as the official transforms do it
         (to [0, 1], resize with antialiasing, normalise; in that order, for parity)."""
-        x = torch.as_tensor(image, device=self.device).permute(2, 0, 1).float().div(255)
+        pixels = np.require(image, requirements=["W"])  # torch wants a writable array (a copy only if not)
+        x = torch.as_tensor(pixels, device=self.device).permute(2, 0, 1).float().div(255)
         size = self.img_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x[None], (size, size), mode="bilinear", align_corners=False, antialias=True)[0]
