@@ -112,14 +112,19 @@ CASES = {
 }
 
 
+def predict_kwargs(prompt: dict) -> dict:
+    """A CASES prompt as SamPredictor.predict's keyword arguments."""
+    return dict(point_coords=np.array(prompt["points"]) if "points" in prompt else None,
+                point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
+                box=np.array(prompt["box"]) if "box" in prompt else None)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_onnx_matches_pytorch(model, case):
     predictor, session = model
     prompt = CASES[case]
     masks, scores, _ = run_onnx(session, predictor, **prompt)
-    kwargs = dict(point_coords=np.array(prompt["points"]) if "points" in prompt else None,
-                  point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
-                  box=np.array(prompt["box"]) if "box" in prompt else None)
+    kwargs = predict_kwargs(prompt)
     multi, multi_scores, _ = predictor.predict(**kwargs, multimask_output=True)
     single, single_scores, _ = predictor.predict(**kwargs, multimask_output=False)
     # ONNX output 0 is the single-mask token, 1..3 the ambiguity-aware ones.
@@ -186,9 +191,7 @@ def test_sam2_return_single_mask_counts_prompts(tmp_path_factory, image):
     for case, one_prompt in (("one_click", True), ("box", True), ("three_clicks", False), ("box_and_clicks", False)):
         prompt = CASES[case]
         masks, scores, _ = run_onnx(session, predictor, **prompt)
-        kwargs = dict(point_coords=np.array(prompt["points"]) if "points" in prompt else None,
-                      point_labels=np.array(prompt["labels"]) if "points" in prompt else None,
-                      box=np.array(prompt["box"]) if "box" in prompt else None)
+        kwargs = predict_kwargs(prompt)
         multi, multi_scores, _ = predictor.predict(**kwargs, multimask_output=True)
         if one_prompt:
             best = int(np.argmax(multi_scores))

@@ -6,9 +6,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..utils.transforms import ResizeLongestSide
+from .base import SegmentAnything
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -17,10 +17,8 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class Sam(nn.Module):
+class Sam(SegmentAnything):
     family = "sam"
-    mask_threshold: float = 0.0
-    image_format: str = "RGB"
 
     def __init__(
         self,
@@ -30,23 +28,8 @@ class Sam(nn.Module):
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         pixel_std: Sequence[float] = PIXEL_STD,
     ) -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-        # Not persistent: the released checkpoints do not contain them.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean, pixel_std)
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    @property
-    def img_size(self) -> int:
-        return self.image_encoder.img_size
-
-    # The interface SamPredictor and the generator use, shared with ``Sam2``.
     def input_transform(self) -> ResizeLongestSide:
         return ResizeLongestSide(self.img_size)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.transforms import ResizeSquare
+from .base import SegmentAnything
 from .hiera import HieraImageEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -33,31 +34,16 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
-class Sam2(nn.Module):
+class Sam2(SegmentAnything):
     family = "sam2"
-    mask_threshold: float = 0.0
-    image_format: str = "RGB"
 
     def __init__(self, image_encoder: HieraImageEncoder, prompt_encoder: PromptEncoder,
                  mask_decoder: MaskDecoder) -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
+        super().__init__(image_encoder, prompt_encoder, mask_decoder, PIXEL_MEAN, PIXEL_STD)
         # Added to the image embedding: what SAM 2 sees for a frame with no memory yet.
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, prompt_encoder.embed_dim))
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
         # An official checkpoint's video tensors, by their official names (see module doc).
         self.video_state: Dict[str, torch.Tensor] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    @property
-    def img_size(self) -> int:
-        return self.image_encoder.img_size
 
     def input_transform(self) -> ResizeSquare:
         return ResizeSquare(self.img_size)
