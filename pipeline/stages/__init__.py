@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from pipeline.config.guard import check_config
 from pipeline.config.paths import resolve_paths
+from pipeline.models.download import ensure_checkpoint
 
 STAGES = {
     "fully_auto": "pipeline.stages.fully_auto",
@@ -30,6 +31,9 @@ STAGES = {
     "engine": "pipeline.stages.engine",
 }
 
+# Stages that load cfg.model (the others never fetch it, e.g. validate with model=vit_h).
+USES_MODEL = {"fully_auto", "eval", "loop", "annotate", "semi_auto", "box_prompts", "engine", "verifier"}
+
 
 def run_stage(cfg: DictConfig) -> dict:
     """Runs the stage named by ``cfg.stage.name`` with its user paths made absolute
@@ -44,4 +48,7 @@ def run_stage(cfg: DictConfig) -> dict:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
     module = importlib.import_module(STAGES[name])
-    return module.run(resolve_paths(cfg))
+    cfg = resolve_paths(cfg)
+    if name in USES_MODEL and "model" in cfg:
+        ensure_checkpoint(cfg.model)  # an official checkpoint not here yet: fetched into the cache
+    return module.run(cfg)
