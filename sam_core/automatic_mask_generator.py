@@ -25,6 +25,7 @@ keeps >= 97% of them (tests/test_default_model.py).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -54,6 +55,8 @@ from .utils.amg import (
 )
 from .utils.inputs import as_rgb_uint8
 from .utils.regions import fill_small_regions
+
+log = logging.getLogger(__name__)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 FAMILY_PRED_IOU_THRESH = {"sam": 0.88, "sam2": 0.8}  # the official generators' defaults
@@ -162,6 +165,10 @@ class SamAutomaticMaskGenerator:
         self.use_m2m = use_m2m
         self.multimask_output = multimask_output
         self.mask_threshold = model.mask_threshold if mask_threshold is None else mask_threshold
+        # What the filters did in the last ``generate`` (candidates, passed_iou,
+        # passed_stability, kept, best_iou, best_stability), so nothing is dropped silently.
+        self.counts: Dict[str, float] = {}
+        self._warned = False
 
     def _encoder_precision(self) -> contextlib.AbstractContextManager:
         """The context the image encoder runs in: autocast for bf16, nothing for fp32."""
@@ -193,13 +200,38 @@ class SamAutomaticMaskGenerator:
           crop_box (list): the crop that produced the mask, XYWH.
         """
         image = as_rgb_uint8(image)
+        self.counts = dict.fromkeys(("candidates", "passed_iou", "passed_stability"), 0)
+        self.counts.update(best_iou=float("-inf"), best_stability=float("-inf"))
         data = self._generate_masks(image)
         if self.min_mask_region_area > 0 and self.predictor.model.family == "sam":
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
             data = self._drop_large(data, image.shape[0] * image.shape[1])
+        self.counts["kept"] = len(data)
+        self._warn_if_all_filtered()
         return [self._record(data, i) for i in range(len(data))]
+
+    def _warn_if_all_filtered(self) -> None:
+        """Warns once per generator when its thresholds dropped every candidate."""
+        c = self.counts
+        if self._warned or not c["candidates"] or c["kept"]:
+            return
+        self._warned = True
+        def best(value: float) -> str:
+            return f"{value:.3f}" if value > float("-inf") else "none measured"
+
+        log.warning(
+            "no mask kept of %d candidates: %d passed pred_iou_thresh=%s (best predicted IoU %s), %d passed "
+            "stability_score_thresh=%s (best stability %s). A model calibrated lower than SAM (such as the "
+            "project's small default model: 0.4 / 0.85) needs lower thresholds", c["candidates"], c["passed_iou"],
+            self.pred_iou_thresh, best(c["best_iou"]), c["passed_stability"], self.stability_score_thresh,
+            best(c["best_stability"]))
+
+    def _tally(self, name: str, count: int, best: Optional[torch.Tensor] = None, best_name: str = "") -> None:
+        self.counts[name] += count
+        if best is not None and best.numel():
+            self.counts[best_name] = max(self.counts[best_name], float(best.max()))
 
     def _record(self, data: MaskData, i: int) -> Dict[str, Any]:
         rle = data["rles"][i]
@@ -291,8 +323,10 @@ class SamAutomaticMaskGenerator:
                 prompt=torch.arange(n_prompts, device=device).repeat_interleave(n_out),
                 output=torch.arange(1, n_out + 1, device=device).repeat(n_prompts),
             )
+            self._tally("candidates", len(data), data["iou_preds"], "best_iou")
             if self.pred_iou_thresh > 0.0:
                 data.filter(data["iou_preds"] > self.pred_iou_thresh)
+            self._tally("passed_iou", len(data))
             if not len(data):
                 return MaskData()
             # Only prompts with a surviving mask pay for upscaling and the hypernetworks.
@@ -310,10 +344,12 @@ class SamAutomaticMaskGenerator:
             del tokens, features
             if self.use_m2m:
                 low_res, data["iou_preds"] = self._refine(in_points.repeat_interleave(n_out, dim=0), low_res)
+            self._tally("candidates", len(data), data["iou_preds"], "best_iou")
             if self.pred_iou_thresh > 0.0:
                 keep = data["iou_preds"] > self.pred_iou_thresh
                 data.filter(keep)
                 low_res = low_res[keep]
+            self._tally("passed_iou", len(data))
             if not len(data):
                 return MaskData()
         if model.family == "sam2" and self.min_mask_region_area > 0:
@@ -322,10 +358,12 @@ class SamAutomaticMaskGenerator:
         logits = model.postprocess_masks(low_res[:, None], predictor.input_size, crop_size)[:, 0]
         threshold = self.mask_threshold
         data["stability_score"] = calculate_stability_score(logits, threshold, self.stability_score_offset)
+        self._tally("passed_stability", 0, data["stability_score"], "best_stability")
         if self.stability_score_thresh > 0.0:
             keep = data["stability_score"] >= self.stability_score_thresh
             data.filter(keep)
             logits = logits[keep]
+        self._tally("passed_stability", len(data))
         masks = logits > threshold
         del logits
         data["boxes"] = batched_mask_to_box(masks)

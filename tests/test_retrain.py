@@ -282,3 +282,29 @@ def test_default_model_recipes_compose(recipe, tmp_path):
     cfg = _cfg(tmp_path, f"+stage={recipe}")
     assert cfg.stage.arch in sam_core.sam_model_registry
     assert cfg.stage.version and cfg.stage.steps > 0
+
+
+def test_the_mask_filter_says_what_it_keeps_and_refuses_to_keep_nothing(tmp_path, caplog):
+    """By default (null thresholds) every mask the dataset holds trains; a filter that
+    keeps few masks warns with the numbers and the settings; one that keeps none (and
+    nothing else trains) is refused before any training."""
+    from pipeline.dataset.listing import committed_shards
+    from pipeline.stages.retrain import check_mask_filter
+    from tests.dataset_factory import make_dataset
+
+    dataset = make_dataset(tmp_path / "ds", num_shards=2)
+    shards = committed_shards(str(dataset.root))
+    total = sum(len(s.masks) for s in dataset.samples)
+
+    def data(iou, stability):
+        return {"pred_iou_thresh": iou, "stability_score_thresh": stability, "synthetic": {"enabled": "auto"},
+                "coco": {"annotations": None}, "shards": shards}
+
+    assert check_mask_filter(data(None, None), shards) == {"masks": total, "kept": total}
+    caplog.clear()
+    few = check_mask_filter(data(1.01, None), shards)  # predicted IoU spans 0.88-1.02: a few reach 1.01
+    assert 0 < few["kept"] < 0.1 * total
+    assert f"keeps only {few['kept']} of {total} masks" in caplog.text
+    assert "stage.data.pred_iou_thresh=1.01" in caplog.text
+    with pytest.raises(ValueError, match=f"keeps none of the {total} masks"):
+        check_mask_filter(data(1.5, None), shards)

@@ -17,6 +17,7 @@ from sam_core import (
 )
 from sam_core.utils.amg import area_from_rle, decode_rle, encode_rle, run_lengths, uncompressed_rle
 
+from .conftest import REPO
 from .sam_reference import model_pair, reference_sam, scene_image
 
 
@@ -264,3 +265,25 @@ def test_run_lengths_path_matches_pycocotools():
     direct = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     via_runs = [mask_utils.frPyObjects(r, 19, 23) for r in run_lengths(torch.as_tensor(masks))]
     assert [r["counts"] for r in via_runs] == [r["counts"] for r in direct]
+
+
+def test_the_generator_says_when_its_thresholds_drop_everything(caplog):
+    """The shipped model at SAM's thresholds keeps no mask: the generator's counts say
+    where they went and one warning names the thresholds; at its own thresholds it keeps
+    masks and stays quiet."""
+    from PIL import Image
+
+    from sam_core import SamAutomaticMaskGenerator
+
+    sam = sam_model_registry["vit_tiny_512"](checkpoint=str(REPO / "models" / "sam_vit_tiny_512_synthetic.pth"))
+    image = np.asarray(Image.open(REPO / "sample" / "images" / "coffee.jpg").convert("RGB"))
+    strict = SamAutomaticMaskGenerator(sam, points_per_side=8)
+    assert strict.generate(image) == [] and strict.generate(image) == []
+    assert strict.counts["candidates"] == 3 * 64 and strict.counts["passed_iou"] == 0
+    assert caplog.text.count("no mask kept of 192 candidates") == 1  # once per generator
+    assert "pred_iou_thresh=0.88" in caplog.text
+    caplog.clear()
+    own = SamAutomaticMaskGenerator(sam, points_per_side=8, pred_iou_thresh=0.4, stability_score_thresh=0.85)
+    records = own.generate(image)
+    assert records and own.counts["kept"] == len(records) <= own.counts["passed_stability"] <= own.counts["passed_iou"]
+    assert "no mask kept" not in caplog.text

@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import storage
+from pipeline.dataset.filters import MaskFilter
 from pipeline.dataset.listing import committed_shards
 from pipeline.dataset.shards import iter_shard
 from pipeline.models import registry
@@ -58,6 +59,7 @@ def run(cfg: DictConfig) -> dict:
     config.update(init_checkpoint=init, base_sha256=model_identity(base) if base else None)
     data_files = committed_shards(config["data"]["shards"]) if config["data"]["shards"] else []
     config["data"]["holdout_fraction"] = holdout_fraction(config["data"], data_files)
+    check_mask_filter(config["data"], data_files)
     log.info("retrain %s: tune %s from %s, %d steps of %d images, lr %g (%s)", version, spec.mode, init or "scratch",
              config["steps"], config["batch_size"], config["optim"]["lr"], _data_line(config["data"], data_files))
 
@@ -76,6 +78,38 @@ def run(cfg: DictConfig) -> dict:
         )
     log.info("registered %s: %s", version, summary)
     return summary
+
+
+FILTER_SAMPLE_SHARDS = 20  # the filter's share is counted on at most this many shards
+FILTER_WARN_SHARE = 0.1    # a filter that keeps less than this share of the masks warns
+
+
+def check_mask_filter(data: dict[str, Any], shards: list[str]) -> dict[str, int]:
+    """Counts the shards' masks the data filter keeps (on the first FILTER_SAMPLE_SHARDS
+    shards) and says so: a warning with the numbers and the settings when it keeps less
+    than FILTER_WARN_SHARE of them, an error when it keeps none and nothing else trains.
+    Returns {"masks", "kept"}."""
+    if not shards:
+        return {"masks": 0, "kept": 0}
+    masks = MaskFilter.of(data)
+    sample = shards[:FILTER_SAMPLE_SHARDS]
+    for url in sample:
+        for item in iter_shard(url, images=False):
+            masks(item.record.get("annotations", []))
+    total, kept = masks.kept + masks.dropped, masks.kept
+    where = f"{len(sample)} of {len(shards)} shards" if len(sample) < len(shards) else f"{len(shards)} shard(s)"
+    setting = (f"stage.data.pred_iou_thresh={data['pred_iou_thresh']}, "
+               f"stage.data.stability_score_thresh={data['stability_score_thresh']}")
+    log.info("retrain data: the mask filter (%s) keeps %d of the %d masks in %s", setting, kept, total, where)
+    others = synthetic_enabled(data) or bool(data["coco"]["annotations"])
+    if total and kept == 0 and not others:
+        raise ValueError(f"the mask filter ({setting}) keeps none of the {total} masks in {where}: nothing to "
+                         "train on. Lower or unset (null: keep what the dataset kept) those thresholds")
+    if total and kept < FILTER_WARN_SHARE * total:
+        log.warning("the mask filter (%s) keeps only %d of %d masks (%.1f%%) in %s; the dataset's own thresholds "
+                    "are in its config.yaml (amg.*): set these to null to train on every mask it kept",
+                    setting, kept, total, 100 * kept / total, where)
+    return {"masks": total, "kept": kept}
 
 
 MIN_HOLDOUT_IMAGES = 5  # fewer annotated images than this: all train (a share of them could be all of them)
