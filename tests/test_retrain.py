@@ -308,3 +308,20 @@ def test_the_mask_filter_says_what_it_keeps_and_refuses_to_keep_nothing(tmp_path
     assert "stage.data.pred_iou_thresh=1.01" in caplog.text
     with pytest.raises(ValueError, match=f"keeps none of the {total} masks"):
         check_mask_filter(data(1.5, None), shards)
+
+
+def test_eval_reads_input_as_ground_truth_and_training_stages_refuse_it(tmp_path, compose_config):
+    """eval input=<COCO folder> measures on it (not on the synthetic test split);
+    stages that do not read input= refuse one instead of ignoring it."""
+    from pipeline.truth.pools import write_scenes
+
+    folder = tmp_path / "coco"
+    write_scenes(folder, 2, (128, 128), domain="microscopy")
+    result = run_stage(compose_config("+stage=eval", f"input={folder}", f"output={tmp_path / 'out'}",
+                                      "stage.num_images=2", "stage.automatic=false"))
+    assert result["source"] == "coco" and result["images"] == 2
+    with pytest.raises(ValueError, match="expected a COCO folder"):
+        run_stage(compose_config("+stage=eval", f"input={tmp_path}", f"output={tmp_path / 'out'}"))
+    for stage in ("retrain", "detector", "engine", "verifier"):
+        with pytest.raises(ValueError, match=f"{stage} does not read input="):
+            run_stage(compose_config(f"+stage={stage}", f"input={folder}", f"output={tmp_path / stage}"))

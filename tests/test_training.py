@@ -342,3 +342,17 @@ def test_a_loss_at_the_logits_own_resolution_warns(tiny_sam, loss_size, warns):
         warnings.simplefilter("always")
         InteractiveSam(tiny_sam, InteractiveConfig(loss_size=loss_size))
     assert any("loss_size" in str(w.message) for w in caught) == warns
+
+
+def test_training_progress_lines_carry_the_time_left():
+    """The first step's line is the run's estimate; a short run still gets lines (at most
+    a tenth of the run apart), and the last step always has one."""
+    from pipeline.training.trainer import StepProgress
+
+    progress = StepProgress("retrain", 0, 30, every=50)
+    due = [done for done in range(1, 31) if progress.due(done)]
+    assert due == [1, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    line = progress.line(1, "loss 0.5")
+    assert line.startswith("[retrain] step 1/30 loss 0.5 | ") and line.endswith(" left") and "s/step" in line
+    resumed = StepProgress("detector", 100, 200, every=10)
+    assert resumed.due(101) and resumed.due(110) and not resumed.due(105) and resumed.due(200)

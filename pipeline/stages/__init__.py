@@ -7,12 +7,14 @@ before a stage runs, so a config cannot make us execute arbitrary code.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from pipeline.config.guard import check_config
 from pipeline.config.paths import resolve_paths
 from pipeline.models.download import ensure_checkpoint
+from pipeline.paths import PROJECT_ROOT
 
 STAGES = {
     "fully_auto": "pipeline.stages.fully_auto",
@@ -30,6 +32,16 @@ STAGES = {
     "augment": "pipeline.stages.augment",
     "engine": "pipeline.stages.engine",
 }
+
+# Stages that do not read input=, and where their data goes instead: an input= given to
+# them is refused rather than silently ignored.
+NO_INPUT = {
+    "retrain": "stage.data.shards=<dataset> or stage.data.coco.annotations=<json> stage.data.coco.image_dir=<dir>",
+    "detector": "stage.data.datasets=<dataset>[,...]",
+    "verifier": "its synthetic scenes (stage.synthetic.*) or stage.decisions=<table>",
+    "engine": "stage.scenes.domain=... or stage.scenes.coco.annotations=<json> (the engine makes its own pools)",
+}
+DEFAULT_INPUT = PROJECT_ROOT / "sample" / "images"  # conf/config.yaml's: no input= given
 
 # Stages that load cfg.model (the others never fetch it, e.g. validate with model=vit_h).
 USES_MODEL = {"fully_auto", "eval", "loop", "annotate", "semi_auto", "box_prompts", "engine", "verifier"}
@@ -49,6 +61,8 @@ def run_stage(cfg: DictConfig) -> dict:
         raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
     module = importlib.import_module(STAGES[name])
     cfg = resolve_paths(cfg)
+    if name in NO_INPUT and "input" in cfg and Path(str(cfg.input)) != DEFAULT_INPUT:
+        raise ValueError(f"{name} does not read input= (got {cfg.input}); its data: {NO_INPUT[name]}")
     if name in USES_MODEL and "model" in cfg:
         ensure_checkpoint(cfg.model)  # an official checkpoint not here yet: fetched into the cache
     return module.run(cfg)

@@ -30,7 +30,7 @@ from pipeline.models.detector import BoxSample
 from pipeline.training import checkpoints
 from pipeline.training.optim import cosine_factor
 from pipeline.training.registration import register
-from pipeline.training.trainer import TRAIN_RUNS_DIR, run_url, say, train_to_checkpoint
+from pipeline.training.trainer import TRAIN_RUNS_DIR, StepProgress, run_url, say, train_to_checkpoint
 from pipeline.truth.synthetic import make_scene, scene_seeds
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = training_stream(config["data"], rank, world, start, int(config["batch_size"]))
     end = min(steps, int(config.get("stop_at_step") or steps))
     say(f"[detector] worker {rank}/{world} on {device}, steps {start}..{end} of {steps}")
+    progress = StepProgress("detector", start, end, int(config["log_every"]))
     for step in range(start, end):
         t0 = time.perf_counter()
         batch = next(stream)
@@ -180,8 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         history.append(record)
-        if rank == 0 and (step + 1) % int(config["log_every"]) == 0:
-            say(f"[detector] step {step + 1}/{steps} loss {record['loss']:.4f} {record['seconds']:.2f}s")
+        if rank == 0 and progress.due(step + 1):
+            say(progress.line(step + 1, f"loss {record['loss']:.4f}"))
         if (step + 1) % int(config["checkpoint_every"]) == 0 or step + 1 == end:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             state = {"step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

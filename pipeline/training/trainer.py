@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import fields
 from typing import Any, Callable
 
@@ -25,6 +26,35 @@ def say(line: str) -> None:
     a logger that also ends on stdout, so every line would show twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+class StepProgress:
+    """Progress lines of a training loop, with the time per step and the time left: the
+    first step's line is the run's estimate, then every ``every`` steps (at most a tenth
+    of the run apart, so a short run still shows some) and the last."""
+
+    def __init__(self, label: str, start: int, end: int, every: int) -> None:
+        self.label, self.start, self.end = label, start, end
+        self.every = max(1, min(int(every), max(1, (end - start) // 10)))
+        self.t0 = time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        """Whether step ``done`` (1-based) gets a line."""
+        return done - self.start == 1 or done % self.every == 0 or done == self.end
+
+    def line(self, done: int, text: str) -> str:
+        per_step = (time.perf_counter() - self.t0) / max(1, done - self.start)
+        left = (self.end - done) * per_step
+        return (f"[{self.label}] step {done}/{self.end} {text} | {per_step:.2f} s/step, "
+                f"{_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def run_url(output: str, name: str) -> str:

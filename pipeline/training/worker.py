@@ -22,7 +22,7 @@ from pipeline.models.loader import is_tuned, load_sam, read_tuned
 from pipeline.training import checkpoints
 from pipeline.training.optim import make_optimizer, make_scheduler
 from pipeline.training.stream import to_batch, training_stream
-from pipeline.training.trainer import say
+from pipeline.training.trainer import StepProgress, say
 from sam_core.checkpoint import load_official_state
 from sam_core.training import (
     ENCODER_MODES,
@@ -160,6 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # stop_at_step ends this invocation early without changing the schedule, e.g. to
     # train in time slices on a shared machine; rerunning the version continues it.
     end = min(steps, int(config["stop_at_step"] or steps))
+    progress = StepProgress("retrain", start, end, int(config["log_every"]))
     for step in range(start, end):
         t0 = time.perf_counter()
         batch = None
@@ -174,10 +175,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
         out.update(step=step + 1, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
         history.append(out)
-        if (step + 1) % int(config["log_every"]) == 0 and rank == 0:
+        if rank == 0 and progress.due(step + 1):
             cached = f" cache {cache.hits}/{cache.hits + cache.misses}" if cache else ""
-            say(f"[retrain] step {step + 1}/{steps} loss {out['loss']:.4f} iou_first "
-                f"{out['iou_first']:.3f} iou_last {out['iou_last']:.3f} {out['seconds']:.2f}s{cached}")
+            say(progress.line(step + 1, f"loss {out['loss']:.4f} iou_first {out['iou_first']:.3f} "
+                                        f"iou_last {out['iou_last']:.3f}{cached}"))
         if (step + 1) % every == 0 or step + 1 == end:
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             gens = _gather_generator_states(generator, world)
