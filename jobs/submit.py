@@ -54,7 +54,19 @@ def runtime_env(path: Path) -> dict:
     # A relative working_dir means the checkout this script lives in.
     if env.get("working_dir") in (".", None):
         env["working_dir"] = str(PROJECT_ROOT)
+    # Nothing git ignores is uploaded either (outputs, runs, virtual environments: a
+    # working dir over Ray's upload limit fails with HTTP 413).
+    env["excludes"] = sorted(set(env.get("excludes") or []) | set(gitignored()))
     return env
+
+
+def gitignored() -> list[str]:
+    """The patterns of the checkout's .gitignore (Ray's excludes take the same syntax)."""
+    ignore = PROJECT_ROOT / ".gitignore"
+    if not ignore.is_file():
+        return []
+    lines = (line.strip() for line in ignore.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith(("#", "!"))]
 
 
 def follow_logs(client: JobSubmissionClient, job_id: str) -> JobStatus:

@@ -30,6 +30,9 @@ def main(cfg: DictConfig) -> None:
     summary = run_stage(cfg)
     if summary:
         log.info("%s finished: %s", cfg.stage.name, summary)
+    # The last line a person reads: where the result is (the default output is Hydra's run
+    # folder, whose name they could not have guessed).
+    print(f"{cfg.stage.name}: output in {cfg.output}", flush=True)
 
 
 def redact_hydra_record(cfg: DictConfig, keys: tuple[str, ...]) -> None:

@@ -255,3 +255,12 @@ def test_no_placeable_actor_fails_with_a_clear_error_instead_of_hanging(ray_loca
     finally:
         scheduler.close()
     assert time.monotonic() - start < 30
+
+
+def test_job_uploads_leave_out_what_git_ignores():
+    """The working dir a job uploads excludes outputs, runs and virtual environments
+    (everything in .gitignore): a checkout with runs/ would exceed Ray's upload limit."""
+    from jobs.submit import DEFAULT_RUNTIME_ENV, runtime_env
+
+    excludes = set(runtime_env(DEFAULT_RUNTIME_ENV)["excludes"])
+    assert {"runs/", "outputs/", ".venv/", "venv/", ".ci-venv/", ".git"} <= excludes
