@@ -316,3 +316,17 @@ def test_stats_from_s3_into_s3(s3_env, tmp_path, monkeypatch):
     fs.invalidate_cache()
     assert fs.exists("stats-bucket/elsewhere/stats/images.parquet")
     assert "s3://stats-bucket/dataset/shards/*.tar" in fs.cat_file("stats-bucket/elsewhere/README.md").decode()
+
+
+def test_the_report_says_when_a_dataset_was_made_unlike_sa1b():
+    from pipeline.stats.report import SA1B_SETTINGS, settings_notes
+
+    quickstart = {"amg": {**SA1B_SETTINGS, "pred_iou_thresh": 0.4, "stability_score_thresh": 0.85,
+                          "crop_n_layers": 0}, "model_family": "sam"}
+    (note,) = settings_notes(quickstart)
+    assert "pred_iou_thresh 0.4 (SA-1B: 0.88)" in note and "crop_n_layers 0 (SA-1B: 2)" in note
+    assert "min_mask_region_area" not in note
+    assert settings_notes({"amg": {**SA1B_SETTINGS, "pred_iou_thresh": None}, "model_family": "sam"}) == []
+    (sam2,) = settings_notes({"amg": {**SA1B_SETTINGS, "pred_iou_thresh": None}, "model_family": "sam2"})
+    assert "pred_iou_thresh 0.8 (SA-1B: 0.88)" in sam2
+    assert settings_notes(None) == [] and settings_notes({"stage": {}}) == []

@@ -14,6 +14,7 @@ import logging
 import posixpath
 import time
 
+import yaml
 from omegaconf import DictConfig
 
 from pipeline import storage
@@ -73,7 +74,10 @@ def run(cfg: DictConfig) -> dict:
         _commit(fs, storage.join(figures_dir, f"{report.FIGURE_STEMS[caption]}.png"), png)
     report_path = storage.join(stats_dir, "report.html")
     title = posixpath.basename(dataset.rstrip("/"))
-    _commit(fs, report_path, report.render(summary, title=title, pngs=pngs).encode("utf-8"))
+    notes = report.settings_notes(_recorded_config(dataset))
+    for note in notes:
+        log.warning("%s", note)
+    _commit(fs, report_path, report.render(summary, title=title, pngs=pngs, notes=notes).encode("utf-8"))
     card_url = (card.write(output, dataset, summary, license=str(stage.license), shards=shards)
                 if stage.card else None)
     # Printed, not only logged: the throughput is a figure people quote.
@@ -93,3 +97,13 @@ def run(cfg: DictConfig) -> dict:
         "report": storage.url(fs, report_path),
         "card": card_url,
     }
+
+
+def _recorded_config(dataset: str) -> dict | None:
+    """The dataset's config.yaml (what made it), read without resolvers; None if absent."""
+    fs, root = storage.filesystem(dataset)
+    path = storage.join(root, "config.yaml")
+    if not fs.isfile(path):
+        return None
+    loaded = yaml.safe_load(fs.cat_file(path))
+    return loaded if isinstance(loaded, dict) else None

@@ -171,10 +171,36 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
             for label, ours, theirs in rows]
 
 
-def render(summary: dict[str, Any], title: str, pngs: dict[str, bytes] | None = None) -> str:
-    """One self-contained HTML page: summary table, figures (``pngs`` from
-    ``figure_pngs``, rendered here when not given), definitions."""
+# The generator settings of the released SA-1B masks (paper; conf/amg/sa1b.yaml).
+SA1B_SETTINGS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+                 "crop_n_layers": 2, "min_mask_region_area": 100, "max_mask_area_fraction": 0.95}
+FAMILY_PRED_IOU = {"sam": 0.88, "sam2": 0.8}  # what amg.pred_iou_thresh: null means
+
+
+def settings_notes(config: dict[str, Any] | None) -> list[str]:
+    """What differs between the generator settings a dataset recorded (its config.yaml)
+    and SA-1B's, as lines for the report; [] when they agree or nothing was recorded."""
+    amg = (config or {}).get("amg")
+    if not isinstance(amg, dict):
+        return []
+    values = dict(amg)
+    if values.get("pred_iou_thresh") is None:
+        values["pred_iou_thresh"] = FAMILY_PRED_IOU.get(str((config or {}).get("model_family", "sam")), 0.88)
+    differences = [f"{key} {values.get(key)} (SA-1B: {sa1b})" for key, sa1b in SA1B_SETTINGS.items()
+                   if key in values and values.get(key) != sa1b]
+    if not differences:
+        return []
+    return [f"This dataset was made with other generator settings than SA-1B's: {'; '.join(differences)}. "
+            "Its distributions are not comparable with SA-1B's one to one (lower thresholds keep more, "
+            "rougher masks; without crops, fewer small ones)."]
+
+
+def render(summary: dict[str, Any], title: str, pngs: dict[str, bytes] | None = None,
+           notes: list[str] | None = None) -> str:
+    """One self-contained HTML page: notes (``settings_notes``), summary table, figures
+    (``pngs`` from ``figure_pngs``, rendered here when not given), definitions."""
     pngs = figure_pngs(summary) if pngs is None else pngs
+    note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes or [])
     rows = "\n".join(
         f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
         for a, b, c in summary_rows(summary))
@@ -192,8 +218,10 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 td:nth-child(n+2) {{ text-align: right; }}
 figure {{ display: inline-block; margin: 8px; vertical-align: top; }}
 figcaption {{ text-align: center; font-size: 90%; }}
+.note {{ background: #fff4e0; border-left: 4px solid #e69500; padding: 6px 10px; }}
 </style></head><body>
 <h1>Dataset statistics: {html.escape(title)}</h1>
+{note_html}
 <h2>Summary</h2>
 <table><tr><th></th><th>This dataset</th><th>SA-1B (published)</th></tr>
 {rows}
