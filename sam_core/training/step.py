@@ -78,7 +78,7 @@ class InteractiveSam(nn.Module):
         if batch.embeddings is not None:
             embeddings, high_res = batch.embeddings, batch.high_res or []
         else:
-            embeddings, high_res = sam.encode(encoder_input(sam, batch))
+            embeddings, high_res = encode(sam, encoder_input(sam, batch))
         image_pe = sam.prompt_encoder.get_dense_pe()
         totals: dict[str, torch.Tensor] = {}
         count = 0
@@ -124,7 +124,7 @@ class InteractiveSam(nn.Module):
             pts = torch.cat([first_points[:, None], coords[point_idx]], dim=1)
             first = torch.ones(len(point_idx), 1, dtype=labels.dtype, device=labels.device)
             lbl = torch.cat([first, labels[point_idx]], dim=1)
-            if pe.boxes_as_points and len(box_idx):
+            if getattr(pe, "boxes_as_points", False) and len(box_idx):  # official SAM 1: no such flag
                 pts = torch.cat([pts, pts.new_zeros(len(point_idx), 1, 2)], dim=1)
                 lbl = torch.cat([lbl, lbl.new_full((len(point_idx), 1), -1)], dim=1)
             s, d = pe(points=(pts, lbl), boxes=None, masks=None if mask_input is None else mask_input[point_idx])
@@ -192,13 +192,15 @@ class InteractiveSam(nn.Module):
             for idx, multimask in groups:
                 if len(idx) == 0:
                     continue
+                # Only SAM 2 takes high-resolution maps; the official SAM 1 decoder has no such argument.
+                extra = {"high_res_features": high_res} if high_res else {}
                 low_res, iou_pred = sam.mask_decoder(
                     image_embeddings=embedding,
                     image_pe=image_pe,
                     sparse_prompt_embeddings=sparse[idx],
                     dense_prompt_embeddings=dense[idx],
                     multimask_output=multimask,
-                    high_res_features=high_res,
+                    **extra,
                 )
                 losses = self._losses(low_res, iou_pred, targets[idx], loss_size, train_iou)
                 for name, value in zip(_SUMMED, (losses.loss, losses.focal, losses.dice, losses.iou)):
@@ -241,6 +243,14 @@ class InteractiveSam(nn.Module):
         # Upsampled logits of every round would otherwise all stay in memory until
         # backward (11 rounds x M x 3 x S x S); recomputing them there is cheap.
         return MaskLosses(*checkpoint(compute, low_res, iou_pred, use_reentrant=False))
+
+
+def encode(sam: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Image embeddings and SAM 2's high-resolution maps (none for SAM 1), for our models
+    and for the official ``segment_anything`` one, which has no ``encode``."""
+    if hasattr(sam, "encode"):
+        return sam.encode(images)
+    return sam.image_encoder(images), []
 
 
 def encoder_input(sam: nn.Module, batch: Batch) -> torch.Tensor:
