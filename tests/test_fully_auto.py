@@ -140,6 +140,19 @@ def test_corpus_end_to_end_then_rerun_skips_everything(compose_config, image_fol
     assert again["units_skipped"] == 4 and again["units_committed"] == 0
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()} == before
 
+    # A dataset recorded before the SAM 2 settings existed resumes when they keep their
+    # "as before" values, and is refused when one of them would change what is made.
+    from pipeline.dataset.provenance import ConfigMismatch
+    old = OmegaConf.load(out / "config.yaml")
+    for key in ("use_m2m", "multimask_output", "mask_threshold"):
+        del old.amg[key]
+    del old.model_family
+    OmegaConf.save(old, out / "config.yaml")
+    assert run_stage(cfg)["units_skipped"] == 4
+    with pytest.raises(ConfigMismatch, match=r"amg.use_m2m: null \(recorded\) vs true \(this run\)"):
+        run_stage(compose_config(*overrides(inp, out, tiny_checkpoint, "stage.images_per_unit=5",
+                                            "stage.image.short_side=96", "amg.use_m2m=true")))
+
 
 def test_list_naming_missing_files(compose_config, tmp_path, tiny_checkpoint, ray_local):
     (tmp_path / "photos").mkdir()

@@ -7,6 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.config.compare import differences as changed
+from pipeline.config.compare import flatten
 from pipeline.config.paths import resolve_paths
 from pipeline.models import registry
 
@@ -43,16 +45,6 @@ def start_model(cfg: DictConfig, output: str, stage: str) -> str:
     return model
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: settings compared leaf by leaf."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 def settings(values: dict[str, Any], per_run: tuple[str, ...] = ()) -> dict[str, Any]:
     """``values`` flattened, without run control and without the keys starting with
     ``per_run`` (those the composing stage sets itself)."""
@@ -62,9 +54,7 @@ def settings(values: dict[str, Any], per_run: tuple[str, ...] = ()) -> dict[str,
 
 def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """One line per leaf that differs: ``key: <then> then, <now> now``."""
-    missing = object()
-    return [f"{k}: {before.get(k, missing)!r} then, {now.get(k, missing)!r} now".replace(repr(missing), "unset")
-            for k in sorted(set(before) | set(now)) if before.get(k, missing) != now.get(k, missing)]
+    return [f"{k}: {then!r} then, {current!r} now" for k, then, current in changed(before, now)]
 
 
 def shown(lines: list[str], limit: int = 10) -> str:

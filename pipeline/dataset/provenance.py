@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pipeline import storage
+from pipeline.config.compare import differences as changed
+from pipeline.config.compare import flatten
 from pipeline.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,9 @@ def record_or_check(
         return
     # Read without resolvers: a recorded value must never run anything (${oc.env:...}).
     saved = yaml.safe_load(fs.cat_file(path)) or {}
-    before, now = _flatten(identity(saved, fields, ignore)), _flatten(identity(config, fields, ignore))
-    differences = [
-        f"  {name}: {_show(before.get(name))} (recorded) vs {_show(now.get(name))} (this run)"
-        for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)
-    ]
+    before, now = flatten(identity(saved, fields, ignore)), flatten(identity(config, fields, ignore))
+    differences = [f"  {name}: {_show(then)} (recorded) vs {_show(current)} (this run)"
+                   for name, then, current in changed(before, now)]
     if not differences:
         return
     if not allow_change:
@@ -99,18 +99,6 @@ def record_or_check(
     count = len(fs.ls(history, detail=False)) if fs.isdir(history) else 0
     _write_yaml(fs, storage.join(history, f"{count + 1:06d}.yaml"), config)
     log.warning("%s: settings changed (allowed by stage.allow_config_change):\n%s", output, "\n".join(differences))
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"amg": {"a": 1}}`` -> ``{"amg.a": 1}``: differences are named leaf by leaf."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _select(config: Mapping[str, Any], dotted: str) -> Any:
