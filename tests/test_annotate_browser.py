@@ -319,3 +319,88 @@ def test_sam2_page_answers_as_the_decoder_in_python(browser, scenes, tmp_path, t
     # The output now holds a SAM 2 session's work: a SAM 1 session on it is refused.
     with pytest.raises(RuntimeError, match="model_family: 'sam2' recorded vs 'sam'"):
         Stage(tmp_path, root / "images", tmp_path / "out", "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}")
+
+
+def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
+    """On a dataset input (automatic masks to review): the header and the image list name
+    the source files; N with an unaccepted mask warns instead of dropping it; the candidate
+    buttons show predicted IoUs; H and O hide masks and change their opacity; R reviews the
+    automatic masks one by one; X exports the image's masks as COCO JSON that pycocotools
+    reads; a closed tab gives its image back at once; at the end of the queue the progress
+    counter is current."""
+    from tests.dataset_factory import make_dataset
+
+    dataset = make_dataset(tmp_path / "ds", num_shards=1, images_per_shard=2, masks_per_image=(3, 2),
+                           sizes=((96, 128), (96, 128)))
+    started = Stage(tmp_path, dataset.root, tmp_path / "out")
+    try:
+        context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True, accept_downloads=True)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(started.url)
+        page.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
+        view = page.evaluate("window.sam.state.view")
+        name = Path(view["source"]).name
+        assert name in page.inner_text("#image-name")
+        page.wait_for_function("document.querySelectorAll('#images li').length === 2")
+        assert name in page.inner_text("#images")
+
+        # A click: candidates with their predicted IoU; N does not drop the unaccepted mask.
+        page.mouse.click(*screen_point(page, 40.5, 40.5))
+        page.wait_for_function("window.sam.state.current && window.sam.state.current.mask", timeout=30_000)
+        assert re.fullmatch(r"\d · \d\.\d\d", page.inner_text("[data-candidate='1']"))
+        page.keyboard.press("n")
+        assert page.evaluate("window.sam.state.view.key") == view["key"]
+        assert "accept (Enter) or drop (Esc)" in page.inner_text("#status")
+        page.keyboard.press("Escape")
+
+        page.keyboard.press("h")
+        assert page.evaluate("window.sam.state.masksVisible") is False
+        page.keyboard.press("h")
+        page.keyboard.press("o")
+        assert page.evaluate("window.sam.state.opacity") == 0.6
+
+        # Review: accept the first automatic mask, delete the second, accept the third.
+        automatic = page.evaluate("window.sam.state.masks.filter(m => m.provenance === 'automatic').length")
+        assert automatic == 3
+        page.keyboard.press("r")
+        assert page.evaluate("window.sam.state.selected") == 0
+        press_and_wait_saved(page, "a")
+        assert page.evaluate("window.sam.state.selected") == 1  # the next automatic one, not left unseen
+        press_and_wait_saved(page, "Delete")
+        press_and_wait_saved(page, "a")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('review finished')")
+        provenances = page.evaluate("window.sam.state.masks.map(m => m.provenance)")
+        assert provenances == ["automatic_accepted", "automatic_accepted"]
+
+        with page.expect_download() as download:
+            page.keyboard.press("x")
+        coco = json.loads(Path(download.value.path()).read_text())
+        assert len(coco["annotations"]) == 2 and coco["images"][0]["file_name"] == name
+        for ann in coco["annotations"]:
+            rle = mask_utils.frPyObjects(ann["segmentation"], *ann["segmentation"]["size"])
+            assert mask_utils.area(rle) == ann["area"] > 0
+
+        press_and_wait_saved(page, "m")  # done: the next image opens
+        page.wait_for_function(f"window.sam.state.ready && window.sam.state.view.key !== '{view['key']}'")
+        second = page.evaluate("window.sam.state.view.key")
+        page.wait_for_function("document.querySelector('#images li.done, #images li.committed') !== null")
+        context.close()  # the tab closes: its lease on the second image is given back
+
+        other = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+        other.goto(started.url)
+        other.wait_for_function("window.sam && window.sam.state.ready", timeout=90_000)
+        assert other.evaluate("window.sam.state.view.key") == second  # not "no more images" for 120 s
+        other.keyboard.press("r")
+        for _ in range(3):  # the second image has 2 automatic masks
+            if not other.evaluate("window.sam.state.masks.some(m => m.provenance === 'automatic')"):
+                break
+            press_and_wait_saved(other, "a")
+        assert not other.evaluate("window.sam.state.masks.some(m => m.provenance === 'automatic')")
+        press_and_wait_saved(other, "m")
+        other.wait_for_function("document.querySelector('#status').textContent.includes('no more images')")
+        other.wait_for_function("document.querySelector('#progress').textContent.startsWith('2 / 2 done')")
+        assert not errors, errors
+    finally:
+        started.stop()

@@ -283,6 +283,11 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
     def progress() -> Progress:
         return Progress(**session.progress())
 
+    @app.get("/api/images")
+    def images(client: str | None = None) -> list[dict]:
+        """The queue: key, file name and status of every image (the page's image list)."""
+        return session.image_list(client)
+
     @app.post("/api/lease")
     def lease(body: LeaseRequest) -> ImageView | None:
         entry = session.lease(body.client, after=body.after, step=body.step, key=body.key)

@@ -4,6 +4,7 @@ image model, behind the operations the web API offers (``server.py`` maps them t
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -243,6 +244,26 @@ class Session:
 
     def release(self, key: str, client: str) -> None:
         self.leases.release(key, client)
+
+    def image_list(self, client: str | None = None) -> list[dict[str, Any]]:
+        """The queue for the page's image list: key, source file name, status (todo,
+        done, failed, committed, taken: leased to another annotator)."""
+        rows = []
+        for entry in self.queue.entries:
+            state = self.store.load(entry.key)
+            holder = self.leases.holder(entry.key)
+            if entry.unit in self.store.committed:
+                status = "committed"
+            elif state is not None and state.error:
+                status = "failed"
+            elif state is not None and state.done:
+                status = "done"
+            elif holder not in (None, client):
+                status = "taken"
+            else:
+                status = "todo"
+            rows.append({"key": entry.key, "name": posixpath.basename(entry.source.rstrip("/")), "status": status})
+        return rows
 
     # --- masks ---------------------------------------------------------------------------
     def state(self, key: str) -> ImageState:

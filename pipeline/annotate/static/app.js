@@ -15,6 +15,7 @@ const state = {
   selected: null,   // index into masks
   current: null,    // the mask being made or edited (see newCurrent)
   tool: "click", brush: 12, undo: [], redo: [],
+  masksVisible: true, opacity: 1, reviewing: false,
   zoom: { s: 1, tx: 0, ty: 0 }, space: false, drag: null,
   decoding: false, again: false, saving: Promise.resolve(), ready: false,
 };
@@ -102,6 +103,7 @@ function accept() {
       state.masks = state.masks.map((x, i) => (i === state.selected ? { ...x, provenance: "automatic_accepted", annotator: annotator() } : x));
       state.selected = null;
       refresh({ all: true }); save();
+      reviewNext();
     }
     return;
   }
@@ -125,6 +127,30 @@ function accept() {
   state.current = null; state.selected = null;
   refresh({ all: true, current: true });
   save();
+  if (old && old.provenance === "automatic") reviewNext();
+}
+
+// Review mode: the automatic masks one by one; accepting, fixing or deleting one selects
+// the next, so none is accepted unseen.
+function review() {
+  state.reviewing = true;
+  reviewNext();
+}
+
+function reviewNext() {
+  if (!state.reviewing) return;
+  const next = state.masks.findIndex((m) => m.provenance === "automatic");
+  // Shown once the save of the last decision is answered (its "saved" would hide it).
+  const say = (text) => state.saving.then((saved) => { if (saved !== false) status(text); });
+  if (next < 0) {
+    state.reviewing = false;
+    say("review finished: every automatic mask was accepted, fixed or deleted");
+    select(null);
+    return;
+  }
+  select(next);
+  const left = state.masks.filter((m) => m.provenance === "automatic").length;
+  say(`review: automatic mask ${next + 1}; ${left} left (A accept, click or brush to fix, Del delete)`);
 }
 
 function acceptAllAutomatic() {
@@ -139,10 +165,12 @@ function remove() {
   if (c && c.source === null) { remember(); state.current = null; refresh({ current: true }); return; }
   if (state.selected === null) return;
   remember();
+  const wasAutomatic = state.masks[state.selected].provenance === "automatic";
   state.masks = state.masks.filter((_, i) => i !== state.selected);
   state.selected = null; state.current = null;
   refresh({ all: true, current: true });
   save();
+  if (wasAutomatic) reviewNext();
 }
 
 function select(index) {
@@ -292,8 +320,15 @@ async function open(step, key) {
   try {
     view = await (await api("POST", "/api/lease", { client: state.client, after, step, key })).json();
   } catch (e) { status(`cannot open: ${e.message}`, true); return; }
-  if (!view) { status(step > 0 ? "no more images to annotate" : "no previous image"); return; }
+  if (!view) { status(step > 0 ? "no more images to annotate" : "no previous image"); updateProgress(); refreshImages(); return; }
   await show(view);
+}
+
+// N, P and the arrows leave the image: an unaccepted mask is not dropped silently.
+function leave(step) {
+  const c = state.current;
+  if (c && (c.prompted || c.edited)) { status("accept (Enter) or drop (Esc) the current mask first", true); return; }
+  open(step);
 }
 
 async function show(view) {
@@ -308,20 +343,83 @@ async function show(view) {
   state.decoder.setEmbedding(await response.arrayBuffer(), shapes);
   Object.assign(state, { view, image, H: view.height, W: view.width, selected: null, current: null, undo: [], redo: [] });
   state.masks = view.masks.map((m) => maskObject({ ...m }));
-  $("image-name").textContent = `${view.key} (${view.index + 1} / ${view.total})${view.done ? " · done" : ""}${view.editable ? "" : " · read-only"}`;
+  const name = view.source.split("/").pop();
+  $("image-name").textContent = `${name} · ${view.key} (${view.index + 1} / ${view.total})${view.done ? " · done" : ""}${view.editable ? "" : " · read-only"}`;
+  state.reviewing = false;
   fit();
   refresh({ all: true, current: true });
   updateProgress();
+  refreshImages();
   status(view.editable ? "ready: click an object" : "read-only: committed or taken by another annotator");
   if (view.dropped && view.dropped.length) status(`${view.dropped.length} input mask(s) of this image could not be shown: ${view.dropped[0]}`, true);
   state.ready = true;
+}
+
+// The queue with the source file names; a click opens an image.
+async function refreshImages() {
+  try {
+    const rows = await (await api("GET", `/api/images?client=${encodeURIComponent(state.client)}`)).json();
+    const current = state.view ? state.view.key : null;
+    $("images").replaceChildren(...rows.map((r) => {
+      const li = document.createElement("li");
+      li.textContent = `${r.name} · ${r.status}`;
+      li.title = r.key;
+      li.dataset.key = r.key;
+      li.className = `${r.status}${r.key === current ? " current" : ""}`;
+      if (r.status !== "taken" && r.key !== current) li.addEventListener("click", () => openKey(r.key));
+      return li;
+    }));
+    $("image-count").textContent = `(${rows.length})`;
+  } catch (e) { /* the next refresh will tell */ }
+}
+
+function openKey(key) {
+  const c = state.current;
+  if (c && (c.prompted || c.edited)) { status("accept (Enter) or drop (Esc) the current mask first", true); return; }
+  open(0, key);
+}
+
+// This image's masks as a COCO JSON file (uncompressed RLE, the annotation tool's own
+// fields kept), downloaded by the browser.
+function exportJson() {
+  const view = state.view;
+  if (!view) return;
+  const annotations = state.masks.map((m, i) => {
+    if (!m.counts) m.counts = encodeCounts(m.mask, state.H, state.W);
+    const area = m.counts.reduce((sum, run, r) => sum + (r % 2 ? run : 0), 0);
+    const [x0, y0, x1, y1] = m.box || [0, 0, 0, 0];
+    return { id: i + 1, image_id: view.image_id, category_id: 1, iscrowd: 0, area, bbox: [x0, y0, x1 - x0, y1 - y0],
+             segmentation: { size: [state.H, state.W], counts: m.counts }, provenance: m.provenance,
+             clicks: m.clicks || 0, strokes: m.strokes || 0, annotator: m.annotator || "" };
+  });
+  const coco = { images: [{ id: view.image_id, file_name: view.source.split("/").pop(), width: state.W, height: state.H }],
+                 annotations, categories: [{ id: 1, name: "object" }] };
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([JSON.stringify(coco)], { type: "application/json" }));
+  link.download = `${view.key}.json`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+  status(`exported ${annotations.length} mask(s) to ${link.download}`);
+}
+
+function toggleMasks() {
+  state.masksVisible = !state.masksVisible;
+  $("toggle-masks").textContent = state.masksVisible ? "Hide masks" : "Show masks";
+  refresh({ all: true });
+}
+
+function cycleOpacity() {
+  const steps = [1, 0.6, 0.3];
+  state.opacity = steps[(steps.indexOf(state.opacity) + 1) % steps.length];
+  $("opacity-value").textContent = `${Math.round(state.opacity * 100)}%`;
+  refresh({ all: true, current: true });
 }
 
 async function markDone() {
   if (state.current && (state.current.prompted || state.current.edited)) { status("accept (Enter) or drop (Esc) the current mask first", true); return; }
   const auto = state.masks.filter((m) => m.provenance === "automatic").length;
   if (auto) { status(`${auto} automatic mask(s) not reviewed: accept (A, Shift+A) or delete them`, true); return; }
-  if (await save(true)) await open(1);
+  if (await save(true)) { refreshImages(); await open(1); }
 }
 
 async function updateProgress() {
@@ -418,12 +516,13 @@ window.addEventListener("keydown", (event) => {
     c: () => setTool("click"), b: () => setTool("box"), d: () => setTool("brush"), e: () => setTool("eraser"), v: () => setTool("select"),
     1: () => pickCandidate(1), 2: () => pickCandidate(2), 3: () => pickCandidate(3),
     Enter: accept, a: accept, A: acceptAllAutomatic, Delete: remove, Backspace: remove,
-    Escape: () => { state.current = null; state.selected = null; refresh({ all: true, current: true }); },
+    Escape: () => { state.current = null; state.selected = null; state.reviewing = false; refresh({ all: true, current: true }); },
     Tab: () => select(state.masks.length ? ((state.selected ?? -1) + 1) % state.masks.length : null),
     "[": () => { state.brush = Math.max(1, Math.round(state.brush / 1.25)); $("brush-size").textContent = state.brush; },
     "]": () => { state.brush = Math.min(400, Math.round(state.brush * 1.25) + 1); $("brush-size").textContent = state.brush; },
     "+": () => zoomAt(1.25, ...centre()), "=": () => zoomAt(1.25, ...centre()), "-": () => zoomAt(0.8, ...centre()), 0: fit,
-    n: () => open(1), ArrowRight: () => open(1), p: () => open(-1), ArrowLeft: () => open(-1), m: markDone,
+    n: () => leave(1), ArrowRight: () => leave(1), p: () => leave(-1), ArrowLeft: () => leave(-1), m: markDone,
+    h: toggleMasks, o: cycleOpacity, r: review, x: exportJson,
     " ": () => { state.space = true; },
   };
   const action = actions[key];
@@ -432,6 +531,19 @@ window.addEventListener("keydown", (event) => {
 document.querySelectorAll("[data-tool]").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
 document.querySelectorAll("[data-candidate]").forEach((b) => b.addEventListener("click", () => pickCandidate(Number(b.dataset.candidate))));
 $("annotator").addEventListener("change", (e) => localStorage.setItem("sam-annotator", e.target.value.trim()));
+$("toggle-masks").addEventListener("click", toggleMasks);
+$("opacity").addEventListener("click", cycleOpacity);
+$("review").addEventListener("click", review);
+$("export").addEventListener("click", exportJson);
+
+// A closed tab gives its image back at once (not after the lease runs out), so a fresh
+// page does not find the queue empty. keepalive lets the request outlive the page.
+window.addEventListener("pagehide", () => {
+  const view = state.view;
+  if (!view || !view.editable) return;
+  fetch("/api/release", { method: "POST", keepalive: true, headers: { "Content-Type": "application/json" },
+                          body: JSON.stringify({ client: state.client, key: view.key, version: view.version }) });
+});
 
 // Renews the lease while the page is open, so that nobody else gets this image.
 function heartbeat() {

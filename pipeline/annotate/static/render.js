@@ -26,16 +26,21 @@ export class Renderer {
       const editing = state.current && state.current.source;
       const items = state.masks.map((m, i) => ({
         mask: m.mask, counts: m.counts, box: m.box, rgb: m.provenance === "automatic" ? [240, 195, 109] : colour(i),
-        alpha: i === state.selected ? 170 : m.provenance === "automatic" ? 90 : 115,
-      })).filter((_, i) => state.masks[i].uid !== editing);
+        alpha: Math.round((i === state.selected ? 170 : m.provenance === "automatic" ? 90 : 115) * state.opacity),
+      })).filter((_, i) => state.masks[i].uid !== editing && (state.masksVisible || i === state.selected));
       paint(this.overlayAll, items, H, W);
       this.listMasks();
     }
     if (dirty.current) {
       const c = state.current;
-      paint(this.overlayCurrent, c && c.mask ? [{ mask: c.mask, box: bounds(c.mask, H, W), rgb: [64, 224, 255], alpha: 150, edge: true }] : [], H, W);
+      paint(this.overlayCurrent, c && c.mask ? [{ mask: c.mask, box: bounds(c.mask, H, W), rgb: [64, 224, 255], alpha: Math.round(150 * state.opacity), edge: true }] : [], H, W);
       $("candidates").hidden = !(c && c.candidate !== null);
-      document.querySelectorAll("[data-candidate]").forEach((b) => b.classList.toggle("active", c && Number(b.dataset.candidate) === c.candidate));
+      document.querySelectorAll("[data-candidate]").forEach((b) => {
+        const n = Number(b.dataset.candidate);
+        b.classList.toggle("active", c && n === c.candidate);
+        // Each candidate with the model's predicted IoU for it.
+        b.textContent = c && c.result ? `${n} · ${c.result.scores[n].toFixed(2)}` : `${n}`;
+      });
     }
     dirty.all = dirty.current = false;
     const dpr = window.devicePixelRatio || 1;
