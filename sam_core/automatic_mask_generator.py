@@ -59,6 +59,7 @@ from .utils.regions import fill_small_regions
 log = logging.getLogger(__name__)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+PROMPTING = ("grid", "adaptive", "objects")
 FAMILY_PRED_IOU_THRESH = {"sam": 0.88, "sam2": 0.8}  # the official generators' defaults
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -115,6 +116,9 @@ class SamAutomaticMaskGenerator:
         use_m2m: bool = False,
         multimask_output: bool = True,
         mask_threshold: Optional[float] = None,
+        prompting: str = "grid",
+        adaptive_levels: int = 2,
+        max_mask_memory_mb: int = 512,
     ) -> None:
         """See the official documentation for every parameter but these:
 
@@ -128,6 +132,16 @@ class SamAutomaticMaskGenerator:
         use_m2m, multimask_output, mask_threshold: as in SAM 2's generator (one more
             decoder pass with each candidate's own low-res mask as input; one output per
             point instead of three; the logit threshold, None: the model's).
+        prompting: "grid" (the official generator: every grid point is a prompt),
+            "adaptive" (coarse to fine over the same grid: ``adaptive_levels`` levels,
+            every 2^k-th row and column, k = levels-1 .. 0; a finer level only where the
+            masks kept so far leave gaps next to prompts that found something) or
+            "objects" (``generate(image, boxes=...)``: the boxes are prompts first, then
+            ``adaptive`` points for what they leave uncovered). Masks from a box are
+            recorded with ``prompt_box`` (XYWH) and no ``point_coords``.
+        max_mask_memory_mb: the full-size logits and masks of a decoder batch are made a
+            few at a time within this budget, so memory does not grow with the image
+            (masks go to RLE as they are made). Changes no mask.
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
@@ -135,6 +149,12 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"Unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
         if precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {precision!r}; expected one of {tuple(PRECISIONS)}")
+        if prompting not in PROMPTING:
+            raise ValueError(f"Unknown prompting {prompting!r}; expected one of {PROMPTING}")
+        if adaptive_levels < 1:
+            raise ValueError(f"adaptive_levels must be >= 1, got {adaptive_levels}")
+        if max_mask_memory_mb < 1:
+            raise ValueError(f"max_mask_memory_mb must be >= 1, got {max_mask_memory_mb}")
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
         if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
@@ -148,6 +168,9 @@ class SamAutomaticMaskGenerator:
                 raise ValueError(f"point_grids needs crop_n_layers + 1 = {crop_n_layers + 1} grids, "
                                  f"got {len(point_grids)}")
             self.point_grids = [np.asarray(g, dtype=float) for g in point_grids]
+            if prompting != "grid" and any(round(np.sqrt(len(g))) ** 2 != len(g) for g in self.point_grids):
+                raise ValueError(f"prompting={prompting!r} refines a square n x n grid, row-major, as "
+                                 "points_per_side builds; some point_grids are not square")
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = FAMILY_PRED_IOU_THRESH[model.family] if pred_iou_thresh is None else pred_iou_thresh
@@ -165,6 +188,9 @@ class SamAutomaticMaskGenerator:
         self.use_m2m = use_m2m
         self.multimask_output = multimask_output
         self.mask_threshold = model.mask_threshold if mask_threshold is None else mask_threshold
+        self.prompting = prompting
+        self.adaptive_levels = adaptive_levels
+        self.chunk_bytes = max_mask_memory_mb * 2**20
         # What the filters did in the last ``generate`` (candidates, passed_iou,
         # passed_stability, kept, best_iou, best_stability), so nothing is dropped silently.
         self.counts: Dict[str, float] = {}
@@ -185,8 +211,9 @@ class SamAutomaticMaskGenerator:
         return cls(model, **{**AMG_PRESETS[preset], **overrides})
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
-        """Generates masks for an HxWx3 uint8 RGB image.
+    def generate(self, image: np.ndarray, boxes: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+        """Generates masks for an HxWx3 uint8 RGB image (and, with prompting="objects",
+        its ``boxes``: N x 4 XYXY in image pixels, e.g. a detector's; may be empty).
 
         Returns one dict per mask:
           segmentation: HxW bool array (binary_mask), or an RLE dict {'size': [h, w],
@@ -197,12 +224,15 @@ class SamAutomaticMaskGenerator:
           predicted_iou (float): the model's own quality estimate;
           point_coords (list[list[float]]): the prompt point, image pixels;
           stability_score (float): IoU of the mask thresholded at +/- offset;
-          crop_box (list): the crop that produced the mask, XYWH.
+          crop_box (list): the crop that produced the mask, XYWH;
+          prompt_box (list, prompting="objects"): the box prompt, XYWH (point_coords empty).
+        self.counts["prompts"] says how many prompts went through the decoder.
         """
         image = as_rgb_uint8(image)
-        self.counts = dict.fromkeys(("candidates", "passed_iou", "passed_stability"), 0)
+        boxes = self._check_boxes(boxes, image.shape[:2])
+        self.counts = dict.fromkeys(("prompts", "candidates", "passed_iou", "passed_stability"), 0)
         self.counts.update(best_iou=float("-inf"), best_stability=float("-inf"))
-        data = self._generate_masks(image)
+        data = self._generate_masks(image, boxes)
         if self.min_mask_region_area > 0 and self.predictor.model.family == "sam":
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -211,6 +241,22 @@ class SamAutomaticMaskGenerator:
         self.counts["kept"] = len(data)
         self._warn_if_all_filtered()
         return [self._record(data, i) for i in range(len(data))]
+
+    def _check_boxes(self, boxes: Optional[np.ndarray], size: Tuple[int, int]) -> Optional[np.ndarray]:
+        """``boxes`` as float N x 4 XYXY clipped to the image, or an error naming the problem."""
+        if self.prompting != "objects":
+            if boxes is not None:
+                raise ValueError(f"boxes are prompts only with prompting='objects' (this generator: "
+                                 f"{self.prompting!r})")
+            return None
+        if boxes is None:
+            raise ValueError("prompting='objects' needs boxes= (N x 4 XYXY, image pixels; may be empty)")
+        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
+        if np.ndim(boxes) != 2 and np.size(boxes) or not np.isfinite(arr).all():
+            raise ValueError(f"boxes must be N x 4 finite XYXY values, got shape {np.shape(boxes)}")
+        h, w = size
+        arr = np.clip(arr, 0, [w, h, w, h])
+        return arr[(arr[:, 2] > arr[:, 0]) & (arr[:, 3] > arr[:, 1])]
 
     def _warn_if_all_filtered(self) -> None:
         """Warns once per generator when its thresholds dropped every candidate."""
@@ -234,6 +280,13 @@ class SamAutomaticMaskGenerator:
             self.counts[best_name] = max(self.counts[best_name], float(best.max()))
 
     def _record(self, data: MaskData, i: int) -> Dict[str, Any]:
+        record = self._official_record(data, i)
+        if "prompt_boxes" in data and bool(torch.isfinite(data["prompt_boxes"][i]).all()):
+            record["point_coords"] = []
+            record["prompt_box"] = box_xyxy_to_xywh(data["prompt_boxes"][i].tolist())
+        return record
+
+    def _official_record(self, data: MaskData, i: int) -> Dict[str, Any]:
         rle = data["rles"][i]
         if self.output_mode == "coco_rle":
             segmentation: Any = coco_rle_to_json(rle)
@@ -251,14 +304,15 @@ class SamAutomaticMaskGenerator:
             "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i].tolist()),
         }
 
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
+    def _generate_masks(self, image: np.ndarray, boxes: Optional[np.ndarray] = None) -> MaskData:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskData()
         for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
             if crop_box[2] <= crop_box[0] or crop_box[3] <= crop_box[1]:
                 continue  # images a few pixels wide give empty crops in deep layers
-            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+            # The boxes prompt the whole image (layer 0); crops get the adaptive points.
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size, boxes if layer_idx == 0 else None))
         if len(crop_boxes) > 1 and len(data):
             # Between crops, prefer the mask from the smaller crop (finer detail).
             scores = 1 / box_area(data["crop_boxes"].float())
@@ -272,7 +326,8 @@ class SamAutomaticMaskGenerator:
         return data
 
     def _process_crop(
-        self, image: np.ndarray, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int]
+        self, image: np.ndarray, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int],
+        boxes: Optional[np.ndarray] = None,
     ) -> MaskData:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
@@ -283,11 +338,14 @@ class SamAutomaticMaskGenerator:
         self.predictor.high_res_features = [level.float() for level in self.predictor.high_res_features]
         points_for_crop = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         data = MaskData()
-        for (points,) in batch_iterator(self.points_per_batch, points_for_crop):
-            data.cat(self._process_batch(points, crop_size, crop_box, orig_size))
+        if self.prompting == "grid":
+            for (points,) in batch_iterator(self.points_per_batch, points_for_crop):
+                data.cat(self._process_batch(points, crop_size, crop_box, orig_size)[0])
+        else:
+            data = self._prompt_where_uncovered(points_for_crop, crop_size, crop_box, orig_size, boxes)
         self.predictor.reset_image()
         if not len(data):
-            return _empty(crop_box)
+            return _empty(crop_box, self.prompting == "objects")
         keep = batched_nms(
             data["boxes"].float(),
             data["iou_preds"],
@@ -297,29 +355,92 @@ class SamAutomaticMaskGenerator:
         data.filter(keep)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
+        if "prompt_boxes" in data:
+            data["prompt_boxes"] = uncrop_boxes_xyxy(data["prompt_boxes"], crop_box)
         data["crop_boxes"] = torch.tensor([crop_box] * len(data), dtype=torch.long)
         return data
 
-    def _process_batch(
-        self, points: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int]
+    def _prompt_where_uncovered(
+        self, grid: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int],
+        boxes: Optional[np.ndarray],
     ) -> MaskData:
-        orig_h, orig_w = orig_size
+        """``adaptive`` and ``objects`` prompting: the boxes first (objects), then the grid's
+        points coarse to fine: every 2^k-th row and column of the full grid, k =
+        adaptive_levels - 1 down to 0. The coarsest level prompts every point no box mask
+        covers; each finer level only the points that (a) no kept mask covers yet, and
+        (b) lie next to (within one coarse step of) a prompt that kept a mask: gaps where
+        something was found are filled in, stretches where the coarse prompts found nothing
+        are given up. "Covered" means by the finest (smallest) mask each prompt kept, not
+        its wholes: a point on a cup is not settled by the table's mask, so parts and
+        wholes are both still found. Every prompt is a point of the full grid (or a box)."""
+        n = int(round(np.sqrt(len(grid))))
+        h, w = crop_size
+        probe = (torch.as_tensor(np.clip(grid[:, 1].astype(np.int64), 0, h - 1)),
+                 torch.as_tensor(np.clip(grid[:, 0].astype(np.int64), 0, w - 1)))
+        covered = np.zeros(len(grid), bool)
+        data = MaskData()
+        if boxes is not None and len(boxes):
+            for (batch,) in batch_iterator(self.points_per_batch, boxes):
+                found, hit, _ = self._process_batch(None, crop_size, crop_box, orig_size, boxes=batch, probe=probe)
+                data.cat(found)
+                covered |= hit
+        index = np.arange(n * n).reshape(n, n)
+        prompted = np.zeros((n, n), bool)
+        productive = np.zeros((n, n), bool)  # prompts that kept at least one mask
+        for level in reversed(range(self.adaptive_levels)):
+            stride = 2**level
+            rows, cols = np.meshgrid(np.arange(stride // 2, n, stride), np.arange(stride // 2, n, stride),
+                                     indexing="ij")
+            rows, cols = rows.ravel(), cols.ravel()
+            eligible = ~prompted[rows, cols] & ~covered[index[rows, cols]]
+            if level < self.adaptive_levels - 1:
+                near = np.pad(productive, stride)  # one coarse step around each productive prompt
+                window = np.lib.stride_tricks.sliding_window_view(near, (2 * stride + 1, 2 * stride + 1))
+                eligible &= window.any(axis=(-1, -2))[rows, cols]
+            chosen = index[rows[eligible], cols[eligible]]
+            for (batch,) in batch_iterator(self.points_per_batch, chosen):
+                found, hit, kept = self._process_batch(grid[batch], crop_size, crop_box, orig_size, probe=probe)
+                data.cat(found)
+                covered |= hit
+                prompted.flat[batch] = True
+                productive.flat[batch[kept]] = True
+        return data
+
+    def _process_batch(
+        self, points: Optional[np.ndarray], crop_size: Tuple[int, int], crop_box: List[int],
+        orig_size: Tuple[int, int], boxes: Optional[np.ndarray] = None,
+        probe: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[MaskData, Optional[np.ndarray], np.ndarray]:
+        """The kept masks of one batch of point prompts (or, ``boxes``, XYXY box prompts in
+        the crop's pixels: one mask each, recorded with its ``prompt_boxes`` and a NaN point);
+        given ``probe`` (rows, columns of pixels of the crop), which of those pixels the
+        finest kept mask of each prompt covers; and which prompts kept a mask."""
         predictor = self.predictor
         model, device = predictor.model, predictor.device
-        in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=device)
-        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
         decoder = model.mask_decoder
         high_res = predictor.get_high_res_features()
-        sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+        if boxes is not None:
+            in_boxes = torch.as_tensor(predictor.transform.apply_boxes(boxes, crop_size), device=device,
+                                       dtype=torch.float)
+            sparse, dense = model.prompt_encoder(points=None, boxes=in_boxes, masks=None)
+            n_prompts, multimask = len(boxes), False
+            prompt_points = np.full((len(boxes), 2), np.nan)
+        else:
+            in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=device)
+            in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
+            sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None,
+                                                 masks=None)
+            n_prompts, multimask, prompt_points = len(points), self.multimask_output, points
+        self.counts["prompts"] = self.counts.get("prompts", 0) + n_prompts
         tokens, features = decoder.run_transformer(
             predictor.features[:1], model.prompt_encoder.get_dense_pe(), sparse, dense
         )
-        if self.multimask_output and not self.use_m2m:
+        if multimask and not self.use_m2m:
             iou_preds = decoder.iou_from_tokens(tokens)[:, 1:]  # the multimask outputs
-            n_prompts, n_out = iou_preds.shape
+            n_out = iou_preds.shape[1]
             data = MaskData(
                 iou_preds=iou_preds.flatten(),
-                points=torch.as_tensor(points.repeat(n_out, axis=0), device=device),
+                points=torch.as_tensor(prompt_points.repeat(n_out, axis=0), device=device),
                 prompt=torch.arange(n_prompts, device=device).repeat_interleave(n_out),
                 output=torch.arange(1, n_out + 1, device=device).repeat(n_prompts),
             )
@@ -328,21 +449,22 @@ class SamAutomaticMaskGenerator:
                 data.filter(data["iou_preds"] > self.pred_iou_thresh)
             self._tally("passed_iou", len(data))
             if not len(data):
-                return MaskData()
+                return MaskData(), self._coverage(None, probe), np.zeros(n_prompts, bool)
             # Only prompts with a surviving mask pay for upscaling and the hypernetworks.
             prompts, slot = torch.unique(data["prompt"], return_inverse=True)
             low_res = decoder.masks_from_tokens(tokens[prompts], features[prompts], high_res)[slot, data["output"]]
-            del data["prompt"], data["output"], tokens, features
+            del data["output"], tokens, features
         else:
-            # One answer per point, or every candidate refined: masks are needed for all.
+            # One answer per prompt, or every candidate refined: masks are needed for all.
             low_res, iou_preds = decoder.select(decoder.masks_from_tokens(tokens, features, high_res),
-                                                decoder.iou_from_tokens(tokens), self.multimask_output)
+                                                decoder.iou_from_tokens(tokens), multimask)
             n_out = iou_preds.shape[1]
             data = MaskData(iou_preds=iou_preds.flatten(),
-                            points=torch.as_tensor(points.repeat(n_out, axis=0), device=device))
+                            points=torch.as_tensor(prompt_points.repeat(n_out, axis=0), device=device),
+                            prompt=torch.arange(n_prompts, device=device).repeat_interleave(n_out))
             low_res = low_res.flatten(0, 1)
             del tokens, features
-            if self.use_m2m:
+            if self.use_m2m and boxes is None:
                 low_res, data["iou_preds"] = self._refine(in_points.repeat_interleave(n_out, dim=0), low_res)
             self._tally("candidates", len(data), data["iou_preds"], "best_iou")
             if self.pred_iou_thresh > 0.0:
@@ -351,10 +473,38 @@ class SamAutomaticMaskGenerator:
                 low_res = low_res[keep]
             self._tally("passed_iou", len(data))
             if not len(data):
-                return MaskData()
+                return MaskData(), self._coverage(None, probe), np.zeros(n_prompts, bool)
+        if self.prompting == "objects":  # every row says whether a box prompted it
+            prompt_boxes = torch.full((n_prompts, 4), float("nan"), device=device)
+            if boxes is not None:
+                prompt_boxes[:] = torch.as_tensor(boxes, dtype=torch.float, device=device)
+            data["prompt_boxes"] = prompt_boxes[data["prompt"]]
         if model.family == "sam2" and self.min_mask_region_area > 0:
             low_res = fill_small_regions(low_res, self.mask_threshold, self.min_mask_region_area,
                                          self.min_mask_region_area)
+        # Upsampled logits and full-size masks cost 5 bytes a pixel each: a few at a time,
+        # so one batch's memory does not grow with the image (6000x4000: 120 MB a mask).
+        orig_h, orig_w = orig_size
+        per_chunk = max(1, self.chunk_bytes // (5 * orig_h * orig_w))
+        kept, finest = MaskData(), []
+        productive = np.zeros(n_prompts, bool)
+        for start in range(0, len(data), per_chunk):
+            rows = torch.arange(start, min(start + per_chunk, len(data)), device=low_res.device)
+            part = MaskData(**{k: v[rows] for k, v in data.items()})
+            masks = self._finish(part, low_res[rows], crop_size, crop_box, orig_size)
+            if probe is not None and len(part):
+                finest.append(self._finest(part, masks, probe))
+            productive[part["prompt"].cpu().numpy()] = True
+            del part["prompt"]
+            kept.cat(part)
+        return kept, self._coverage(finest, probe), productive
+
+    def _finish(self, data: MaskData, low_res: torch.Tensor, crop_size: Tuple[int, int], crop_box: List[int],
+                orig_size: Tuple[int, int]) -> torch.Tensor:
+        """Upsamples, scores, thresholds and filters ``data``'s masks (in place), adds their
+        boxes and RLEs, and returns the kept masks (crop frame, bool)."""
+        model, predictor = self.predictor.model, self.predictor
+        orig_h, orig_w = orig_size
         logits = model.postprocess_masks(low_res[:, None], predictor.input_size, crop_size)[:, 0]
         threshold = self.mask_threshold
         data["stability_score"] = calculate_stability_score(logits, threshold, self.stability_score_offset)
@@ -375,7 +525,31 @@ class SamAutomaticMaskGenerator:
             data.filter(keep)
             masks = masks[keep]
         data["rles"] = encode_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
-        return data
+        return masks
+
+    @staticmethod
+    def _finest(data: MaskData, masks: torch.Tensor,
+                probe: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt, area, probe pixels covered) of each kept mask, for ``_coverage``."""
+        rows, cols = (t.to(masks.device) for t in probe)
+        return data["prompt"], masks.flatten(1).sum(1), masks[:, rows, cols]
+
+    @staticmethod
+    def _coverage(finest: Optional[list], probe: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Optional[np.ndarray]:
+        """The probe pixels covered by the smallest kept mask of each prompt (its finest
+        answer), or None without a probe."""
+        if probe is None:
+            return None
+        covered = np.zeros(len(probe[0]), bool)
+        if not finest:
+            return covered
+        prompt = torch.cat([f[0] for f in finest]).cpu()
+        area = torch.cat([f[1] for f in finest]).cpu()
+        hits = torch.cat([f[2] for f in finest]).cpu()
+        for p in torch.unique(prompt):
+            mine = torch.nonzero(prompt == p)[:, 0]
+            covered |= hits[mine[torch.argmin(area[mine])]].numpy()
+        return covered
 
     def _refine(self, in_points: torch.Tensor, low_res: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """SAM 2's mask-to-mask refinement: each candidate decoded again from its point and
@@ -432,8 +606,8 @@ class SAM2AutomaticMaskGenerator(SamAutomaticMaskGenerator):
                          pred_iou_thresh=pred_iou_thresh, **kwargs)
 
 
-def _empty(crop_box: List[int]) -> MaskData:
-    return MaskData(
+def _empty(crop_box: List[int], with_prompt_boxes: bool = False) -> MaskData:
+    data = MaskData(
         iou_preds=torch.zeros(0),
         points=torch.zeros(0, 2, dtype=torch.float64),
         stability_score=torch.zeros(0),
@@ -441,3 +615,6 @@ def _empty(crop_box: List[int]) -> MaskData:
         rles=[],
         crop_boxes=torch.zeros(0, 4, dtype=torch.long),
     )
+    if with_prompt_boxes:
+        data["prompt_boxes"] = torch.zeros(0, 4)
+    return data

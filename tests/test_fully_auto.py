@@ -308,3 +308,59 @@ def test_sam2_makes_a_valid_dataset_that_sam1_cannot_resume(compose_config, tmp_
     assert validated["problems"] == 0 and validated["annotations"] == summary["masks"]
     with pytest.raises(ConfigMismatch, match=r'model_family: "sam2" \(recorded\) vs "sam" \(this run\)'):
         run_stage(compose_config(*common, "model=vit_tiny", f"model.checkpoint={tiny_checkpoint}"))
+
+
+def _untrained_detector(folder: Path) -> Path:
+    """A registered detector (its two files) with torchvision's initial weights: its
+    boxes are arbitrary, which is all the prompts need here."""
+    import json
+
+    import torch
+
+    from pipeline.models import detector
+
+    settings = {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "min_size": 128, "max_size": 160,
+                "detections_per_image": 20, "backbone_weights": None}
+    torch.manual_seed(0)
+    folder.mkdir(parents=True)
+    torch.save(detector.build_detector(settings).state_dict(), folder / detector.MODEL_FILE)
+    (folder / detector.META_FILE).write_text(json.dumps({"model": settings, "version": "v001"}))
+    return folder
+
+
+def test_adaptive_and_object_prompting_make_datasets_that_say_how(compose_config, tmp_path, tiny_checkpoint,
+                                                                  ray_local):
+    """amg.prompting=adaptive and =objects (a registered detector's boxes, then adaptive
+    points) make valid datasets whose records carry their prompts (a grid point, or the
+    prompt box); objects needs a detector and records its identity; stages without boxes
+    refuse objects instead of prompting something else."""
+    from pipeline.models.detector import detector_identity
+    from pipeline.models.loader import generator_kwargs
+
+    inp = REPO / "sample" / "images"
+    small = ["stage.image.short_side=96"]
+    adaptive = run_stage(compose_config(*overrides(inp, tmp_path / "adaptive", tiny_checkpoint, *small,
+                                                   "amg.points_per_side=8", "amg.prompting=adaptive")))
+    records = check_dataset(tmp_path / "adaptive", str(inp))
+    assert adaptive["masks"] > 0
+    for record in records.values():
+        w, h = record["image"]["width"], record["image"]["height"]
+        for ann in record["annotations"]:
+            (x, y), = ann["point_coords"]
+            assert ((x / w * 8 - 0.5) % 1, (y / h * 8 - 0.5) % 1) == pytest.approx((0, 0), abs=1e-6)  # grid points
+
+    with pytest.raises(ValueError, match="amg.objects.detector"):
+        run_stage(compose_config(*overrides(inp, tmp_path / "none", tiny_checkpoint, "amg.prompting=objects")))
+    assert not (tmp_path / "none").exists()
+    folder = _untrained_detector(tmp_path / "models" / "detector_v001")
+    out = tmp_path / "objects"
+    summary = run_stage(compose_config(*overrides(inp, out, tiny_checkpoint, *small, "amg.prompting=objects",
+                                                  f"amg.objects.detector={folder}", "amg.objects.min_box_score=0")))
+    records = check_dataset(out, str(inp))
+    boxed = [a for r in records.values() for a in r["annotations"] if "prompt_box" in a]
+    assert summary["masks"] > 0 and boxed and all(a["point_coords"] == [] for a in boxed)
+    assert OmegaConf.load(out / "config.yaml").detector_sha256 == detector_identity(str(folder))
+    validated = run_stage(compose_config("+stage=validate", f"input={out}", "stage.parallel=local"))
+    assert validated["problems"] == 0
+    with pytest.raises(ValueError, match="only fully_auto"):
+        generator_kwargs({"prompting": "objects"})

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# Settings added since runs were first recorded, matched by their last dotted part, with
-# the value that means "as before" (SAM 2 support, 2026-12: every model before it was SAM 1,
-# whose generator always took multimask outputs, no mask-to-mask refinement, and the
-# model's own mask threshold).
+# Settings added since runs were first recorded, matched by their end (whole dotted parts),
+# with the value that means "as before". SAM 2 support (2026-12): every model before it was
+# SAM 1, whose generator always took multimask outputs, no mask-to-mask refinement, and the
+# model's own mask threshold. Prompting (2026-12): every point of the grid.
 ADDED_SETTINGS: dict[str, Any] = {
-    "model_family": "sam", "use_m2m": False, "multimask_output": True, "mask_threshold": None,
+    "model_family": "sam", "amg.use_m2m": False, "amg.multimask_output": True, "amg.mask_threshold": None,
+    "amg.prompting": "grid", "amg.adaptive_levels": 2, "amg.max_mask_memory_mb": 512,
+    "amg.objects.detector": None, "amg.objects.min_box_score": 0.3, "amg.objects.max_boxes": 100,
+    "detector_sha256": None,
 }
 
 _MISSING = object()
@@ -38,10 +41,14 @@ def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple
         then, current = before.get(key, _MISSING), now.get(key, _MISSING)
         # (a dataset's identity reads a field its record lacks as None: no added setting
         # has None as a recorded value other than its "as before" one)
-        if then is _MISSING or then is None:
-            name = key.rsplit(".", 1)[-1]
-            if name in ADDED_SETTINGS and current == ADDED_SETTINGS[name]:
-                continue
+        if (then is _MISSING or then is None) and _as_before(key, current):
+            continue
         if then != current:
             out.append((key, None if then is _MISSING else then, None if current is _MISSING else current))
     return out
+
+
+def _as_before(key: str, value: Any) -> bool:
+    """Whether ``key`` is an added setting (``ADDED_SETTINGS``) and ``value`` its as-before value."""
+    return any((key == name or key.endswith("." + name)) and value == before
+               for name, before in ADDED_SETTINGS.items())

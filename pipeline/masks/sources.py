@@ -35,20 +35,39 @@ log = logging.getLogger(__name__)
 
 
 class GridSource:
-    """SAM's fully automatic generation: a grid of point prompts, filters and NMS, then,
-    with ``amg.verifier``, only the masks the mask verifier accepts (each with its
-    ``verifier_score``), at its registered threshold or the one for ``amg.verifier_precision``.
+    """SAM's fully automatic generation: point prompts (the grid, or with
+    ``amg.prompting=adaptive|objects`` only where nothing is found yet, after a detector's
+    boxes), filters and NMS, then, with ``amg.verifier``, only the masks the mask verifier
+    accepts (each with its ``verifier_score``), at its registered threshold or the one for
+    ``amg.verifier_precision``.
 
-    spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``, and
-    ``verifier_sha256`` (the verifier's identity the run recorded; its files are checked).
+    spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``,
+    ``verifier_sha256`` (the verifier's identity the run recorded; its files are checked)
+    and, for prompting=objects, ``detector_sha256`` (likewise, for ``amg.objects.detector``).
     """
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
-        self.generator = model.build_generator(spec["model"], spec["amg"], spec.get("model_sha256"))
+        amg = model.plain(spec["amg"])
+        self.objects = amg.get("objects") if amg.get("prompting") == "objects" else None
+        self.generator = model.build_generator(spec["model"], spec["amg"], spec.get("model_sha256"),
+                                               with_boxes=self.objects is not None)
+        self.detector = None
+        if self.objects is not None:
+            from pipeline.models.detector import load_detector
+
+            self.detector, _ = load_detector(self.objects["detector"], self.generator.predictor.device,
+                                             spec.get("detector_sha256"))
         self.verify = _verifier(spec)
 
     def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]]:
-        return self.verify(self.generator.generate(image.rgb), image.rgb)
+        if self.detector is None:
+            return self.verify(self.generator.generate(image.rgb), image.rgb)
+        from pipeline.models.detector import predict
+
+        (boxes, _), = predict(self.detector, [image.rgb], self.generator.predictor.device,
+                              float(self.objects["min_box_score"]))
+        boxes = boxes[: int(self.objects["max_boxes"])]  # highest scores first
+        return self.verify(self.generator.generate(image.rgb, boxes=boxes), image.rgb)
 
 
 def _verifier(spec: Mapping[str, Any]) -> Callable[[list[dict[str, Any]], np.ndarray], list[dict[str, Any]]]:

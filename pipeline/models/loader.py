@@ -188,23 +188,29 @@ def _load_tuned(spec: ModelSpec) -> "sam_core.modeling.Sam":
 
 # Keys of cfg.amg that are the pipeline's, not the generator's: the mask verifier that
 # filters the generator's output (pipeline.models.verifier, used by pipeline.masks.sources).
-PIPELINE_AMG_KEYS = ("verifier", "verifier_precision")
+PIPELINE_AMG_KEYS = ("verifier", "verifier_precision", "objects")
 
 
-def generator_kwargs(amg_cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+def generator_kwargs(amg_cfg: Mapping[str, Any] | DictConfig, with_boxes: bool = False) -> dict[str, Any]:
     """``cfg.amg`` as SamAutomaticMaskGenerator keyword arguments, asking for compressed
-    COCO RLE (what SA-1B stores)."""
-    return {**{k: v for k, v in plain(amg_cfg).items() if k not in PIPELINE_AMG_KEYS}, "output_mode": "coco_rle"}
+    COCO RLE (what SA-1B stores). ``with_boxes``: the caller passes a detector's boxes to
+    ``generate`` (fully_auto does); anyone else refuses amg.prompting=objects."""
+    kwargs = {**{k: v for k, v in plain(amg_cfg).items() if k not in PIPELINE_AMG_KEYS}, "output_mode": "coco_rle"}
+    if kwargs.get("prompting") == "objects" and not with_boxes:
+        raise ValueError("amg.prompting=objects takes a detector's boxes, which only fully_auto reads "
+                         "(amg.objects.detector); use amg.prompting=adaptive or grid here")
+    return kwargs
 
 
 def build_generator(
     model_cfg: Mapping[str, Any] | DictConfig,
     amg_cfg: Mapping[str, Any] | DictConfig,
     expected_sha256: str | None = None,
+    with_boxes: bool = False,
 ) -> sam_core.SamAutomaticMaskGenerator:
     """The automatic mask generator of ``cfg.amg`` (``generator_kwargs``)."""
     sam = load_sam(model_cfg, expected_sha256)
-    return sam_core.SamAutomaticMaskGenerator(sam, **generator_kwargs(amg_cfg))
+    return sam_core.SamAutomaticMaskGenerator(sam, **generator_kwargs(amg_cfg, with_boxes))
 
 
 def plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:

@@ -18,14 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.execution import driver
 from pipeline.execution.driver import SUMMARY_FILE  # noqa: F401  (the loop reads a round's summary by it)
+from pipeline.models.detector import detector_identity
 from pipeline.models.loader import model_identity
 from pipeline.models.verifier import verifier_identity
 
 # What defines a dataset: a resumed run must agree on these (pipeline.dataset.provenance).
-IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "amg", "stage.image",  # image has privacy
-            "stage.keep_sa1b_ids")
-# Batching and time limits: the same masks either way.
-IDENTITY_IGNORES = ("amg.points_per_batch", "stage.image.read_timeout_s", "stage.image.decode_timeout_s")
+IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "detector_sha256", "amg",
+            "stage.image", "stage.keep_sa1b_ids")  # image has privacy
+# Batching, memory and time limits: the same masks either way.
+IDENTITY_IGNORES = ("amg.points_per_batch", "amg.max_mask_memory_mb", "stage.image.read_timeout_s",
+                    "stage.image.decode_timeout_s")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -34,15 +36,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     entries = driver.list_inputs(cfg)
     model_sha256 = model_identity(cfg.model.checkpoint)
     verifier_sha256 = verifier_identity(cfg.amg.get("verifier"))  # the mask verifier, when amg.verifier is set
+    detector_sha256 = None
+    if cfg.amg.get("prompting") == "objects":
+        detector = cfg.amg.objects.detector
+        if detector is None:
+            raise ValueError("amg.prompting=objects needs amg.objects.detector=<output>/models/detector_<version> "
+                             "(semi_auto or +stage=detector registers one)")
+        detector_sha256 = detector_identity(str(detector))
     container = OmegaConf.to_container(cfg, resolve=True)
     job = driver.Job(
         name="fully_auto",
         source={"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256,
-                "verifier_sha256": verifier_sha256},
+                "verifier_sha256": verifier_sha256, "detector_sha256": detector_sha256},
         model_sha256=model_sha256,
         identity=IDENTITY,
         identity_ignores=IDENTITY_IGNORES,
-        recorded={"model_sha256": model_sha256, "verifier_sha256": verifier_sha256},
+        recorded={"model_sha256": model_sha256, "verifier_sha256": verifier_sha256,
+                  "detector_sha256": detector_sha256},
     )
     return driver.run(cfg, entries, job)
 
