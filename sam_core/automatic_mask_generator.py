@@ -15,7 +15,11 @@ Deliberate differences, none of which change the returned masks:
   * SAM 2's ``min_mask_region_area`` fills holes and removes specks in the low-res
     logits as the official package does with its CUDA extension, but on any device
     (without that extension the official generator silently skips it); SAM 1's removes
-    small regions from the final masks, as its official generator does.
+    small regions from the final masks, as its official generator does;
+  * full-size logits and masks of a decoder batch are made a few at a time
+    (``max_mask_memory_mb``), so memory does not grow with masks x image size.
+Additions, off by default: ``prompting="adaptive"`` and ``"objects"`` (fewer prompts, where
+they are needed; see the constructor), and ``counts["prompts"]``.
 Extra option ``precision="bf16"`` (a fast path for GPUs, off by default) runs the image
 encoder under bfloat16 autocast; the mask decoder, whose outputs are thresholded
 (predicted IoU, stability, binarisation), stays in float32: with the decoder in bf16 too,
