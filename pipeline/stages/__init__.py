@@ -21,6 +21,7 @@ STAGES = {
     "stats": "pipeline.stages.stats",
     "validate": "pipeline.stages.validate",
     "export_coco": "pipeline.stages.export_coco",
+    "export_yolo": "pipeline.stages.export_yolo",
     "retrain": "pipeline.stages.retrain",
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",

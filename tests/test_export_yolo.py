@@ -1,0 +1,79 @@
+"""export_yolo end to end, read back by ultralytics' own dataset loader (``YOLODataset``,
+which checks every image/label pair as training does): every mask that has a polygon
+comes back as one, its filled outline within IoU 0.9 of the mask (holes filled), and
+what a polygon cannot hold is counted."""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from scipy import ndimage
+
+from pipeline.stages import run_stage
+
+from .dataset_factory import compose, make_dataset
+
+
+@pytest.fixture(autouse=True)
+def _ultralytics_settings(tmp_path, monkeypatch):
+    # ultralytics writes its settings file on import: keep it out of the home folder.
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+
+
+def test_yolo_export_reads_back_in_ultralytics(tmp_path):
+    dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=3, sizes=((96, 128), (80, 112)))
+    summary = run_stage(compose("export_yolo", dataset.root, tmp_path / "out"))
+    folder = tmp_path / "out" / "yolo"
+    spec = yaml.safe_load((folder / "data.yaml").read_text())
+    assert spec["names"] == {0: "object"} and summary["images"] == len(dataset.samples) == 6
+
+    from ultralytics.data.dataset import YOLODataset
+
+    loaded = YOLODataset(img_path=str(folder / "images"), data={"names": spec["names"], "channels": 3},
+                         task="segment", augment=False, imgsz=128)
+    labels = {os.path.basename(lb["im_file"])[: -len(".jpg")]: lb for lb in loaded.labels}
+    assert set(labels) == {s.key for s in dataset.samples}
+
+    with_polygon = too_small = holes = parts = 0
+    for sample in dataset.samples:
+        h, w = sample.image.shape[:2]
+        label = labels[sample.key]
+        assert label["shape"] == (h, w)
+        drawn = []
+        for segment in label["segments"]:
+            canvas = np.zeros((h, w), np.uint8)
+            cv2.fillPoly(canvas, [np.round(segment * [w, h]).astype(np.int32)], 1)
+            drawn.append(canvas.astype(bool))
+        assert len(drawn) == len(label["cls"]) and set(label["cls"].ravel()) <= {0}
+        for mask in sample.masks:
+            mask = mask.astype(bool)
+            _, count = ndimage.label(mask, structure=np.ones((3, 3)))
+            filled = ndimage.binary_fill_holes(mask)
+            holes += bool((filled & ~mask).any())
+            parts += count > 1
+            if mask.sum() < 3 or (mask.sum() < 6 and count > 1):
+                continue  # a pixel or two: no polygon of 3 vertices
+            with_polygon += 1
+            if mask.sum() >= 40:
+                best = max(((d & filled).sum() / (d | filled).sum() for d in drawn), default=0)
+                assert best >= 0.9, (sample.key, best)
+        too_small += sum(m.sum() < 3 for m in sample.masks)
+    assert summary["masks"] == sum(len(lb["segments"]) for lb in labels.values()) >= with_polygon - 2
+    assert summary["too_small"] >= too_small > 0
+    assert summary["holes_filled"] >= holes > 0 and summary["multi_part"] >= parts > 0
+    assert summary["masks"] + summary["too_small"] == sum(len(s.masks) for s in dataset.samples)
+
+
+def test_categories_become_classes(tmp_path):
+    from pipeline.dataset.listing import write_categories
+
+    dataset = make_dataset(tmp_path / "dataset", num_shards=1, images_per_shard=2, masks_per_image=(3, 2))
+    write_categories(str(dataset.root), [{"id": 7, "name": "cat", "supercategory": "animal"},
+                                         {"id": 3, "name": "dog", "supercategory": "animal"}])
+    summary = run_stage(compose("export_yolo", dataset.root, tmp_path / "out"))
+    assert yaml.safe_load((tmp_path / "out" / "yolo" / "data.yaml").read_text())["names"] == {0: "dog", 1: "cat"}
+    assert summary["images"] == 2
