@@ -62,9 +62,9 @@ def test_reading_a_hostile_shard_executes_nothing(generated_sample, tmp_path):
     assert len(list(ShardMasks([str(shard)]))) == 1
     assert loop.kept_masks(shard, MaskFilter()) == (1, 1)
     assert not marker.exists()
-    # The stages that read shards: stats, export_coco, export_yolo, validate (and retrain/eval/loop
+    # The stages that read shards: stats, the exports, validate (and retrain/eval/loop
     # through the same reader).
-    for stage in ("stats", "export_coco", "export_yolo", "validate"):
+    for stage in ("stats", "export_coco", "export_yolo", "export_label_studio", "validate"):
         try:
             run_stage(_compose(stage, shard, tmp_path / stage))
         except SystemExit:

@@ -22,6 +22,7 @@ STAGES = {
     "validate": "pipeline.stages.validate",
     "export_coco": "pipeline.stages.export_coco",
     "export_yolo": "pipeline.stages.export_yolo",
+    "export_label_studio": "pipeline.stages.export_label_studio",
     "retrain": "pipeline.stages.retrain",
     "eval": "pipeline.stages.eval",
     "loop": "pipeline.stages.loop",
