@@ -38,7 +38,7 @@ class Served:
     """A session and its server; ``api`` is an httpx client carrying the token."""
 
     def __init__(self, input_spec: Path, output: Path, checkpoint: Path, decoder_cache: Path,
-                 images_per_unit: int = 2, lease_s: float = 60.0, output_lease=None):
+                 images_per_unit: int = 2, lease_s: float = 60.0, output_lease=None, categories=None):
         self.queue = load_queue(str(input_spec), str(output), images_per_unit)
         sam = load_sam({"arch": "vit_tiny", "checkpoint": str(checkpoint), "device": "cpu"})
         identity = model_identity(str(checkpoint))
@@ -46,7 +46,8 @@ class Served:
         model = ModelInfo("vit_tiny", identity, 256, [(1, 128, 16, 16)], decoder)
         image_cfg = {"short_side": 1500, "max_pixels": 10_000_000, "min_side": 16, "jpeg_quality": 95}
         self.session = Session(self.queue, str(output), sam, model, image_cfg, lease_s=lease_s,
-                               check_output_lease=output_lease.confirm if output_lease else None)
+                               check_output_lease=output_lease.confirm if output_lease else None,
+                               categories=categories)
         self.server = BackgroundServer(create_app(self.session, TOKEN, max_body_bytes=200_000)).start()
         self.api = httpx.Client(base_url=self.server.url, headers={"X-Token": TOKEN}, timeout=60)
 
@@ -501,3 +502,20 @@ def test_what_a_killed_server_left_half_written_is_cleaned_at_the_next_start(ser
         path.write_bytes(b"")
     serve(folder, output)
     assert not any(path.exists() for path in leftovers)
+
+
+def test_a_label_outside_the_label_set_is_refused(serve, tmp_path):
+    served = serve(image_folder(tmp_path / "in", count=1), tmp_path / "out",
+                   categories=[{"id": 1, "name": "cell", "supercategory": "object"}])
+    api = served.api
+    assert api.get("/api/config").json()["labels"] == [{"id": 1, "name": "cell"}]
+    view = api.post("/api/lease", json={"client": "a"}).json()
+    counts = counts_from_mask(a_mask(48, 64, 1, 1, 9, 9))
+    mask = {"uid": "m", "counts": counts, "provenance": "manual"}
+    refused = api.put(f"/api/images/{view['key']}", json={"client": "a", "version": 0,
+                                                          "masks": [{**mask, "category_id": 7}]})
+    assert refused.status_code == 422 and "category_id 7 is not a label" in refused.text
+    saved = api.put(f"/api/images/{view['key']}", json={"client": "a", "version": 0,
+                                                        "masks": [{**mask, "category_id": 1}]})
+    assert saved.status_code == 200, saved.text
+    assert api.get(f"/api/images/{view['key']}").json()["masks"][0]["category_id"] == 1

@@ -327,12 +327,13 @@ def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
     buttons show predicted IoUs; H and O hide masks and change their opacity; R reviews the
     automatic masks one by one; X exports the image's masks as COCO JSON that pycocotools
     reads; a closed tab gives its image back at once; at the end of the queue the progress
-    counter is current."""
+    counter is current. Labels: Shift+1..9 label the selected mask and the next ones;
+    the committed records and the export carry them, the dataset names them."""
     from tests.dataset_factory import make_dataset
 
     dataset = make_dataset(tmp_path / "ds", num_shards=1, images_per_shard=2, masks_per_image=(3, 2),
                            sizes=((96, 128), (96, 128)))
-    started = Stage(tmp_path, dataset.root, tmp_path / "out")
+    started = Stage(tmp_path, dataset.root, tmp_path / "out", "stage.labels=[cell,debris]")
     try:
         context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True, accept_downloads=True)
         page = context.new_page()
@@ -361,6 +362,17 @@ def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
         page.keyboard.press("o")
         assert page.evaluate("window.sam.state.opacity") == 0.6
 
+        # Labels: Shift+2 makes "debris" the next masks' label; Shift+1 on a selected mask
+        # labels it "cell" and saves.
+        assert "cell · Shift+1" in page.inner_text("#labels") and "debris · Shift+2" in page.inner_text("#labels")
+        page.keyboard.press("Shift+Digit2")
+        assert page.evaluate("window.sam.state.label") == 2
+        page.keyboard.press("Tab")
+        press_and_wait_saved(page, "Shift+Digit1")
+        assert page.evaluate("window.sam.state.masks.map(m => m.category_id)") == [1, None, None]
+        assert "cell ·" in page.inner_text("#masks")
+        page.keyboard.press("Escape")
+
         # Review: accept the first automatic mask, delete the second, accept the third.
         automatic = page.evaluate("window.sam.state.masks.filter(m => m.provenance === 'automatic').length")
         assert automatic == 3
@@ -378,6 +390,8 @@ def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
             page.keyboard.press("x")
         coco = json.loads(Path(download.value.path()).read_text())
         assert len(coco["annotations"]) == 2 and coco["images"][0]["file_name"] == name
+        assert [a["category_id"] for a in coco["annotations"]] == [1, 1]  # the second took the label in use
+        assert coco["categories"] == [{"id": 1, "name": "cell"}, {"id": 2, "name": "debris"}]
         for ann in coco["annotations"]:
             rle = mask_utils.frPyObjects(ann["segmentation"], *ann["segmentation"]["size"])
             assert mask_utils.area(rle) == ann["area"] > 0
@@ -402,5 +416,8 @@ def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
         other.wait_for_function("document.querySelector('#status').textContent.includes('no more images')")
         other.wait_for_function("document.querySelector('#progress').textContent.startsWith('2 / 2 done')")
         assert not errors, errors
+        first = next(s for s in iter_samples(str(tmp_path / "out")) if s.key == view["key"])
+        assert [a["category_id"] for a in first.record["annotations"]] == [1, 1]
+        assert [c["name"] for c in json.loads((tmp_path / "out" / "categories.json").read_text())] == ["cell", "debris"]
     finally:
         started.stop()

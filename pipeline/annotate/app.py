@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +18,7 @@ from pipeline.annotate.server import BackgroundServer, create_app
 from pipeline.annotate.session import ModelInfo, Session
 from pipeline.annotate.store import WORK_DIR
 from pipeline.dataset.lease import Lease
+from pipeline.dataset.listing import read_categories, write_categories
 from pipeline.dataset.provenance import ConfigMismatch, code_version
 from pipeline.models.loader import ModelSpec, load_sam, model_identity
 from pipeline.paths import is_url
@@ -65,6 +67,7 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     identity = model_identity(cfg.model.checkpoint)
     sam = load_sam(ModelSpec.of(cfg.model, sha256=identity))
     _save_config(output, cfg, sam.family)
+    categories = _categories(stage.labels, source, output)
     if stage.decoder_cache:
         cache = str(stage.decoder_cache)
     elif is_url(output):
@@ -75,11 +78,35 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
     model = ModelInfo(cfg.model.arch, identity, sam.img_size, feature_shapes(sam), decoder, family=sam.family)
     session = Session(queue, output, sam, model, OmegaConf.to_container(stage.image, resolve=True),
                       lease_s=float(stage.lease_s), lookahead=int(stage.lookahead),
-                      cache_size=int(stage.embedding_cache), check_output_lease=lease.confirm)
+                      cache_size=int(stage.embedding_cache), check_output_lease=lease.confirm,
+                      categories=categories)
     token = str(stage.token) if stage.token else secrets.token_urlsafe(24)
     app = create_app(session, token, annotator=str(stage.annotator), max_body_bytes=int(stage.max_body_mb * 1e6),
                      threads=int(stage.browser_threads))
     return Tool(session, app, token, str(stage.host), int(stage.port), lease)
+
+
+def _categories(labels: Any, source: str, output: str) -> list[dict[str, Any]]:
+    """The session's label set as COCO categories: ``stage.labels`` (ids 1, 2, ... in
+    order), else the input dataset's categories, else none (class-free); committed as the
+    output's ``categories.json``, refusing an output labelled with another set."""
+    if labels:
+        names = [str(n) for n in labels]
+        if len(set(names)) != len(names) or any(not n.strip() for n in names):
+            raise ValueError(f"stage.labels={names}: label names must be distinct and not empty")
+        categories = [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]
+    else:
+        categories = read_categories(source) or []
+    if not categories:
+        return []
+    recorded = read_categories(output)
+    if recorded is not None and recorded != categories:
+        raise ConfigMismatch(f"{output} is labelled with {[c['name'] for c in recorded]}, this session with "
+                             f"{[c['name'] for c in categories]}: one dataset, one label set. Use its labels "
+                             "(stage.labels=...), or a new output=")
+    if recorded is None:
+        write_categories(output, categories)
+    return categories
 
 
 def _save_config(output: str, cfg: DictConfig, family: str) -> None:

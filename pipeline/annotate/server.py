@@ -74,6 +74,7 @@ class MaskIn(BaseModel):
     seconds: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
     annotator: str = Field("", max_length=100)
     point_coords: list[tuple[Finite, Finite]] = Field(default_factory=list, max_length=1000)
+    category_id: int | None = Field(None, ge=0)  # one of the session's labels, or none
 
 
 class SaveRequest(BaseModel):
@@ -92,6 +93,7 @@ class MaskOut(BaseModel):
     seconds: float
     annotator: str
     point_coords: list[list[float]]
+    category_id: int | None = None
 
 
 class ImageView(BaseModel):
@@ -136,11 +138,17 @@ class ModelConfig(BaseModel):
     decoder_url: str
 
 
+class Label(BaseModel):
+    id: int
+    name: str
+
+
 class AppConfig(BaseModel):
     annotator: str
     lease_s: float
     threads: int
     model: ModelConfig
+    labels: list[Label] = []  # the session's label set (Shift+1..9 in the page); empty: class-free
 
 
 # --- middleware ----------------------------------------------------------------------------
@@ -273,7 +281,8 @@ def create_app(session: Session, token: str, annotator: str = "annotator", max_b
         return AppConfig(annotator=annotator, lease_s=session.leases.lease_s, threads=threads, model=ModelConfig(
             arch=m.arch, family=m.family, sha256=m.sha256, img_size=m.img_size, embedding_shape=list(m.embedding_shape),
             feature_shapes=[list(shape) for shape in m.feature_shapes], mask_input_size=m.mask_input_size,
-            decoder_url="/api/decoder.onnx"))
+            decoder_url="/api/decoder.onnx"),
+            labels=[Label(id=c["id"], name=c["name"]) for c in session.categories])
 
     @app.get("/api/decoder.onnx")
     def decoder() -> FileResponse:

@@ -83,9 +83,10 @@ class Session:
     def __init__(
         self, queue: Queue, output: str, sam, model: ModelInfo, image_cfg: dict[str, Any],
         lease_s: float = 120.0, lookahead: int = 2, cache_size: int = 16,
-        check_output_lease: Callable[[], None] | None = None,
+        check_output_lease: Callable[[], None] | None = None, categories: list[dict[str, Any]] | None = None,
     ) -> None:
         self.queue = queue
+        self.categories = list(categories or [])  # the label set (COCO categories); empty: class-free
         self.output = output
         self.model = model
         # The time limits guard a batch run from one stuck input; here a person is waiting
@@ -277,7 +278,7 @@ class Session:
                 "uid": f"input-{i}", "segmentation": ann["segmentation"], "provenance": AUTOMATIC,
                 "clicks": 0, "strokes": 0, "seconds": 0.0, "annotator": "", "point_coords": ann.get("point_coords", []),
                 "predicted_iou": ann.get("predicted_iou"), "stability_score": ann.get("stability_score"),
-                "crop_box": ann.get("crop_box"),
+                "crop_box": ann.get("crop_box"), "category_id": ann.get("category_id"),
             })
         return ImageState(key, masks)
 
@@ -349,6 +350,10 @@ class Session:
             rle = compressed_rle(mask["counts"], image.height, image.width, mask["uid"])
         except RleError as e:
             raise Invalid(str(e)) from None
+        category = mask.get("category_id")
+        if category is not None and category not in {c["id"] for c in self.categories}:
+            known = ", ".join(f"{c['id']} ({c['name']})" for c in self.categories) or "none: this session is class-free"
+            raise Invalid(f"mask {mask['uid']}: category_id {category} is not a label of this session ({known})")
         return {**{k: v for k, v in mask.items() if k != "counts"}, "segmentation": rle}
 
     def _check_output(self) -> None:

@@ -159,4 +159,5 @@ def dataset_mask(mask: dict[str, Any], width: int, height: int) -> dict[str, Any
         "strokes": int(mask.get("strokes", 0)),
         "seconds": round(float(mask.get("seconds", 0.0)), 3),
         "annotator": str(mask.get("annotator", "")),
+        **({"category_id": int(mask["category_id"])} if mask.get("category_id") is not None else {}),
     }

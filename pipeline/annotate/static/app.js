@@ -11,11 +11,12 @@ const canvas = $("view"), stageEl = $("stage");
 const state = {
   config: null, decoder: null, view: null, image: null, H: 0, W: 0,
   client: sessionStorage.getItem("sam-client") || `browser-${crypto.randomUUID().slice(0, 12)}`,
-  masks: [],        // {uid, mask, box, provenance, clicks, strokes, seconds, annotator, point_coords, counts}
+  masks: [],        // {uid, mask, box, provenance, clicks, strokes, seconds, annotator, point_coords, category_id, counts}
   selected: null,   // index into masks
   current: null,    // the mask being made or edited (see newCurrent)
   tool: "click", brush: 12, undo: [], redo: [],
   masksVisible: true, opacity: 1, reviewing: false,
+  label: null,      // the label new masks get (a category id of config.labels), null when class-free
   zoom: { s: 1, tx: 0, ty: 0 }, space: false, drag: null,
   decoding: false, again: false, saving: Promise.resolve(), ready: false,
 };
@@ -122,6 +123,7 @@ function accept() {
     strokes: (old ? old.strokes || 0 : 0) + c.strokes,
     seconds: (old ? old.seconds : 0) + (performance.now() - c.started) / 1000,
     annotator: annotator(), point_coords: [...(old ? old.point_coords : []), ...positives],
+    category_id: old && old.category_id != null ? old.category_id : state.label,
   });
   state.masks = index >= 0 ? state.masks.map((m, i) => (i === index ? mask : m)) : [...state.masks, mask];
   state.current = null; state.selected = null;
@@ -283,7 +285,8 @@ function save(done = false) {
     masks: state.masks.map((m) => {
       if (!m.counts) m.counts = encodeCounts(m.mask, state.H, state.W);
       return { uid: m.uid, counts: m.counts, provenance: m.provenance, clicks: m.clicks, strokes: m.strokes || 0,
-               seconds: Math.round(m.seconds * 1000) / 1000, annotator: m.annotator || "", point_coords: m.point_coords || [] };
+               seconds: Math.round(m.seconds * 1000) / 1000, annotator: m.annotator || "", point_coords: m.point_coords || [],
+               category_id: m.category_id ?? null };
     }),
   };
   state.saving = state.saving.then(async () => {
@@ -379,6 +382,43 @@ function openKey(key) {
   open(0, key);
 }
 
+// The session's labels (COCO categories), and "object" (id 0) for masks without one.
+function exportCategories(annotations) {
+  const categories = state.config.labels.map((l) => ({ id: l.id, name: l.name }));
+  if (annotations.some((a) => a.category_id === 0)) categories.push({ id: 0, name: "object" });
+  return categories;
+}
+
+// Labels: Shift+1..9 (or a click in the list) sets the selected mask's label, and the
+// label the next masks get.
+function setLabel(index) {
+  const label = state.config.labels[index];
+  if (!label) return;
+  state.label = label.id;
+  const m = state.selected === null ? null : state.masks[state.selected];
+  if (m && m.category_id !== label.id) {
+    remember();
+    state.masks = state.masks.map((x, i) => (i === state.selected ? { ...x, category_id: label.id } : x));
+    refresh({ all: true });
+    save();
+  }
+  listLabels();
+  status(`label: ${label.name}${m ? " (this mask and the next)" : " (the next masks)"}`);
+}
+
+function listLabels() {
+  const labels = state.config.labels;
+  $("labels-section").hidden = !labels.length;
+  $("labels").replaceChildren(...labels.map((l, i) => {
+    const li = document.createElement("li");
+    li.textContent = i < 9 ? `${l.name} · Shift+${i + 1}` : l.name;
+    li.dataset.label = String(l.id);
+    li.classList.toggle("active", l.id === state.label);
+    li.addEventListener("click", () => setLabel(i));
+    return li;
+  }));
+}
+
 // This image's masks as a COCO JSON file (uncompressed RLE, the annotation tool's own
 // fields kept), downloaded by the browser.
 function exportJson() {
@@ -388,12 +428,12 @@ function exportJson() {
     if (!m.counts) m.counts = encodeCounts(m.mask, state.H, state.W);
     const area = m.counts.reduce((sum, run, r) => sum + (r % 2 ? run : 0), 0);
     const [x0, y0, x1, y1] = m.box || [0, 0, 0, 0];
-    return { id: i + 1, image_id: view.image_id, category_id: 1, iscrowd: 0, area, bbox: [x0, y0, x1 - x0, y1 - y0],
+    return { id: i + 1, image_id: view.image_id, category_id: m.category_id ?? 0, iscrowd: 0, area, bbox: [x0, y0, x1 - x0, y1 - y0],
              segmentation: { size: [state.H, state.W], counts: m.counts }, provenance: m.provenance,
              clicks: m.clicks || 0, strokes: m.strokes || 0, annotator: m.annotator || "" };
   });
   const coco = { images: [{ id: view.image_id, file_name: view.source.split("/").pop(), width: state.W, height: state.H }],
-                 annotations, categories: [{ id: 1, name: "object" }] };
+                 annotations, categories: exportCategories(annotations) };
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([JSON.stringify(coco)], { type: "application/json" }));
   link.download = `${view.key}.json`;
@@ -508,6 +548,8 @@ window.addEventListener("keyup", (event) => { if (event.key === " ") state.space
 window.addEventListener("keydown", (event) => {
   if (event.target === $("annotator")) { if (event.key === "Enter") event.target.blur(); return; }
   const key = event.key, ctrl = event.ctrlKey || event.metaKey;
+  const digit = /^Digit([1-9])$/.exec(event.code);
+  if (event.shiftKey && !ctrl && digit) { event.preventDefault(); setLabel(Number(digit[1]) - 1); return; }
   const centre = () => [stageEl.clientWidth / 2, stageEl.clientHeight / 2];
   if (ctrl && key.toLowerCase() === "z") { event.preventDefault(); event.shiftKey ? restore(state.redo, state.undo) : restore(state.undo, state.redo); return; }
   if (ctrl && key.toLowerCase() === "y") { event.preventDefault(); restore(state.redo, state.undo); return; }
@@ -561,6 +603,8 @@ async function main() {
     state.config = await (await api("GET", "/api/config")).json();
     $("annotator").value = localStorage.getItem("sam-annotator") || state.config.annotator;
     $("brush-size").textContent = state.brush;
+    state.label = state.config.labels.length ? state.config.labels[0].id : null;
+    listLabels();
     setTool("click");
     status("loading the decoder…");
     state.decoder = await Decoder.load(state.config.model, state.config.threads);

@@ -76,6 +76,7 @@ export class Renderer {
   listMasks() {
     const state = this.state, { select, remove } = this.actions;
     const list = $("masks");
+    const names = new Map(((state.config && state.config.labels) || []).map((l) => [l.id, l.name]));
     list.replaceChildren(...state.masks.map((m, i) => {
       const li = document.createElement("li");
       li.classList.toggle("selected", i === state.selected);
@@ -83,7 +84,8 @@ export class Renderer {
       swatch.className = "swatch";
       swatch.style.background = m.provenance === "automatic" ? "rgb(240,195,109)" : `rgb(${colour(i).join(",")})`;
       const label = document.createElement("span");
-      label.textContent = `${m.provenance}${m.clicks ? ` · ${m.clicks} clicks` : ""}${m.strokes ? ` · ${m.strokes} strokes` : ""}`;
+      const name = m.category_id != null ? `${names.get(m.category_id) || m.category_id} · ` : "";
+      label.textContent = `${name}${m.provenance}${m.clicks ? ` · ${m.clicks} clicks` : ""}${m.strokes ? ` · ${m.strokes} strokes` : ""}`;
       if (m.provenance === "automatic") label.className = "auto";
       const del = document.createElement("button");
       del.className = "del"; del.textContent = "×"; del.title = "delete";
