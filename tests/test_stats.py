@@ -330,3 +330,28 @@ def test_the_report_says_when_a_dataset_was_made_unlike_sa1b():
     (sam2,) = settings_notes({"amg": {**SA1B_SETTINGS, "pred_iou_thresh": None}, "model_family": "sam2"})
     assert "pred_iou_thresh 0.8 (SA-1B: 0.88)" in sam2
     assert settings_notes(None) == [] and settings_notes({"stage": {}}) == []
+
+
+def test_a_reference_dataset_is_drawn_on_the_distributions(tmp_path):
+    """stage.reference=<another stats run> (e.g. SA-1B's own tars): its masks-per-image,
+    relative-size and concavity distributions are drawn on this report's plots, as
+    measured by the same code; a path without stats is refused before any work."""
+    from pipeline.stats import report
+    from pipeline.stats.tables import summarize
+
+    make_dataset(tmp_path / "sa1b", num_shards=1, images_per_shard=4, layout="sa1b", seed=1)
+    run_stage(compose("stats", tmp_path / "sa1b", tmp_path / "sa1b_stats"))
+    make_dataset(tmp_path / "ours", num_shards=1, images_per_shard=3)
+    with pytest.raises(FileNotFoundError, match="no stats/masks.parquet"):
+        run_stage(compose("stats", tmp_path / "ours", tmp_path / "out", ["stage.reference=" + str(tmp_path / "ours")]))
+    assert not (tmp_path / "out").exists()
+    run_stage(compose("stats", tmp_path / "ours", tmp_path / "out", [f"stage.reference={tmp_path / 'sa1b_stats'}"]))
+    assert (tmp_path / "out" / "stats" / "report.html").exists()
+
+    ours, ref = summarize(str(tmp_path / "out" / "stats")), summarize(str(tmp_path / "sa1b_stats" / "stats"))
+    for make, key in ((report.fig_masks_per_image, "masks_per_image_hist"), (report.fig_rel_size, "rel_size_hist"),
+                      (report.fig_concavity, "concavity_hist")):
+        ax = make(ours, reference=("sa1b_stats", ref)).axes[0]
+        drawn = next(line for line in ax.get_lines() if line.get_label().startswith("sa1b_stats"))
+        np.testing.assert_allclose(drawn.get_ydata(), ref[key])
+        assert not any(line.get_label().startswith("sa1b") for line in make(ours).axes[0].get_lines())

@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
     for stale in fs.glob(storage.join(root, f".README.md{storage.TEMP_MARKER}*")):
         fs.rm(stale)
     stage = cfg.stage
+    reference = _reference(stage.get("reference"))  # before any work: a wrong path fails now
     start = time.perf_counter()
     # Results arrive in shard order and go straight to Parquet row groups, so memory
     # holds a window of shards whatever the size of the dataset.
@@ -69,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
 
     summary = summarize(storage.url(fs, stats_dir))
     summary["concavity_per_bin"] = int(stage.concavity_per_bin)
-    pngs = report.figure_pngs(summary)
+    pngs = report.figure_pngs(summary, reference)
     for caption, png in pngs.items():
         _commit(fs, storage.join(figures_dir, f"{report.FIGURE_STEMS[caption]}.png"), png)
     report_path = storage.join(stats_dir, "report.html")
@@ -97,6 +98,21 @@ def run(cfg: DictConfig) -> dict:
         "report": storage.url(fs, report_path),
         "card": card_url,
     }
+
+
+def _reference(spec: str | None) -> report.Reference:
+    """(name, summary) of a reference stats run (``stage.reference``: its output folder,
+    or its stats/ folder), or None."""
+    if not spec:
+        return None
+    spec = str(spec).rstrip("/")
+    fs, root = storage.filesystem(spec)
+    stats_dir = root if posixpath.basename(root) == "stats" else storage.join(root, "stats")
+    if not fs.isfile(storage.join(stats_dir, "masks.parquet")):
+        raise FileNotFoundError(f"stage.reference={spec}: no stats/masks.parquet there; make one with "
+                                "+stage=stats input=<reference dataset, e.g. SA-1B tars> output=<folder>")
+    name = posixpath.basename(posixpath.dirname(stats_dir) if posixpath.basename(root) == "stats" else root)
+    return name, summarize(storage.url(fs, stats_dir))
 
 
 def _recorded_config(dataset: str) -> dict | None:

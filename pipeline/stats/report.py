@@ -34,31 +34,51 @@ def _bar_percent(ax: Axes, labels: list[str], values: np.ndarray, xlabel: str) -
     ax.set_ylabel("percent")
 
 
-def fig_masks_per_image(summary: dict[str, Any]) -> Figure:
+# A reference dataset (``reference``: its name and summary, e.g. SA-1B's own tars run
+# through +stage=stats) is drawn on the distributions as a line: the paper gives figures,
+# not numbers, so the reference is measured with this same code.
+Reference = tuple[str, dict[str, Any]] | None
+REFERENCE_STYLE = dict(color="#dd8452", marker="o", ms=3, lw=1.5)
+
+
+def _legend(ax: Axes, reference: Reference) -> None:
+    if reference is not None:
+        ax.legend(fontsize=7)
+
+
+def fig_masks_per_image(summary: dict[str, Any], reference: Reference = None) -> Figure:
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
     _bar_percent(ax, MASKS_PER_IMAGE_LABELS, summary["masks_per_image_hist"], "masks per image")
+    if reference is not None:
+        ax.containers[0].set_label("this dataset")
+        ax.plot(MASKS_PER_IMAGE_LABELS, reference[1]["masks_per_image_hist"], label=reference[0], **REFERENCE_STYLE)
     ax.set_ylabel("percent of images")
     ax.set_title("Masks per image")
+    _legend(ax, reference)
     return fig
 
 
-def fig_rel_size(summary: dict[str, Any]) -> Figure:
+def fig_rel_size(summary: dict[str, Any], reference: Reference = None) -> Figure:
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
     # The first bin starts at 0; draw it at the next edge's scale so log x works.
     left = REL_SIZE_EDGES[:-1].copy()
     left[0] = REL_SIZE_EDGES[1] / 10 ** 0.1
     ax.bar(left, summary["rel_size_hist"], width=np.diff(np.r_[left, 1.0]), align="edge",
-           color="#4c72b0")
+           color="#4c72b0", label="this dataset")
+    if reference is not None:
+        centres = np.sqrt(left * np.r_[left[1:], 1.0])  # geometric: the bins are log-spaced
+        ax.plot(centres, reference[1]["rel_size_hist"], label=reference[0], **REFERENCE_STYLE)
     ax.set_xscale("log")
     ax.set_xlabel("relative mask size  sqrt(mask area / image area)")
     ax.set_ylabel("percent of masks")
     ax.set_title("Relative mask size")
+    _legend(ax, reference)
     return fig
 
 
-def fig_concavity(summary: dict[str, Any]) -> Figure:
+def fig_concavity(summary: dict[str, Any], reference: Reference = None) -> Figure:
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
     centres = (CONCAVITY_EDGES[:-1] + CONCAVITY_EDGES[1:]) / 2
@@ -67,6 +87,8 @@ def fig_concavity(summary: dict[str, Any]) -> Figure:
         if summary["concavity_sample_counts"][b]:
             ax.plot(centres, row, lw=1, alpha=0.7,
                     label=f"size {SIZE_BIN_EDGES[b]:.3g}-{min(SIZE_BIN_EDGES[b + 1], 1):.3g}")
+    if reference is not None:
+        ax.plot(centres, reference[1]["concavity_hist"], label=f"{reference[0]} (all)", **REFERENCE_STYLE)
     ax.set_xlabel("concavity  1 - area / convex hull area")
     ax.set_ylabel("percent of masks")
     ax.set_title(f"Concavity (sample of {summary['concavity_sampled']:,} masks)")
@@ -74,7 +96,7 @@ def fig_concavity(summary: dict[str, Any]) -> Figure:
     return fig
 
 
-def fig_centres(summary: dict[str, Any]) -> Figure:
+def fig_centres(summary: dict[str, Any], reference: Reference = None) -> Figure:
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
     hist = summary["centre_hist"].astype(float)
@@ -85,7 +107,7 @@ def fig_centres(summary: dict[str, Any]) -> Figure:
     return fig
 
 
-def fig_resolution(summary: dict[str, Any]) -> Figure:
+def fig_resolution(summary: dict[str, Any], reference: Reference = None) -> Figure:
     fig = Figure(figsize=(4.5, 3.6))
     ax = fig.subplots()
     res = np.asarray(summary["resolutions"], dtype=float).reshape(-1, 3)
@@ -97,7 +119,7 @@ def fig_resolution(summary: dict[str, Any]) -> Figure:
     return fig
 
 
-def fig_scores(summary: dict[str, Any]) -> Figure:
+def fig_scores(summary: dict[str, Any], reference: Reference = None) -> Figure:
     fig = Figure(figsize=(8, 3.2))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (name, label) in zip(axes, (("predicted_iou", "Predicted IoU"),
@@ -132,12 +154,13 @@ FIGURE_STEMS = {
 }
 
 
-def figure_pngs(summary: dict[str, Any]) -> dict[str, bytes]:
-    """PNG bytes of every figure, keyed by its caption (as ``FIGURES``)."""
+def figure_pngs(summary: dict[str, Any], reference: Reference = None) -> dict[str, bytes]:
+    """PNG bytes of every figure, keyed by its caption (as ``FIGURES``); ``reference``
+    (name, summary) drawn on the distributions."""
     pngs = {}
     for caption, make in FIGURES.items():
         buf = io.BytesIO()
-        fig = make(summary)
+        fig = make(summary, reference=reference)
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
         pngs[caption] = buf.getvalue()
