@@ -364,3 +364,35 @@ def test_adaptive_and_object_prompting_make_datasets_that_say_how(compose_config
     assert validated["problems"] == 0
     with pytest.raises(ValueError, match="only fully_auto"):
         generator_kwargs({"prompting": "objects"})
+
+    # A box file instead of a detector: its boxes, in the original images' pixels, prompt
+    # the stored (resized) images; an image it does not name gets adaptive points only.
+    import json
+
+    photos = sorted(inp.glob("*.jpg"))
+    named = photos[:2]
+    coco = {"images": [{"id": i + 1, "file_name": p.name, "width": Image.open(p).width,
+                        "height": Image.open(p).height} for i, p in enumerate(named)],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "bbox": [20, 30, 120, 90], "category_id": 1}
+                            for i in range(len(named))],
+            "categories": [{"id": 1, "name": "thing"}]}
+    box_file = tmp_path / "boxes.json"
+    box_file.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="one source of boxes"):
+        run_stage(compose_config(*overrides(inp, tmp_path / "both", tiny_checkpoint, "amg.prompting=objects",
+                                            f"amg.objects.detector={folder}", f"amg.objects.boxes={box_file}")))
+    out = tmp_path / "from_file"
+    run_stage(compose_config(*overrides(inp, out, tiny_checkpoint, *small, "amg.prompting=objects",
+                                        f"amg.objects.boxes={box_file}")))
+    records = check_dataset(out, str(inp))
+    by_source = {Path(r["image"]["source"]).name: r for r in records.values()}
+    for photo in photos:
+        record = by_source[photo.name]
+        boxes = {tuple(a["prompt_box"]) for a in record["annotations"] if "prompt_box" in a}
+        if photo in named:
+            scale = record["image"]["width"] / Image.open(photo).width
+            (box,) = boxes  # the file's one box, its mask kept (thresholds 0)
+            assert box == pytest.approx((20 * scale, 30 * scale, 120 * scale, 90 * scale), abs=1e-3)
+        else:
+            assert not boxes
+    assert OmegaConf.load(out / "config.yaml").boxes_sha256

@@ -17,7 +17,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "model_family": "sam", "amg.use_m2m": False, "amg.multimask_output": True, "amg.mask_threshold": None,
     "amg.prompting": "grid", "amg.adaptive_levels": 2, "amg.max_mask_memory_mb": 512,
     "amg.objects.detector": None, "amg.objects.min_box_score": 0.3, "amg.objects.max_boxes": 100,
-    "detector_sha256": None,
+    "amg.objects.boxes": None, "amg.objects.box_frame": "auto", "detector_sha256": None, "boxes_sha256": None,
 }
 
 _MISSING = object()

@@ -43,7 +43,8 @@ class GridSource:
 
     spec keys: ``model`` (cfg.model), ``amg`` (cfg.amg), ``model_sha256``,
     ``verifier_sha256`` (the verifier's identity the run recorded; its files are checked)
-    and, for prompting=objects, ``detector_sha256`` (likewise, for ``amg.objects.detector``).
+    and, for prompting=objects, ``detector_sha256`` (likewise, for ``amg.objects.detector``)
+    or ``output`` (whose ``boxes.parquet`` holds ``amg.objects.boxes``'s rows by entry name).
     """
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
@@ -51,23 +52,35 @@ class GridSource:
         self.objects = amg.get("objects") if amg.get("prompting") == "objects" else None
         self.generator = model.build_generator(spec["model"], spec["amg"], spec.get("model_sha256"),
                                                with_boxes=self.objects is not None)
-        self.detector = None
-        if self.objects is not None:
+        self.detector = self.box_rows = None
+        if self.objects is not None and self.objects.get("detector"):
             from pipeline.models.detector import load_detector
 
             self.detector, _ = load_detector(self.objects["detector"], self.generator.predictor.device,
                                              spec.get("detector_sha256"))
+        elif self.objects is not None:
+            self.box_rows = box_files.read_table(spec["output"])
         self.verify = _verifier(spec)
 
     def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]]:
-        if self.detector is None:
+        if self.objects is None:
             return self.verify(self.generator.generate(image.rgb), image.rgb)
-        from pipeline.models.detector import predict
+        return self.verify(self.generator.generate(image.rgb, boxes=self._boxes(item, image)), image.rgb)
 
-        (boxes, _), = predict(self.detector, [image.rgb], self.generator.predictor.device,
-                              float(self.objects["min_box_score"]))
-        boxes = boxes[: int(self.objects["max_boxes"])]  # highest scores first
-        return self.verify(self.generator.generate(image.rgb, boxes=boxes), image.rgb)
+    def _boxes(self, item: Item, image: PreparedImage) -> np.ndarray:
+        """The image's box prompts, XYXY in the stored image: the detector's most confident,
+        or the box file's rows for this image (none: adaptive points only)."""
+        limit = int(self.objects["max_boxes"])
+        if self.detector is not None:
+            from pipeline.models.detector import predict
+
+            (boxes, _), = predict(self.detector, [image.rgb], self.generator.predictor.device,
+                                  float(self.objects["min_box_score"]))
+            return boxes[:limit]  # highest scores first
+        rows = [r for r in self.box_rows.get(item.name, []) if r["x0"] is not None][:limit]
+        size = (image.width, image.height)
+        return np.array([box_files.stored_boxes(r, image.original_size, image.orientation, size,
+                                                self.objects.get("box_frame", "auto")) for r in rows]).reshape(-1, 4)
 
 
 def _verifier(spec: Mapping[str, Any]) -> Callable[[list[dict[str, Any]], np.ndarray], list[dict[str, Any]]]:

@@ -12,18 +12,22 @@ finishes the dataset exactly once.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.execution import driver
 from pipeline.execution.driver import SUMMARY_FILE  # noqa: F401  (the loop reads a round's summary by it)
+from pipeline.inputs import box_files
 from pipeline.models.detector import detector_identity
 from pipeline.models.loader import model_identity
 from pipeline.models.verifier import verifier_identity
 
+log = logging.getLogger(__name__)
+
 # What defines a dataset: a resumed run must agree on these (pipeline.dataset.provenance).
-IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "detector_sha256", "amg",
+IDENTITY = ("input", "model.arch", "model_sha256", "verifier_sha256", "detector_sha256", "boxes_sha256", "amg",
             "stage.image", "stage.keep_sa1b_ids")  # image has privacy
 # Batching, memory and time limits: the same masks either way.
 IDENTITY_IGNORES = ("amg.points_per_batch", "amg.max_mask_memory_mb", "stage.image.read_timeout_s",
@@ -36,23 +40,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     entries = driver.list_inputs(cfg)
     model_sha256 = model_identity(cfg.model.checkpoint)
     verifier_sha256 = verifier_identity(cfg.amg.get("verifier"))  # the mask verifier, when amg.verifier is set
-    detector_sha256 = None
+    detector_sha256 = boxes = None
     if cfg.amg.get("prompting") == "objects":
-        detector = cfg.amg.objects.detector
-        if detector is None:
-            raise ValueError("amg.prompting=objects needs amg.objects.detector=<output>/models/detector_<version> "
-                             "(semi_auto or +stage=detector registers one)")
-        detector_sha256 = detector_identity(str(detector))
+        detector, box_file = cfg.amg.objects.detector, cfg.amg.objects.get("boxes")
+        if (detector is None) == (box_file is None):
+            raise ValueError("amg.prompting=objects needs one source of boxes: amg.objects.detector=<output>/models/"
+                             "detector_<version> (semi_auto or +stage=detector registers one) or "
+                             "amg.objects.boxes=<COCO JSON | YOLO labels folder | Parquet>")
+        if detector is not None:
+            detector_sha256 = detector_identity(str(detector))
+        else:
+            boxes = box_files.load(str(box_file))
+            log.info("amg.objects.boxes: %d box(es); images it does not name get adaptive points only",
+                     boxes.table.num_rows)
     container = OmegaConf.to_container(cfg, resolve=True)
     job = driver.Job(
         name="fully_auto",
         source={"kind": "grid", "model": container["model"], "amg": container["amg"], "model_sha256": model_sha256,
-                "verifier_sha256": verifier_sha256, "detector_sha256": detector_sha256},
+                "verifier_sha256": verifier_sha256, "detector_sha256": detector_sha256, "output": str(cfg.output)},
         model_sha256=model_sha256,
         identity=IDENTITY,
         identity_ignores=IDENTITY_IGNORES,
         recorded={"model_sha256": model_sha256, "verifier_sha256": verifier_sha256,
-                  "detector_sha256": detector_sha256},
+                  "detector_sha256": detector_sha256, "boxes_sha256": boxes.sha256 if boxes else None},
+        # The box file's rows under the input's names (boxes.parquet), rewritten at each start.
+        prepare=(lambda out: box_files.write_table(out, boxes, box_files.match(boxes, entries))) if boxes else None,
     )
     return driver.run(cfg, entries, job)
 
