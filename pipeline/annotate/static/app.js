@@ -13,6 +13,7 @@ const state = {
   client: sessionStorage.getItem("sam-client") || `browser-${crypto.randomUUID().slice(0, 12)}`,
   masks: [],        // {uid, mask, box, provenance, clicks, strokes, seconds, annotator, point_coords, category_id, counts}
   selected: null,   // index into masks
+  cursor: null,     // the mask selected last: Tab goes on from it after an accept or a delete
   current: null,    // the mask being made or edited (see newCurrent)
   tool: "click", brush: 12, undo: [], redo: [],
   masksVisible: true, opacity: 1, reviewing: false,
@@ -169,6 +170,7 @@ function remove() {
   remember();
   const wasAutomatic = state.masks[state.selected].provenance === "automatic";
   state.masks = state.masks.filter((_, i) => i !== state.selected);
+  state.cursor = state.selected - 1;  // Tab: the mask that took the deleted one's place
   state.selected = null; state.current = null;
   refresh({ all: true, current: true });
   save();
@@ -177,7 +179,7 @@ function remove() {
 
 function select(index) {
   if (index === null || index < 0 || index >= state.masks.length) { state.selected = null; state.current = null; }
-  else { state.selected = index; state.current = newCurrent(index); }
+  else { state.selected = index; state.cursor = index; state.current = newCurrent(index); }
   refresh({ all: true, current: true });
 }
 
@@ -346,6 +348,7 @@ async function show(view) {
   state.decoder.setEmbedding(await response.arrayBuffer(), shapes);
   Object.assign(state, { view, image, H: view.height, W: view.width, selected: null, current: null, undo: [], redo: [] });
   state.masks = view.masks.map((m) => maskObject({ ...m }));
+  state.cursor = null;
   const name = view.source.split("/").pop();
   $("image-name").textContent = `${name} · ${view.key} (${view.index + 1} / ${view.total})${view.done ? " · done" : ""}${view.editable ? "" : " · read-only"}`;
   state.reviewing = false;
@@ -559,7 +562,7 @@ window.addEventListener("keydown", (event) => {
     1: () => pickCandidate(1), 2: () => pickCandidate(2), 3: () => pickCandidate(3),
     Enter: accept, a: accept, A: acceptAllAutomatic, Delete: remove, Backspace: remove,
     Escape: () => { state.current = null; state.selected = null; state.reviewing = false; refresh({ all: true, current: true }); },
-    Tab: () => select(state.masks.length ? ((state.selected ?? -1) + 1) % state.masks.length : null),
+    Tab: () => select(state.masks.length ? ((state.selected ?? state.cursor ?? -1) + 1) % state.masks.length : null),
     "[": () => { state.brush = Math.max(1, Math.round(state.brush / 1.25)); $("brush-size").textContent = state.brush; },
     "]": () => { state.brush = Math.min(400, Math.round(state.brush * 1.25) + 1); $("brush-size").textContent = state.brush; },
     "+": () => zoomAt(1.25, ...centre()), "=": () => zoomAt(1.25, ...centre()), "-": () => zoomAt(0.8, ...centre()), 0: fit,
