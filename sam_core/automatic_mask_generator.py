@@ -255,8 +255,10 @@ class SamAutomaticMaskGenerator:
             return None
         if boxes is None:
             raise ValueError("prompting='objects' needs boxes= (N x 4 XYXY, image pixels; may be empty)")
-        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
-        if np.ndim(boxes) != 2 and np.size(boxes) or not np.isfinite(arr).all():
+        if np.size(boxes) == 0:
+            return np.zeros((0, 4))
+        arr = np.asarray(boxes, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 4 or not np.isfinite(arr).all():
             raise ValueError(f"boxes must be N x 4 finite XYXY values, got shape {np.shape(boxes)}")
         h, w = size
         arr = np.clip(arr, 0, [w, h, w, h])
@@ -391,13 +393,15 @@ class SamAutomaticMaskGenerator:
         index = np.arange(n * n).reshape(n, n)
         prompted = np.zeros((n, n), bool)
         productive = np.zeros((n, n), bool)  # prompts that kept at least one mask
-        for level in reversed(range(self.adaptive_levels)):
+        # A small grid (a deep crop layer's) has fewer levels: the coarsest is never empty.
+        levels = next(k for k in range(self.adaptive_levels, 0, -1) if 2 ** (k - 1) // 2 < n)
+        for level in reversed(range(levels)):
             stride = 2**level
             rows, cols = np.meshgrid(np.arange(stride // 2, n, stride), np.arange(stride // 2, n, stride),
                                      indexing="ij")
             rows, cols = rows.ravel(), cols.ravel()
             eligible = ~prompted[rows, cols] & ~covered[index[rows, cols]]
-            if level < self.adaptive_levels - 1:
+            if level < levels - 1:
                 near = np.pad(productive, stride)  # one coarse step around each productive prompt
                 window = np.lib.stride_tricks.sliding_window_view(near, (2 * stride + 1, 2 * stride + 1))
                 eligible &= window.any(axis=(-1, -2))[rows, cols]

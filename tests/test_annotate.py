@@ -519,3 +519,27 @@ def test_a_label_outside_the_label_set_is_refused(serve, tmp_path):
                                                         "masks": [{**mask, "category_id": 1}]})
     assert saved.status_code == 200, saved.text
     assert api.get(f"/api/images/{view['key']}").json()["masks"][0]["category_id"] == 1
+
+
+def test_the_label_set_follows_the_output_and_the_input(tmp_path):
+    """stage.labels labels an output for good: reopened without them it keeps them, and
+    another set is refused; labels that would rename an input dataset's are refused."""
+    from pipeline.annotate.app import _categories
+    from pipeline.dataset.listing import read_categories, write_categories
+    from pipeline.dataset.provenance import ConfigMismatch
+
+    images, out = image_folder(tmp_path / "in", count=1), tmp_path / "out"
+    out.mkdir()
+    assert _categories(None, str(images), str(out)) == [] and read_categories(str(out)) is None
+    made = _categories(["cell", "debris"], str(images), str(out))
+    assert [c["name"] for c in made] == ["cell", "debris"] == [c["name"] for c in read_categories(str(out))]
+    assert _categories(None, str(images), str(out)) == made  # reopened without labels
+    with pytest.raises(ConfigMismatch, match="one label set"):
+        _categories(["dog"], str(images), str(out))
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    write_categories(str(labelled), [{"id": 1, "name": "dog", "supercategory": "animal"},
+                                     {"id": 2, "name": "cat", "supercategory": "animal"}])
+    with pytest.raises(ConfigMismatch, match="leave stage.labels out"):
+        _categories(["cell"], str(labelled), str(tmp_path / "out2"))
+    assert [c["name"] for c in _categories(None, str(labelled), str(tmp_path / "out2"))] == ["dog", "cat"]

@@ -5,6 +5,7 @@ what a polygon cannot hold is counted."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,7 +25,7 @@ def _ultralytics_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
 
 
-def test_yolo_export_reads_back_in_ultralytics(tmp_path):
+def test_yolo_export_reads_back_in_ultralytics(tmp_path, monkeypatch):
     dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=3, sizes=((96, 128), (80, 112)))
     summary = run_stage(compose("export_yolo", dataset.root, tmp_path / "out"))
     folder = tmp_path / "out" / "yolo"
@@ -32,6 +33,12 @@ def test_yolo_export_reads_back_in_ultralytics(tmp_path):
     assert spec["names"] == {0: "object"} and summary["images"] == len(dataset.samples) == 6
 
     from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    # data.yaml as `yolo segment train data=...` reads it, from another folder than its own.
+    monkeypatch.chdir(tmp_path / "dataset")
+    resolved = check_det_dataset(str(folder / "data.yaml"), autodownload=False)
+    assert Path(resolved["train"]) == folder / "images" and resolved["names"] == {0: "object"}
 
     loaded = YOLODataset(img_path=str(folder / "images"), data={"names": spec["names"], "channels": 3},
                          task="segment", augment=False, imgsz=128)
@@ -75,5 +82,26 @@ def test_categories_become_classes(tmp_path):
     write_categories(str(dataset.root), [{"id": 7, "name": "cat", "supercategory": "animal"},
                                          {"id": 3, "name": "dog", "supercategory": "animal"}])
     summary = run_stage(compose("export_yolo", dataset.root, tmp_path / "out"))
-    assert yaml.safe_load((tmp_path / "out" / "yolo" / "data.yaml").read_text())["names"] == {0: "dog", 1: "cat"}
-    assert summary["images"] == 2
+    # The factory's masks carry no category: class "object", after the dataset's own.
+    names = yaml.safe_load((tmp_path / "out" / "yolo" / "data.yaml").read_text())["names"]
+    assert names == {0: "dog", 1: "cat", 2: "object"}
+    assert summary["images"] == 2 and summary["unlabeled"] == summary["masks"] == 5
+    lines = (tmp_path / "out" / "yolo" / "labels").glob("*.txt")
+    assert {line.split()[0] for f in lines for line in f.read_text().splitlines()} == {"2"}
+
+
+def test_a_dot_inside_a_ring_is_inside_the_filled_outline():
+    """An island inside a hole is inside the filled outline (not bridged in, where an
+    even-odd fill would turn it into a hole)."""
+    from pipeline.dataset.yolo import mask_polygon
+
+    mask = np.zeros((60, 60), bool)
+    yy, xx = np.mgrid[:60, :60]
+    r = np.hypot(yy - 30, xx - 30)
+    mask[(r >= 15) & (r <= 25)] = True
+    mask[(abs(yy - 30) <= 3) & (abs(xx - 30) <= 3)] = True
+    polygon, holes, parts = mask_polygon(mask)
+    assert holes and not parts
+    drawn = np.zeros((60, 60), np.uint8)
+    cv2.fillPoly(drawn, [np.round(polygon).astype(np.int32)], 1)
+    assert drawn[30, 30] == 1 and drawn[30, 10] == 1 and drawn[30, 20] == 1  # dot, ring, filled hole

@@ -385,14 +385,17 @@ def test_adaptive_and_object_prompting_make_datasets_that_say_how(compose_config
     run_stage(compose_config(*overrides(inp, out, tiny_checkpoint, *small, "amg.prompting=objects",
                                         f"amg.objects.boxes={box_file}")))
     records = check_dataset(out, str(inp))
+    assert json.loads((out / "categories.json").read_text()) == [
+        {"id": 1, "name": "thing"}]
     by_source = {Path(r["image"]["source"]).name: r for r in records.values()}
     for photo in photos:
         record = by_source[photo.name]
         boxes = {tuple(a["prompt_box"]) for a in record["annotations"] if "prompt_box" in a}
         if photo in named:
             scale = record["image"]["width"] / Image.open(photo).width
-            (box,) = boxes  # the file's one box, its mask kept (thresholds 0)
+            (box,) = boxes  # the file's one box, its mask kept (thresholds 0), with its category
             assert box == pytest.approx((20 * scale, 30 * scale, 120 * scale, 90 * scale), abs=1e-3)
+            assert [a["category_id"] for a in record["annotations"] if "prompt_box" in a] == [1]
         else:
             assert not boxes
     assert OmegaConf.load(out / "config.yaml").boxes_sha256

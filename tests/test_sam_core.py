@@ -355,14 +355,25 @@ def test_prompting_refuses_what_it_cannot_use(shipped_model):
         SamAutomaticMaskGenerator(shipped_model, points_per_side=4).generate(image, boxes=np.zeros((1, 4)))
     with pytest.raises(ValueError, match="needs boxes="):
         SamAutomaticMaskGenerator(shipped_model, points_per_side=4, prompting="objects").generate(image)
-    with pytest.raises(ValueError, match="N x 4 finite"):
-        SamAutomaticMaskGenerator(shipped_model, points_per_side=4, prompting="objects").generate(
-            image, boxes=np.array([[0, 0, np.nan, 4]]))
+    for bad in (np.array([[0, 0, np.nan, 4]]), np.zeros((4, 5)), np.zeros(8)):  # a score column; flat
+        with pytest.raises(ValueError, match="N x 4 finite"):
+            SamAutomaticMaskGenerator(shipped_model, points_per_side=4, prompting="objects").generate(image, boxes=bad)
     with pytest.raises(ValueError, match="not square"):
         SamAutomaticMaskGenerator(shipped_model, points_per_side=None, point_grids=[np.random.rand(5, 2)],
                                   prompting="adaptive")
     with pytest.raises(ValueError, match="Unknown prompting"):
         SamAutomaticMaskGenerator(shipped_model, prompting="everywhere")
+
+
+def test_adaptive_prompts_small_grids_too(shipped_model):
+    """A grid too small for the levels asked (a deep crop layer's) gets fewer levels, never
+    no prompt at all."""
+    image, _ = _simple_scene()
+    for side, levels in ((1, 2), (2, 3), (4, 5)):
+        gen = SamAutomaticMaskGenerator(shipped_model, points_per_side=side, prompting="adaptive",
+                                        adaptive_levels=levels, pred_iou_thresh=0, stability_score_thresh=0)
+        gen.generate(image)
+        assert gen.counts["prompts"] >= 1, (side, levels)
 
 
 def test_masks_made_a_few_at_a_time_are_the_same_masks(shipped_model):

@@ -88,18 +88,25 @@ def _build(cfg: DictConfig, stage: DictConfig, output: str, source: str, lease: 
 
 def _categories(labels: Any, source: str, output: str) -> list[dict[str, Any]]:
     """The session's label set as COCO categories: ``stage.labels`` (ids 1, 2, ... in
-    order), else the input dataset's categories, else none (class-free); committed as the
-    output's ``categories.json``, refusing an output labelled with another set."""
+    order), else the input dataset's categories, else the output's own (a labelled output
+    reopened), else none (class-free); committed as the output's ``categories.json``,
+    refusing an output labelled with another set, and labels that would rename the input
+    dataset's."""
+    recorded = read_categories(output)
+    given = read_categories(source)  # an input dataset's: its masks open with these ids
     if labels:
         names = [str(n) for n in labels]
         if len(set(names)) != len(names) or any(not n.strip() for n in names):
             raise ValueError(f"stage.labels={names}: label names must be distinct and not empty")
         categories = [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]
+        if given and [(c["id"], c["name"]) for c in given] != [(c["id"], c["name"]) for c in categories]:
+            raise ConfigMismatch(f"the input's masks are labelled {[(c['id'], c['name']) for c in given]}, "
+                                 f"stage.labels would make {[(c['id'], c['name']) for c in categories]}: leave "
+                                 "stage.labels out to annotate with the input's labels")
     else:
-        categories = read_categories(source) or []
+        categories = given or recorded or []  # a labelled output stays labelled when reopened
     if not categories:
         return []
-    recorded = read_categories(output)
     if recorded is not None and recorded != categories:
         raise ConfigMismatch(f"{output} is labelled with {[c['name'] for c in recorded]}, this session with "
                              f"{[c['name'] for c in categories]}: one dataset, one label set. Use its labels "

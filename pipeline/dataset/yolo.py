@@ -10,8 +10,8 @@ A polygon cannot hold what a mask can, and the converter says what it changed:
     segmentations the same way) (``multi_part``);
   * a mask too small for a polygon (no boundary of 3 vertices) is left out and counted
     (``too_small``).
-Classes: the dataset's categories (``categories.json``) in id order, else one class,
-"object".
+Classes: the dataset's categories (``categories.json``) in id order, and "object" last
+for masks without one of them (``unlabeled``); a class-free dataset has "object" only.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
+from scipy.spatial import cKDTree
 
 from pipeline import storage
 from pipeline.dataset.shards import iter_shard
@@ -37,34 +38,39 @@ class ShardYolo:
     too_small: int = 0
     holes_filled: int = 0
     multi_part: int = 0
+    unlabeled: int = 0  # masks of a labelled dataset without one of its categories: class "object"
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+UNLABELED = "object"
+
+
 def class_indices(categories: list[dict] | None) -> tuple[dict[int, int], list[str]]:
-    """(category_id -> YOLO class index, class names) of a dataset's categories."""
-    if not categories:
-        return {}, ["object"]
-    ordered = sorted(categories, key=lambda c: int(c["id"]))
-    return {int(c["id"]): i for i, c in enumerate(ordered)}, [str(c["name"]) for c in ordered]
+    """(category_id -> YOLO class index, class names) of a dataset's categories; the class
+    after the last (``len(ids)``) is UNLABELED, for masks without one of them."""
+    ordered = sorted(categories or [], key=lambda c: int(c["id"]))
+    return {int(c["id"]): i for i, c in enumerate(ordered)}, [str(c["name"]) for c in ordered] + [UNLABELED]
 
 
 def mask_polygon(mask: np.ndarray) -> tuple[np.ndarray | None, bool, bool]:
     """(N x 2 float vertices in pixels or None when too small, holes were filled,
     several pieces were joined) of a boolean mask."""
-    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    image = mask.astype(np.uint8)
+    contours, _ = cv2.findContours(image, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None, False, False
-    outer = [c[:, 0, :].astype(np.float64) for c, h in zip(contours, hierarchy[0]) if h[3] < 0]
-    holes = len(outer) < len(contours)
-    outer = [c for c in outer if len(c) >= 3]
+    # Holes: any contour inside another (an island in a hole is a piece of its own above).
+    holes = len(cv2.findContours(image, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)[0]) > len(contours)
+    outer = [c[:, 0, :].astype(np.float64) for c in contours if len(c) >= 3]
     if not outer:
         return None, holes, False
     outer.sort(key=lambda c: -cv2.contourArea(c.astype(np.float32)))
     polygon = outer[0]
     for piece in outer[1:]:
         # Bridge from the polygon's vertex nearest to the piece, round the piece, and back.
-        d = ((polygon[:, None, :] - piece[None, :, :]) ** 2).sum(-1)
-        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        distance, nearest = cKDTree(piece).query(polygon)
+        i = int(np.argmin(distance))
+        j = int(nearest[i])
         around = np.concatenate([piece[j:], piece[: j + 1]])
         polygon = np.concatenate([polygon[: i + 1], around, polygon[i:]])
     return polygon, holes, len(outer) > 1
@@ -83,7 +89,8 @@ def record_lines(record: dict, classes: dict[int, int], result: ShardYolo) -> li
             result.too_small += 1
             continue
         category = ann.get("category_id")
-        index = classes.get(int(category), 0) if category is not None and classes else 0
+        index = classes.get(int(category), len(classes)) if category is not None else len(classes)
+        result.unlabeled += bool(classes) and index == len(classes)
         xy = polygon / [width, height]
         lines.append(f"{index} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0, 1).ravel()))
         result.masks += 1

@@ -65,22 +65,31 @@ class GridSource:
     def __call__(self, item: Item, image: PreparedImage) -> list[dict[str, Any]]:
         if self.objects is None:
             return self.verify(self.generator.generate(image.rgb), image.rgb)
-        return self.verify(self.generator.generate(image.rgb, boxes=self._boxes(item, image)), image.rgb)
+        boxes, categories = self._boxes(item, image)
+        records = self.generator.generate(image.rgb, boxes=boxes)
+        if categories:  # a box file's categories follow its boxes' masks (as box_prompts)
+            by_box = {tuple(np.round(xywh(box), 3)): c for box, c in zip(boxes, categories) if c is not None}
+            for record in records:
+                category = by_box.get(tuple(np.round(record.get("prompt_box", ()), 3)))
+                if category is not None:
+                    record["category_id"] = category
+        return self.verify(records, image.rgb)
 
-    def _boxes(self, item: Item, image: PreparedImage) -> np.ndarray:
-        """The image's box prompts, XYXY in the stored image: the detector's most confident,
-        or the box file's rows for this image (none: adaptive points only)."""
-        limit = int(self.objects["max_boxes"])
+    def _boxes(self, item: Item, image: PreparedImage) -> tuple[np.ndarray, list[int | None]]:
+        """The image's box prompts, XYXY in the stored image, and their categories: the
+        detector's most confident (``max_boxes``; no categories), or every row the box file
+        has for this image (none: adaptive points only)."""
         if self.detector is not None:
             from pipeline.models.detector import predict
 
             (boxes, _), = predict(self.detector, [image.rgb], self.generator.predictor.device,
                                   float(self.objects["min_box_score"]))
-            return boxes[:limit]  # highest scores first
-        rows = [r for r in self.box_rows.get(item.name, []) if r["x0"] is not None][:limit]
+            return boxes[: int(self.objects["max_boxes"])], []  # highest scores first
+        rows = [r for r in self.box_rows.get(item.name, []) if r["x0"] is not None]
         size = (image.width, image.height)
-        return np.array([box_files.stored_boxes(r, image.original_size, image.orientation, size,
-                                                self.objects.get("box_frame", "auto")) for r in rows]).reshape(-1, 4)
+        boxes = np.array([box_files.stored_boxes(r, image.original_size, image.orientation, size,
+                                                 self.objects.get("box_frame", "auto")) for r in rows]).reshape(-1, 4)
+        return boxes, [r.get("category_id") for r in rows]
 
 
 def _verifier(spec: Mapping[str, Any]) -> Callable[[list[dict[str, Any]], np.ndarray], list[dict[str, Any]]]:

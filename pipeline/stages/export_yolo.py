@@ -21,7 +21,7 @@ from pipeline.execution.shard_map import map_shards
 
 log = logging.getLogger(__name__)
 
-COUNTS = ("images", "masks", "too_small", "holes_filled", "multi_part")
+COUNTS = ("images", "masks", "too_small", "holes_filled", "multi_part", "unlabeled")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -44,12 +44,17 @@ def run(cfg: DictConfig) -> dict:
             log.warning("skipped shard %s key %s: %s", part.shard, key, reason)
         skipped += len(part.skipped)
     data_yaml = storage.join(directory, "data.yaml")
-    # ultralytics resolves train/val against path; both name every image (no split here).
-    spec = {"path": ".", "train": "images", "val": "images", "names": dict(enumerate(names))}
+    # No "path": ultralytics then resolves train/val against this file's folder, wherever
+    # it is run from. Both name every image (no split here). "object" (the last class) is
+    # left out when no mask needs it.
+    if classes and not totals["unlabeled"]:
+        names = names[:-1]
+    spec = {"train": "images", "val": "images", "names": dict(enumerate(names))}
     with storage.atomic_open(fs, data_yaml) as f:
         f.write(yaml.safe_dump(spec, sort_keys=False).encode())
     url = storage.url(fs, data_yaml)
-    changed = [f"{totals[k]} {k.replace('_', ' ')}" for k in ("too_small", "holes_filled", "multi_part") if totals[k]]
+    changed = [f"{totals[k]} {k.replace('_', ' ')}" for k in ("too_small", "holes_filled", "multi_part", "unlabeled")
+               if totals[k]]
     print(f"export_yolo: {totals['images']} images, {totals['masks']} masks -> {url}"
           + (f"; polygons: {', '.join(changed)} (pipeline/dataset/yolo.py)" if changed else "")
           + (f"; {skipped} records skipped (each logged with its shard and key)" if skipped else ""))

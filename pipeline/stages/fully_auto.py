@@ -13,10 +13,11 @@ finishes the dataset exactly once.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.dataset.listing import write_categories
 from pipeline.execution import driver
 from pipeline.execution.driver import SUMMARY_FILE  # noqa: F401  (the loop reads a round's summary by it)
 from pipeline.inputs import box_files
@@ -63,8 +64,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         identity_ignores=IDENTITY_IGNORES,
         recorded={"model_sha256": model_sha256, "verifier_sha256": verifier_sha256,
                   "detector_sha256": detector_sha256, "boxes_sha256": boxes.sha256 if boxes else None},
-        # The box file's rows under the input's names (boxes.parquet), rewritten at each start.
-        prepare=(lambda out: box_files.write_table(out, boxes, box_files.match(boxes, entries))) if boxes else None,
+        prepare=_box_table(boxes, entries) if boxes else None,
     )
     return driver.run(cfg, entries, job)
+
+
+def _box_table(boxes: box_files.Boxes, entries: list) -> Callable[[str], None]:
+    """The driver's prepare step for a box file: its rows under the input's names
+    (boxes.parquet, rewritten at each start) and its categories as the dataset's."""
+    def prepare(out: str) -> None:
+        box_files.write_table(out, boxes, box_files.match(boxes, entries))
+        write_categories(out, boxes.categories)
+    return prepare
 
