@@ -95,6 +95,11 @@ function maskObject(fields) {
   return { ...fields, mask: null, box: countsBounds(fields.counts, state.H) };
 }
 
+// An automatic mask accepted as it is: by this annotator, with the label in use if it has none.
+function accepted(m) {
+  return { ...m, provenance: "automatic_accepted", annotator: annotator(), category_id: m.category_id ?? state.label };
+}
+
 function accept() {
   const c = state.current;
   if (!c) {
@@ -102,7 +107,7 @@ function accept() {
     const m = state.masks[state.selected];
     if (m && m.provenance === "automatic") {
       remember();
-      state.masks = state.masks.map((x, i) => (i === state.selected ? { ...x, provenance: "automatic_accepted", annotator: annotator() } : x));
+      state.masks = state.masks.map((x, i) => (i === state.selected ? accepted(x) : x));
       state.selected = null;
       refresh({ all: true }); save();
       reviewNext();
@@ -159,7 +164,7 @@ function reviewNext() {
 function acceptAllAutomatic() {
   if (!state.masks.some((m) => m.provenance === "automatic")) return;
   remember();
-  state.masks = state.masks.map((m) => (m.provenance === "automatic" ? { ...m, provenance: "automatic_accepted", annotator: annotator() } : m));
+  state.masks = state.masks.map((m) => (m.provenance === "automatic" ? accepted(m) : m));
   refresh({ all: true }); save();
 }
 
