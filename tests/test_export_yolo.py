@@ -4,12 +4,14 @@ comes back as one, its filled outline within IoU 0.9 of the mask (holes filled),
 what a polygon cannot hold is counted."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import yaml
 from scipy import ndimage
 
@@ -17,45 +19,56 @@ from pipeline.stages import run_stage
 
 from .dataset_factory import compose, make_dataset
 
+# ultralytics patches PIL.Image.open on import (and would fetch a HEIF plugin for a file
+# Pillow cannot read): its reader runs in a subprocess, so no other test sees the patch.
+READER = """
+import json, os, sys
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.data.utils import check_det_dataset
+data_yaml = sys.argv[1]
+resolved = check_det_dataset(data_yaml, autodownload=False)
+loaded = YOLODataset(img_path=str(resolved["train"]), data={"names": resolved["names"], "channels": 3},
+                     task="segment", augment=False, imgsz=128)
+print(json.dumps({"train": str(resolved["train"]), "names": {str(k): v for k, v in resolved["names"].items()},
+                  "labels": [{"key": os.path.basename(lb["im_file"])[: -len(".jpg")], "shape": list(lb["shape"]),
+                              "cls": lb["cls"].ravel().tolist(), "segments": [s.tolist() for s in lb["segments"]]}
+                             for lb in loaded.labels]}))
+"""
 
-@pytest.fixture(autouse=True)
-def _ultralytics_settings(tmp_path, monkeypatch):
-    # ultralytics writes its settings file on import: keep it out of the home folder.
-    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
+
+def ultralytics_read(data_yaml: Path, cwd: Path) -> dict:
+    """What ultralytics' own loader makes of ``data_yaml``, run from ``cwd``."""
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(cwd / ".ultralytics"), "YOLO_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", READER, str(data_yaml)], capture_output=True, text=True, cwd=cwd,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_yolo_export_reads_back_in_ultralytics(tmp_path, monkeypatch):
+def test_yolo_export_reads_back_in_ultralytics(tmp_path):
     dataset = make_dataset(tmp_path / "dataset", num_shards=2, images_per_shard=3, sizes=((96, 128), (80, 112)))
     summary = run_stage(compose("export_yolo", dataset.root, tmp_path / "out"))
     folder = tmp_path / "out" / "yolo"
     spec = yaml.safe_load((folder / "data.yaml").read_text())
     assert spec["names"] == {0: "object"} and summary["images"] == len(dataset.samples) == 6
 
-    from ultralytics.data.dataset import YOLODataset
-    from ultralytics.data.utils import check_det_dataset
-
     # data.yaml as `yolo segment train data=...` reads it, from another folder than its own.
-    monkeypatch.chdir(tmp_path / "dataset")
-    resolved = check_det_dataset(str(folder / "data.yaml"), autodownload=False)
-    assert Path(resolved["train"]) == folder / "images" and resolved["names"] == {0: "object"}
-
-    loaded = YOLODataset(img_path=str(folder / "images"), data={"names": spec["names"], "channels": 3},
-                         task="segment", augment=False, imgsz=128)
-    labels = {os.path.basename(lb["im_file"])[: -len(".jpg")]: lb for lb in loaded.labels}
+    read = ultralytics_read(folder / "data.yaml", tmp_path / "dataset")
+    assert Path(read["train"]) == folder / "images" and read["names"] == {"0": "object"}
+    labels = {lb["key"]: lb for lb in read["labels"]}
     assert set(labels) == {s.key for s in dataset.samples}
 
     with_polygon = too_small = holes = parts = 0
     for sample in dataset.samples:
         h, w = sample.image.shape[:2]
         label = labels[sample.key]
-        assert label["shape"] == (h, w)
+        assert label["shape"] == [h, w]
         drawn = []
         for segment in label["segments"]:
             canvas = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(canvas, [np.round(segment * [w, h]).astype(np.int32)], 1)
+            cv2.fillPoly(canvas, [np.round(np.asarray(segment) * [w, h]).astype(np.int32)], 1)
             drawn.append(canvas.astype(bool))
-        assert len(drawn) == len(label["cls"]) and set(label["cls"].ravel()) <= {0}
+        assert len(drawn) == len(label["cls"]) and set(label["cls"]) <= {0}
         for mask in sample.masks:
             mask = mask.astype(bool)
             _, count = ndimage.label(mask, structure=np.ones((3, 3)))
