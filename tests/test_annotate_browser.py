@@ -418,5 +418,6 @@ def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
         first = next(s for s in iter_samples(str(tmp_path / "out")) if s.key == view["key"])
         assert [a["category_id"] for a in first.record["annotations"]] == [1, 1]
         assert [c["name"] for c in json.loads((tmp_path / "out" / "categories.json").read_text())] == ["cell", "debris"]
+        other.close()  # its open connections would hold the server's graceful shutdown
     finally:
         started.stop()
