@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
-from scipy.spatial import cKDTree
 
 from pipeline import storage
 from pipeline.dataset.shards import iter_shard
@@ -68,12 +67,23 @@ def mask_polygon(mask: np.ndarray) -> tuple[np.ndarray | None, bool, bool]:
     polygon = outer[0]
     for piece in outer[1:]:
         # Bridge from the polygon's vertex nearest to the piece, round the piece, and back.
-        distance, nearest = cKDTree(piece).query(polygon)
-        i = int(np.argmin(distance))
-        j = int(nearest[i])
+        i, j = _nearest_pair(polygon, piece)
         around = np.concatenate([piece[j:], piece[: j + 1]])
         polygon = np.concatenate([polygon[: i + 1], around, polygon[i:]])
     return polygon, holes, len(outer) > 1
+
+
+def _nearest_pair(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(index in ``a``, index in ``b``) of the closest pair of vertices, in blocks of ``a``
+    so that memory stays ~64 MB however long the outlines."""
+    best, pair = np.inf, (0, 0)
+    step = max(1, (1 << 22) // len(b))
+    for start in range(0, len(a), step):
+        d = ((a[start : start + step, None, :] - b[None, :, :]) ** 2).sum(-1)
+        k = int(np.argmin(d))
+        if d.flat[k] < best:
+            best, pair = d.flat[k], (start + k // len(b), k % len(b))
+    return pair
 
 
 def record_lines(record: dict, classes: dict[int, int], result: ShardYolo) -> list[str]:
