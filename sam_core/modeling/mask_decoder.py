@@ -136,7 +136,9 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The two-way transformer alone. Returns (output tokens nxTxC, image features nxCxhxw).
+        """The two-way transformer alone. Returns (output tokens nxTxC, image features
+        nxCxhxw: a view of the transformer's tokens-major output, so the prompts whose
+        masks are never built cost no copy).
 
         Splitting here lets a caller read the IoU predictions (iou_from_tokens) and
         build masks (masks_from_tokens) only for the prompts it keeps.
@@ -156,9 +158,8 @@ class MaskDecoder(nn.Module):
             # attention, so the transformer projects them once instead of n times.
             dense = dense[:1]
         src = image_embeddings + dense  # 1xCxhxw when shared by all prompts, else nxCxhxw
-        c, h, w = src.shape[1:]
         tokens, keys = self.transformer(src, image_pe, tokens)
-        return tokens, keys.transpose(1, 2).reshape(n, c, h, w)
+        return tokens, keys.transpose(1, 2).unflatten(2, src.shape[2:])
 
     def iou_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """n x (1 + num_multimask_outputs) predicted IoUs from run_transformer's tokens."""
