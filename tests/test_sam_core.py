@@ -411,3 +411,28 @@ print(len(records), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert out.returncode == 0, out.stderr
     masks, grown_mb = out.stdout.split()
     assert int(masks) > 100 and float(grown_mb) < 400, out.stdout
+
+
+@pytest.mark.parametrize("width,heads,n_prompts,shared_image",
+                         [(128, 8, 5, True), (128, 8, 5, False), (256, 8, 3, False)])
+def test_folded_cross_attention_equals_the_reference_form(width, heads, n_prompts, shared_image):
+    """Inference folds the prompt side of the decoder's cross-attentions into the
+    projections (transformer.Attention._few_keys / _few_queries); training keeps the
+    reference form. Both must give the same numbers, for a shared image and per prompt."""
+    from sam_core.modeling.transformer import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(width, heads, downsample_rate=2).eval()
+    with torch.no_grad():  # biases nonzero so that every folded bias term is exercised
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
+            linear.bias.normal_()
+    image = torch.randn(1 if shared_image else n_prompts, 32 * 32, width)
+    prompt = torch.randn(n_prompts, 7, width)
+    per_prompt_image = image.expand(n_prompts, -1, -1)
+    for q, k, v in [(image, prompt, prompt * 0.5), (prompt, per_prompt_image * 1.0, per_prompt_image + 1)]:
+        with torch.enable_grad():
+            reference = attention(q, k, v).detach()
+        with torch.no_grad():
+            folded = attention(q, k, v)
+        assert folded.shape == reference.shape
+        assert torch.allclose(folded, reference, atol=1e-5, rtol=1e-4), (folded - reference).abs().max()

@@ -163,19 +163,18 @@ class Attention(nn.Module):
         c = torch.einsum("hd,bhmd->bhm", bq, kh).flatten(1)  # Bk x hM
         if x.shape[0] == 1 and a.shape[0] > 1:  # one image for all prompts: one product for all
             n, b = x.shape[1], a.shape[0]
-            scores = (x[0] @ a.permute(1, 0, 2).reshape(x.shape[2], -1)).view(n, b, -1).transpose(0, 1)
-            scores = scores + c[:, None]
+            scores = (x[0] @ a.permute(1, 0, 2).reshape(x.shape[2], -1)).view(n, b, -1).transpose(0, 1) + c[:, None]
         else:
-            scores = torch.baddbmm(c[:, None], x.expand(a.shape[0], -1, -1), a) if x.shape[0] == 1 else \
-                torch.baddbmm(c[:, None], x, a)
-        # Softmax over each head's M keys, written out: torch's softmax over a last
-        # dimension of 7 is ~6x slower than these four passes on a CPU.
-        s = scores.reshape(*scores.shape[:2], h, m)
-        e = (s - s.amax(-1, keepdim=True)).exp_()
-        p = e.div_(e.sum(-1, keepdim=True)).flatten(2)  # B x N x hM
+            scores = torch.bmm(x.expand(a.shape[0], -1, -1), a).add_(c[:, None])
+        # Softmax over each head's M keys, written out in place: torch's softmax over a
+        # last dimension of 7 is ~6x slower than these passes on a CPU.
+        s = scores.view(*scores.shape[:2], h, m)
+        p = s.sub_(s.amax(-1, keepdim=True)).exp_()
+        p = p.div_(p.sum(-1, keepdim=True)).flatten(2)  # B x N x hM
+        # out_proj's bias rides on the product: each row of p sums to h (1 per head).
         wo = self.out_proj.weight.view(self.embedding_dim, h, -1)  # C x h x d
-        vo = torch.einsum("bhmd,chd->bhmc", self._heads(self.v_proj(v)), wo).flatten(1, 2)  # Bk x hM x C
-        return torch.baddbmm(self.out_proj.bias, p, vo)
+        vo = torch.einsum("bhmd,chd->bhmc", self._heads(self.v_proj(v)), wo).flatten(1, 2) + self.out_proj.bias / h
+        return torch.bmm(p, vo)  # Bk x hM x C above, B x N x C here
 
     def _few_queries(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """A few prompt tokens q (BxnxC) attending to per-prompt image tokens k, v (BxNxC).
