@@ -64,7 +64,9 @@ log = logging.getLogger(__name__)
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 PROMPTING = ("grid", "adaptive", "objects")
-# What one decoder pass's per-prompt image tokens may take on a CPU (``_batch_size``).
+# How many prompts one decoder pass takes on a CPU, and how many bytes of per-prompt
+# image tokens (``_batch_size``).
+CPU_DECODER_BATCH = 8
 CPU_DECODER_BYTES = 8 * 2**20
 FAMILY_PRED_IOU_THRESH = {"sam": 0.88, "sam2": 0.8}  # the official generators' defaults
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -334,16 +336,18 @@ class SamAutomaticMaskGenerator:
         return data
 
     def _batch_size(self) -> int:
-        """Prompts per decoder pass: ``points_per_batch``, on a CPU at most as many as keep
-        one pass's per-prompt image tokens within CPU_DECODER_BYTES (16 prompts of the
-        default model, 2 of SAM's and SAM 2's 64x64x256). Changes no mask (batches are
-        concatenated in order); on a CPU the elementwise passes over those tokens then run
-        from cache, not main memory: the default model's decoder measured 1.5x faster at
-        8-16 prompts than at 64, a 256-wide 64x64 decoder 1.1x at 2-4."""
+        """Prompts per decoder pass: ``points_per_batch``; on a CPU at most
+        CPU_DECODER_BATCH, and no more than keep one pass's per-prompt image tokens within
+        CPU_DECODER_BYTES (8 prompts of the default model, 2 of SAM's and SAM 2's
+        64x64x256). Changes no mask (batches are concatenated in order); on a CPU the
+        elementwise passes over those tokens then run from cache, not main memory
+        (measured, one thread: the default model's generator 2.9 s per photo at 8, 3.4 at
+        16, its decoder 4.8 s per 1,024 prompts at 64 and 3.1 at 8; a 256-wide 64x64
+        decoder 1.7 s per 64 prompts at 2-4, 1.8 at 8, 2.2 at 1)."""
         if self.predictor.device.type != "cpu":
             return self.points_per_batch
         per_prompt = self.predictor.features[0].numel() * 4
-        return max(1, min(self.points_per_batch, CPU_DECODER_BYTES // per_prompt))
+        return max(1, min(self.points_per_batch, CPU_DECODER_BATCH, CPU_DECODER_BYTES // per_prompt))
 
     def _process_crop(
         self, image: np.ndarray, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int],
