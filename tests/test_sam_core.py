@@ -429,7 +429,9 @@ def test_folded_cross_attention_equals_the_reference_form(width, heads, n_prompt
     image = torch.randn(1 if shared_image else n_prompts, 32 * 32, width)
     prompt = torch.randn(n_prompts, 7, width)
     per_prompt_image = image.expand(n_prompts, -1, -1)
-    for q, k, v in [(image, prompt, prompt * 0.5), (prompt, per_prompt_image * 1.0, per_prompt_image + 1)]:
+    cases = [(image, prompt, prompt * 0.5), (prompt, per_prompt_image * 1.0, per_prompt_image + 1),
+             (image, prompt[:1], prompt[:1]), (prompt[:1], per_prompt_image * 1.0, per_prompt_image)]  # batches of 1
+    for q, k, v in cases:
         with torch.enable_grad():
             reference = attention(q, k, v).detach()
         with torch.no_grad():

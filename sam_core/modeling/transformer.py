@@ -167,7 +167,7 @@ class Attention(nn.Module):
             n, b = x.shape[1], a.shape[0]
             scores = (x[0] @ a.permute(1, 0, 2).reshape(x.shape[2], -1)).view(n, b, -1).transpose(0, 1) + c[:, None]
         else:
-            scores = torch.bmm(x.expand(a.shape[0], -1, -1), a).add_(c[:, None])
+            scores = torch.matmul(x, a).add_(c[:, None])  # batches of 1 broadcast
         # Softmax over each head's M keys, written out in place: torch's softmax over a
         # last dimension of 7 is ~6x slower than these passes on a CPU.
         s = scores.view(*scores.shape[:2], h, m)
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         # out_proj's bias rides on the product: each row of p sums to h (1 per head).
         wo = self.out_proj.weight.view(self.embedding_dim, h, -1)  # C x h x d
         vo = torch.einsum("bhmd,chd->bhmc", self._heads(self.v_proj(v)), wo).flatten(1, 2) + self.out_proj.bias / h
-        return torch.bmm(p, vo)  # Bk x hM x C above, B x N x C here
+        return torch.matmul(p, vo)  # B x N x C
 
     def _few_queries(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """A few prompt tokens q (BxnxC) attending to per-prompt image tokens k, v (BxNxC).
@@ -191,7 +191,7 @@ class Attention(nn.Module):
         wv, bv = self._split(self.v_proj)
         scale = (self.internal_dim // h) ** -0.5
         qf = torch.einsum("bhnd,hdc->bhnc", self._heads(self.q_proj(q)) * scale, wk).flatten(1, 2)  # B x hn x C
-        p = torch.bmm(qf, k.transpose(1, 2)).softmax(-1)  # B x hn x N
-        pv = torch.bmm(p, v).view(-1, h, n, v.shape[2])  # B x h x n x C
+        p = torch.matmul(qf, k.transpose(1, 2)).softmax(-1)  # B x hn x N
+        pv = torch.matmul(p, v).view(-1, h, n, v.shape[2])  # B x h x n x C
         out = torch.einsum("bhnc,hdc->bnhd", pv, wv) + bv  # B x n x h x d
         return self.out_proj(out.flatten(2))
