@@ -347,6 +347,14 @@ def test_review_list_hide_export_and_leases_given_back(browser, tmp_path):
         page.wait_for_function("document.querySelectorAll('#images li').length === 2")
         assert name in page.inner_text("#images")
 
+        # X before any label: the masks export as "object" under an id no label has.
+        with page.expect_download() as download:
+            page.keyboard.press("x")
+        unlabeled = json.loads(Path(download.value.path()).read_text())
+        assert [a["category_id"] for a in unlabeled["annotations"]] == [3, 3, 3]
+        assert unlabeled["categories"] == [{"id": 1, "name": "cell"}, {"id": 2, "name": "debris"},
+                                           {"id": 3, "name": "object"}]
+
         # A click: candidates with their predicted IoU; N does not drop the unaccepted mask.
         page.mouse.click(*screen_point(page, 40.5, 40.5))
         page.wait_for_function("window.sam.state.current && window.sam.state.current.mask", timeout=30_000)

@@ -156,3 +156,31 @@ def test_reading_stages_do_not_import_other_stages():
         imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
         assert not [m for m in imported if m and m.startswith("pipeline.stages")], module.name
 
+
+
+def test_unlabelled_masks_never_pass_for_a_labelled_category(tmp_path):
+    """In a dataset with categories, a mask without a category_id is exported as "object"
+    under an id of its own, not as the category that has id 1; a class-agnostic dataset
+    exports everything as "object", id 1."""
+    from pipeline.dataset.listing import write_categories
+
+    def label_every_other(sample):
+        for i, ann in enumerate(sample.record["annotations"]):
+            if i % 2 == 0:
+                ann["category_id"] = 1
+
+    labelled = make_dataset(tmp_path / "labelled", num_shards=2, images_per_shard=2, mutate=label_every_other)
+    write_categories(str(labelled.root), [{"id": 1, "name": "cell", "supercategory": "cell"},
+                                          {"id": 4, "name": "debris", "supercategory": "debris"}])
+    coco = COCO(run_stage(compose("export_coco", labelled.root, tmp_path / "out1",
+                                  overrides=["stage.parallel=local"]))["path"])
+    assert sorted(coco.getCatIds()) == [1, 4, 5] and coco.loadCats(5)[0]["name"] == "object"
+    positions = [i for s in labelled.samples for i in range(len(s.record["annotations"]))]
+    assert len(coco.getAnnIds(catIds=[1])) == sum(1 for i in positions if i % 2 == 0) > 0
+    assert len(coco.getAnnIds(catIds=[5])) == sum(1 for i in positions if i % 2 == 1) > 0
+    assert not coco.getAnnIds(catIds=[4])
+
+    agnostic = make_dataset(tmp_path / "agnostic", num_shards=1, images_per_shard=2)
+    coco = COCO(run_stage(compose("export_coco", agnostic.root, tmp_path / "out2",
+                                  overrides=["stage.parallel=local"]))["path"])
+    assert coco.getCatIds() == [1] and len(coco.getAnnIds(catIds=[1])) == len(coco.getAnnIds()) > 0

@@ -3,11 +3,13 @@ one shard into part files ready to be concatenated (``shard_coco``), what
 ``+stage=export_coco`` streams into one JSON.
 
 Class-agnostic (one category, "object", id 1) unless the dataset has categories
-(``categories.json``, written by box_prompts and augment): then those, and each mask's
-``category_id``. ``iscrowd`` 0, segmentations kept as compressed RLE (what pycocotools'
-COCO and COCOeval read), area recomputed from the RLE, bbox too in COCO's convention,
-except for masks whose record names the object's box (``box``: a detector's box, or a
-refined or pasted one), which is kept; a record's ``score`` is kept too.
+(``categories.json``, written by box_prompts, augment and the annotation tool): then
+those, and each mask's ``category_id``; masks without one get "object" under an id of
+its own (``unlabeled_category``), never a labelled category's. ``iscrowd`` 0,
+segmentations kept as compressed RLE (what pycocotools' COCO and COCOeval read), area
+recomputed from the RLE, bbox too in COCO's convention, except for masks whose record
+names the object's box (``box``: a detector's box, or a refined or pasted one), which is
+kept; a record's ``score`` is kept too.
 """
 from __future__ import annotations
 
@@ -36,11 +38,22 @@ class ShardCoco:
     annotations_path: str
     num_images: int = 0
     num_annotations: int = 0
+    num_unlabeled: int = 0  # annotations without a category_id (given the unlabeled id)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
-    """COCO image entry and annotation entries of one SA-1B record."""
+def unlabeled_category(categories: list[dict] | None) -> dict:
+    """The category of masks without a ``category_id``: "object", id 1, in a
+    class-agnostic dataset; in one with categories, "object" under the id after the
+    largest, so that an unlabelled mask never passes for the category that has id 1."""
+    if not categories:
+        return CATEGORY
+    return {**CATEGORY, "id": max(int(c["id"]) for c in categories) + 1}
+
+
+def coco_entries(record: dict, key: str, unlabeled_id: int = CATEGORY["id"]) -> tuple[dict, list[dict]]:
+    """COCO image entry and annotation entries of one SA-1B record (masks without a
+    ``category_id`` get ``unlabeled_id``)."""
     image = record["image"]
     annotations = record["annotations"]
     entry = {"id": int(image["image_id"]), "width": int(image["width"]),
@@ -51,7 +64,7 @@ def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
     anns = [{
         "id": int(a["id"]),
         "image_id": entry["id"],
-        "category_id": int(a.get("category_id", CATEGORY["id"])),
+        "category_id": int(unlabeled_id if a.get("category_id") is None else a["category_id"]),
         "segmentation": {"size": list(a["segmentation"]["size"]),
                          "counts": a["segmentation"]["counts"]},
         "area": int(area),
@@ -64,10 +77,12 @@ def coco_entries(record: dict, key: str) -> tuple[dict, list[dict]]:
     return entry, anns
 
 
-def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> ShardCoco:
+def shard_coco(path: str, parts_dir: str, images_dir: str | None = None,
+               unlabeled_id: int = CATEGORY["id"]) -> ShardCoco:
     """Converts one shard into part files under ``parts_dir`` (a shard's annotations
     run to gigabytes: they go to storage, not through Ray's object store); with
-    ``images_dir`` also commits its JPEGs there. Both are folders or URLs."""
+    ``images_dir`` also commits its JPEGs there. Both are folders or URLs. Masks without
+    a category get ``unlabeled_id`` (counted in ``num_unlabeled``)."""
     fs, parts = storage.filesystem(parts_dir)
     stem = storage.join(parts, posixpath.basename(path))
     result = ShardCoco(posixpath.basename(path), storage.url(fs, f"{stem}.images"),
@@ -77,7 +92,7 @@ def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> Shar
         for sample in iter_shard(path, images=bool(images_dir), problems=True):
             if sample.problem is None:
                 try:
-                    entry, anns = coco_entries(sample.record, sample.key)
+                    entry, anns = coco_entries(sample.record, sample.key, unlabeled_id)
                 except Exception as exc:  # one broken record must not fail the export
                     sample.problem = f"{type(exc).__name__}: {exc}"
             if sample.problem is not None:
@@ -88,9 +103,10 @@ def shard_coco(path: str, parts_dir: str, images_dir: str | None = None) -> Shar
                 with storage.atomic_open(images_fs, storage.join(images_root, name)) as f:
                     f.write(sample.jpg)
             images.write((",\n" if result.num_images else "") + json.dumps(entry))
-            for ann in anns:
+            for ann, source in zip(anns, sample.record["annotations"]):
                 annotations.write((",\n" if result.num_annotations else "") + json.dumps(ann))
                 result.num_annotations += 1
+                result.num_unlabeled += source.get("category_id") is None
             result.num_images += 1
     return result
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from pipeline import storage
 from pipeline.config.paths import dataset_paths
-from pipeline.dataset.coco import CATEGORY, PARTS_PREFIX, append_part, remove_stale_parts, shard_coco
+from pipeline.dataset.coco import PARTS_PREFIX, append_part, remove_stale_parts, shard_coco, unlabeled_category
 from pipeline.dataset.listing import committed_shards, read_categories
 from pipeline.execution.shard_map import map_shards
 
@@ -40,21 +40,22 @@ def run(cfg: DictConfig) -> dict:
     images_dir = storage.url(fs, storage.join(directory, "images")) if stage.extract_images else None
     parts_dir = storage.join(directory, f"{PARTS_PREFIX}{uuid.uuid4().hex}")
     fs.makedirs(parts_dir, exist_ok=True)
-    n_images = n_annotations = n_skipped = 0
+    n_images = n_annotations = n_skipped = n_unlabeled = 0
     # Images and annotations are two arrays of one object: annotation parts wait in
     # storage while image parts stream into the output, then follow them.
     annotation_parts: list[str] = []
     try:
         with storage.atomic_open(fs, path) as out:
             name = json.dumps(posixpath.basename(dataset))[1:-1]
-            categories = read_categories(str(dataset)) or [CATEGORY]
+            categories = read_categories(str(dataset)) or []
+            unlabeled = unlabeled_category(categories)
             out.write(('{"info": {"description": "export of %s", "version": "1.0"},\n'
-                       '"licenses": [],\n"categories": %s,\n"images": [\n'
-                       % (name, json.dumps(categories))).encode())
+                       '"licenses": [],\n"images": [\n' % name).encode())
             for part in map_shards(shard_coco, shards, parallel=stage.parallel,
                                    min_shards_for_ray=stage.min_shards_for_ray,
                                    cluster=cfg.get("cluster"), desc="export_coco",
-                                   parts_dir=storage.url(fs, parts_dir), images_dir=images_dir):
+                                   parts_dir=storage.url(fs, parts_dir), images_dir=images_dir,
+                                   unlabeled_id=unlabeled["id"]):
                 if part.num_images:
                     out.write(b",\n" if n_images else b"")
                     append_part(out, part.images_path)
@@ -64,12 +65,16 @@ def run(cfg: DictConfig) -> dict:
                     log.warning("skipped shard %s key %s: %s", part.shard, key, reason)
                 n_images += part.num_images
                 n_annotations += part.num_annotations
+                n_unlabeled += part.num_unlabeled
                 n_skipped += len(part.skipped)
             out.write(b'\n],\n"annotations": [\n')
             for i, annotations_path in enumerate(annotation_parts):
                 out.write(b",\n" if i else b"")
                 append_part(out, annotations_path)
-            out.write(b"\n]}\n")
+            # Categories go last: only then is it known whether any mask needs "object".
+            if n_unlabeled or not categories:
+                categories = [*categories, unlabeled]
+            out.write(('\n],\n"categories": %s}\n' % json.dumps(categories)).encode())
     finally:
         with contextlib.suppress(FileNotFoundError):  # an object store has no empty folders
             fs.rm(parts_dir, recursive=True)

@@ -390,10 +390,17 @@ function openKey(key) {
   open(0, key);
 }
 
-// The session's labels (COCO categories), and "object" (id 0) for masks without one.
+// Masks without a label export as "object" under an id no label has (the one after the
+// largest; 1 without labels), as +stage=export_coco does (pipeline/dataset/coco.py).
+function unlabeledId() {
+  return state.config.labels.reduce((top, l) => Math.max(top, l.id), 0) + 1;
+}
+
+// The session's labels (COCO categories), and "object" if a mask has no label.
 function exportCategories(annotations) {
   const categories = state.config.labels.map((l) => ({ id: l.id, name: l.name }));
-  if (annotations.some((a) => a.category_id === 0)) categories.push({ id: 0, name: "object" });
+  const unlabeled = unlabeledId();
+  if (annotations.some((a) => a.category_id === unlabeled)) categories.push({ id: unlabeled, name: "object" });
   return categories;
 }
 
@@ -432,11 +439,12 @@ function listLabels() {
 function exportJson() {
   const view = state.view;
   if (!view) return;
+  const unlabeled = unlabeledId();
   const annotations = state.masks.map((m, i) => {
     if (!m.counts) m.counts = encodeCounts(m.mask, state.H, state.W);
     const area = m.counts.reduce((sum, run, r) => sum + (r % 2 ? run : 0), 0);
     const [x0, y0, x1, y1] = m.box || [0, 0, 0, 0];
-    return { id: i + 1, image_id: view.image_id, category_id: m.category_id ?? 0, iscrowd: 0, area, bbox: [x0, y0, x1 - x0, y1 - y0],
+    return { id: i + 1, image_id: view.image_id, category_id: m.category_id ?? unlabeled, iscrowd: 0, area, bbox: [x0, y0, x1 - x0, y1 - y0],
              segmentation: { size: [state.H, state.W], counts: m.counts }, provenance: m.provenance,
              clicks: m.clicks || 0, strokes: m.strokes || 0, annotator: m.annotator || "" };
   });
