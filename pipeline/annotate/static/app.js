@@ -397,9 +397,8 @@ function unlabeledId() {
 }
 
 // The session's labels (COCO categories), and "object" if a mask has no label.
-function exportCategories(annotations) {
+function exportCategories(annotations, unlabeled) {
   const categories = state.config.labels.map((l) => ({ id: l.id, name: l.name }));
-  const unlabeled = unlabeledId();
   if (annotations.some((a) => a.category_id === unlabeled)) categories.push({ id: unlabeled, name: "object" });
   return categories;
 }
@@ -449,7 +448,7 @@ function exportJson() {
              clicks: m.clicks || 0, strokes: m.strokes || 0, annotator: m.annotator || "" };
   });
   const coco = { images: [{ id: view.image_id, file_name: view.source.split("/").pop(), width: state.W, height: state.H }],
-                 annotations, categories: exportCategories(annotations) };
+                 annotations, categories: exportCategories(annotations, unlabeled) };
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([JSON.stringify(coco)], { type: "application/json" }));
   link.download = `${view.key}.json`;
